@@ -1,0 +1,16 @@
+//! Caches between the backup files and the images.
+//!
+//! [`ReadCache`] holds decoded lz4 frames: one byte-bounded LRU shared by every image of
+//! a mount. Uncompressed payloads are not copied into it: they are `pread` straight from
+//! the stream file, and the kernel's page cache (of the backup file below and, with
+//! `FOPEN_KEEP_CACHE`, of the image above) already keeps them; a second copy here would
+//! only halve what fits in memory.
+//!
+//! Lock order: the LRU mutex is held only to look up, insert or evict an entry, never
+//! while reading or decoding. Each entry has its own mutex that the first reader holds
+//! while it decodes, so eight readers of one cold 32 MiB frame decode it once; the rest
+//! wait on that entry, not on the whole cache.
+
+mod read;
+
+pub use read::{BlockKey, CacheStats, ReadCache};

@@ -1,0 +1,267 @@
+//! The catalog: every domain, restore point and disk found under a SOURCE folder.
+//!
+//! SOURCE is one backup set (a folder virtnbdbackup wrote) or any tree of folders holding
+//! many, such as monthly rotation folders. Every folder with `*.data` files is a set; its
+//! domain is the `<name>` of its saved `vmconfig.*.xml`, else the `<domain>.cpt` file name,
+//! else the folder name. Symlinks are never followed, so nothing outside SOURCE is read.
+//! `*.partial` files (backups in progress or aborted) are skipped with a warning.
+//!
+//! Restore point names (also documented in README.md): a checkpoint keeps its name
+//! (`virtnbdbackup.3`); a differential or offline incremental is named after its parent
+//! checkpoint and its time (`virtnbdbackup.3.diff.20260630-082101`, `.offline.`), which
+//! sorts right after that checkpoint; a copy backup is `20260630-082101.copy`. When a
+//! domain has several sets (rotation folders), each name except copies gets the set's
+//! start time as prefix (`20260601-000000.virtnbdbackup.0`), so names stay unique and sort
+//! in time order. Names depend only on the backup files, so they are stable across mounts.
+
+pub mod naming;
+pub mod set;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use thiserror::Error;
+use tracing::warn;
+
+use crate::chain::{Layer, StreamIndex};
+
+pub use set::{DiskChain, PointKey, Status};
+use set::{Found, SetPoint, build_points, stream_date};
+
+/// Failing to read SOURCE itself (problems inside it are warnings, not errors).
+#[derive(Debug, Error)]
+pub enum CatalogError {
+    #[error("{path}: cannot read the backup folder")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Deepest folder level searched for sets. Rotation trees are two or three levels deep;
+/// the bound only stops a pathological tree from being walked forever.
+const MAX_DEPTH: usize = 16;
+
+/// Largest `vmconfig.*.xml` read. Domain XML is a few KiB; this bounds the allocation.
+const MAX_CONFIG: u64 = 16 << 20;
+
+/// A restore point as shown in the mount and by `vmback ls`.
+#[derive(Debug, Clone)]
+pub struct RestorePoint {
+    pub name: String,
+    pub key: PointKey,
+    pub date: SystemTime,
+    pub set_dir: PathBuf,
+    pub disks: Vec<DiskChain>,
+    pub vmconfig: Option<PathBuf>,
+}
+
+impl RestorePoint {
+    /// Broken if any disk is, else damaged if any is, else complete.
+    pub fn status(&self) -> Status {
+        let find = |broken: bool| {
+            self.disks.iter().find_map(|d| match &d.status {
+                Status::Broken(r) if broken => Some(Status::Broken(format!("{}: {r}", d.disk))),
+                Status::Damaged(r) if !broken => Some(Status::Damaged(format!("{}: {r}", d.disk))),
+                _ => None,
+            })
+        };
+        find(true).or_else(|| find(false)).unwrap_or(Status::Complete)
+    }
+}
+
+/// A domain (VM) and its restore points, oldest first.
+#[derive(Debug, Clone)]
+pub struct Domain {
+    pub name: String,
+    pub points: Vec<RestorePoint>,
+}
+
+impl Domain {
+    /// The newest restore point that is not broken.
+    pub fn latest(&self) -> Option<&RestorePoint> {
+        self.points.iter().rev().find(|p| !matches!(p.status(), Status::Broken(_)))
+    }
+}
+
+/// See the module note.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    pub domains: Vec<Domain>,
+    pub warnings: Vec<String>,
+}
+
+/// What one folder holds.
+#[derive(Default)]
+struct Folder {
+    data: Vec<PathBuf>,
+    configs: BTreeMap<String, PathBuf>,
+    cpt: Option<String>,
+}
+
+impl Catalog {
+    /// Walks `root` and indexes every set in it.
+    pub fn discover(root: &Path) -> Result<Catalog, CatalogError> {
+        std::fs::read_dir(root).map_err(|source| CatalogError::Root { path: root.to_owned(), source })?;
+        let mut cat = Catalog::default();
+        let mut folders: BTreeMap<PathBuf, Folder> = BTreeMap::new();
+        let walk = walkdir::WalkDir::new(root).follow_links(false).max_depth(MAX_DEPTH).sort_by_file_name();
+        for entry in walk {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    cat.warn(format!("skipping unreadable entry: {e}"));
+                    continue;
+                }
+            };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let dir = entry.path().parent().unwrap_or(root).to_owned();
+            if !entry.file_type().is_file() {
+                if entry.path_is_symlink() && (name.ends_with(".data") || name.ends_with(".xml")) {
+                    cat.warn(format!("{}: is a symlink; not followed", entry.path().display()));
+                }
+                continue;
+            }
+            if name.ends_with(".data.partial") {
+                cat.warn(format!("{}: backup in progress or aborted; skipped", entry.path().display()));
+            } else if name.ends_with(".data") {
+                folders.entry(dir).or_default().data.push(entry.into_path());
+            } else if let Some(ident) = name.strip_prefix("vmconfig.").and_then(|n| n.strip_suffix(".xml")) {
+                folders.entry(dir).or_default().configs.insert(ident.to_owned(), entry.into_path());
+            } else if let Some(dom) = name.strip_suffix(".cpt") {
+                folders.entry(dir).or_default().cpt = Some(dom.to_owned());
+            }
+        }
+        let mut next_id = 0u32;
+        let mut domains: BTreeMap<String, Vec<(PathBuf, Vec<SetPoint>)>> = BTreeMap::new();
+        for (dir, folder) in folders {
+            if folder.data.is_empty() {
+                continue;
+            }
+            let domain = domain_name(&dir, &folder);
+            let mut found = Vec::new();
+            for path in folder.data {
+                let file_name =
+                    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let Some(name) = naming::parse_stream_name(&file_name) else {
+                    cat.warn(format!("{}: not a data file name vmback knows; skipped", path.display()));
+                    continue;
+                };
+                let index = StreamIndex::open(&path, &name.disk);
+                let date = stream_date(index.as_ref().ok(), &path);
+                let index = match index {
+                    Ok(i) => {
+                        if let Some(d) = &i.damage {
+                            cat.warn(format!("damaged: {}", d.error));
+                        }
+                        next_id += 1;
+                        Ok(Layer { id: next_id, index: Arc::new(i) })
+                    }
+                    Err(e) => {
+                        cat.warn(format!("unreadable: {e}"));
+                        Err(e.to_string())
+                    }
+                };
+                found.push(Found { name, path, index, date });
+            }
+            let points = build_points(found, &folder.configs);
+            domains.entry(domain).or_default().push((dir, points));
+        }
+        cat.domains = domains.into_iter().map(|(name, sets)| name_points(name, sets)).collect();
+        Ok(cat)
+    }
+
+    fn warn(&mut self, msg: String) {
+        warn!("{msg}");
+        self.warnings.push(msg);
+    }
+}
+
+/// The domain a set belongs to, made safe as a directory name.
+fn domain_name(dir: &Path, folder: &Folder) -> String {
+    let from_xml = folder
+        .configs
+        .values()
+        .filter_map(|p| Some((std::fs::metadata(p).and_then(|m| m.modified()).ok()?, p)))
+        .max()
+        .and_then(|(_, p)| config_domain_name(p));
+    let name = from_xml.or_else(|| folder.cpt.clone()).unwrap_or_else(|| {
+        dir.file_name().map_or_else(|| "domain".into(), |n| n.to_string_lossy().into_owned())
+    });
+    naming::safe_component(&name)
+}
+
+/// `<domain><name>` of a saved domain XML.
+fn config_domain_name(path: &Path) -> Option<String> {
+    use quick_xml::events::Event;
+    if std::fs::metadata(path).ok()?.len() > MAX_CONFIG {
+        return None;
+    }
+    let xml = std::fs::read(path).ok()?;
+    let mut reader = quick_xml::Reader::from_reader(&xml[..]);
+    let mut buf = Vec::new();
+    let mut depth = 0usize;
+    let mut in_name = false;
+    loop {
+        match reader.read_event_into(&mut buf).ok()? {
+            Event::Start(e) => {
+                depth += 1;
+                in_name = depth == 2 && e.name().as_ref() == b"name";
+            }
+            Event::End(_) => {
+                depth = depth.saturating_sub(1);
+                in_name = false;
+            }
+            Event::Text(t) if in_name => return Some(t.decode().ok()?.into_owned()),
+            Event::Eof => return None,
+            _ => {}
+        }
+        buf.clear();
+    }
+}
+
+/// Gives the points of a domain their names (see the module note), oldest first.
+fn name_points(domain: String, sets: Vec<(PathBuf, Vec<SetPoint>)>) -> Domain {
+    let multi = sets.len() > 1;
+    let mut points = Vec::new();
+    let mut used: HashMap<String, usize> = HashMap::new();
+    for (dir, set_points) in sets {
+        let set_start = set_points.iter().map(|p| p.date).min().unwrap_or(SystemTime::UNIX_EPOCH);
+        for p in set_points {
+            let mut name = match &p.key {
+                PointKey::Checkpoint(c) => c.clone(),
+                PointKey::Derived { parent, offline, .. } => {
+                    format!("{parent}.{}.{}", if *offline { "offline" } else { "diff" }, stamp(p.date))
+                }
+                PointKey::Copy { .. } => format!("{}.copy", stamp(p.date)),
+            };
+            if multi && !matches!(p.key, PointKey::Copy { .. }) {
+                name = format!("{}.{name}", stamp(set_start));
+            }
+            let mut name = naming::safe_component(&name);
+            let n = used.entry(name.clone()).or_default();
+            *n += 1;
+            if *n > 1 {
+                name = format!("{name}.{n}");
+            }
+            points.push(RestorePoint {
+                name,
+                key: p.key,
+                date: p.date,
+                set_dir: dir.clone(),
+                disks: p.disks,
+                vmconfig: p.vmconfig,
+            });
+        }
+    }
+    points.sort_by(|a, b| (a.date, &a.name).cmp(&(b.date, &b.name)));
+    Domain { name: domain, points }
+}
+
+/// A sortable local timestamp for names, e.g. `20260630-082101`.
+pub fn stamp(t: SystemTime) -> String {
+    chrono::DateTime::<chrono::Local>::from(t).format("%Y%m%d-%H%M%S").to_string()
+}

@@ -1,0 +1,26 @@
+//! virtnbdbackup's stream format and the chain semantics built on it.
+//!
+//! A stream file is a `meta` frame (JSON), then `data` and `zero` frames each naming a disk
+//! range, a `stop` frame, and, when compressed, a JSON trailer giving the lz4 frame sizes
+//! of each data frame (../shared/docs/stream-format.md is the spec). A disk at a restore
+//! point is the chain of stream files leading to it: a full or copy, then incrementals or
+//! one differential, each laid over the ones before.
+//!
+//! - [`frame`]: the 40-byte header; [`meta`]: the metadata and trailer JSON.
+//! - [`scan`]: one pass over a file yields a [`StreamIndex`] (no payload is read).
+//! - [`extent`]: the merged [`ExtentMap`] of a chain, looked up by binary search.
+//! - [`reader`]: [`ImageReader`], the only place image bytes are rebuilt.
+//! - [`writer`]: [`StreamWriter`], byte-compatible with upstream's writer.
+
+pub mod extent;
+pub mod frame;
+pub mod meta;
+pub mod reader;
+pub mod scan;
+pub mod writer;
+
+pub use extent::ExtentMap;
+pub use meta::StreamMeta;
+pub use reader::{ImageReader, Layer, ReadError};
+pub use scan::{Format, ScanError, StreamIndex};
+pub use writer::{MAX_REQUEST, StreamWriter};

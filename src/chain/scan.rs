@@ -1,0 +1,482 @@
+//! One pass over a stream file that indexes where every extent's bytes live.
+//!
+//! The scan reads headers only (payloads are skipped by offset), so indexing a set costs
+//! a few reads per frame, not a read of the data. For a compressed stream the trailer at
+//! EOF gives each data frame's lz4 frame sizes; only extents split into several lz4 frames
+//! need one more small read per frame to learn its uncompressed size from the lz4 header.
+//!
+//! Invariants of a [`StreamIndex`] (checked here, relied on by `extent` and `reader`):
+//! extents are sorted, do not overlap, and lie inside `[0, virtual_size)`; every payload
+//! range lies inside the file; every lz4 frame's uncompressed range lies inside its extent.
+//!
+//! Damage does not fail the whole stream. When the frame walk breaks at some file offset,
+//! the extents read so far stay usable and [`Damage`] records the first disk offset the
+//! stream can no longer speak for: reads at or past it fail with EIO, reads before it work.
+//! Only a stream whose metadata cannot be read at all is an error.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use super::frame::{FRAME_LEN, FrameError, FrameHeader, FrameKind, parse_header};
+use super::meta::{MAX_META_LEN, MAX_TRAILER_LEN, MetaError, StreamMeta, parse_trailer};
+
+/// Upper bound for one lz4 frame's uncompressed size. Upstream writes at most one NBD
+/// request (32 MiB, what qemu advertises) per lz4 frame; 64 MiB leaves room for other
+/// writers while keeping a decode buffer of bounded size.
+pub const MAX_LZ4_FRAME: u64 = 64 << 20;
+
+/// A problem with a stream file, always with the file and byte offset.
+#[derive(Debug, Error)]
+pub enum ScanError {
+    #[error("{path}: cannot read at offset {offset}")]
+    Io {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: stream ends early at offset {offset} (truncated?)")]
+    Truncated { path: PathBuf, offset: u64 },
+    #[error("{path}: bad frame header at offset {offset}")]
+    BadFrame {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: FrameError,
+    },
+    #[error("{path}: bad metadata at offset {offset}")]
+    BadMeta {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: MetaError,
+    },
+    #[error("{path}: bad compression trailer at offset {offset}")]
+    BadTrailer {
+        path: PathBuf,
+        offset: u64,
+        #[source]
+        source: MetaError,
+    },
+    #[error("{path}: {what} at offset {offset}")]
+    Invalid { path: PathBuf, offset: u64, what: String },
+}
+
+impl ScanError {
+    fn invalid(path: &Path, offset: u64, what: impl Into<String>) -> ScanError {
+        ScanError::Invalid { path: path.to_owned(), offset, what: what.into() }
+    }
+}
+
+/// Where the bytes of one stored extent are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// A `zero` frame: the range reads as zeros.
+    Zero,
+    /// Uncompressed payload at this file offset.
+    Plain { file_off: u64 },
+    /// lz4 frames, in order, tiling the extent.
+    Lz4(Box<[Lz4Frame]>),
+}
+
+/// One lz4 frame of a compressed extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lz4Frame {
+    pub file_off: u64,
+    pub comp_len: u64,
+    /// Offset of this frame's first byte within the extent.
+    pub extent_off: u64,
+    pub len: u64,
+}
+
+/// One `data` or `zero` frame: the disk range `[start, start + len)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredExtent {
+    pub start: u64,
+    pub len: u64,
+    pub stored: Stored,
+}
+
+impl StoredExtent {
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// The first disk offset a damaged stream cannot speak for, and why.
+#[derive(Debug)]
+pub struct Damage {
+    pub from: u64,
+    pub error: ScanError,
+}
+
+/// Whether a data file is a stream or a plain raw image (`-t raw`, raw-format disks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Stream,
+    Raw,
+}
+
+/// The index of one data file. Holds the file open (read-only) for the reader.
+#[derive(Debug)]
+pub struct StreamIndex {
+    pub path: PathBuf,
+    pub file: File,
+    pub file_len: u64,
+    pub format: Format,
+    pub meta: StreamMeta,
+    pub extents: Vec<StoredExtent>,
+    pub damage: Option<Damage>,
+}
+
+impl StreamIndex {
+    /// Bytes of disk data this file stores (data extents only).
+    pub fn data_bytes(&self) -> u64 {
+        self.extents.iter().filter(|e| e.stored != Stored::Zero).map(|e| e.len).sum()
+    }
+
+    /// Opens `path` read-only and indexes it. `raw_meta` names the disk of a raw image,
+    /// which has no metadata of its own.
+    pub fn open(path: &Path, raw_disk: &str) -> Result<StreamIndex, ScanError> {
+        let io_err = |offset| move |source| ScanError::Io { path: path.to_owned(), offset, source };
+        let file = File::open(path).map_err(io_err(0))?;
+        let file_len = file.metadata().map_err(io_err(0))?.len();
+        let mut magic = [0u8; 5];
+        let n = read_full(&file, &mut magic, 0).map_err(io_err(0))?;
+        if n == magic.len() && &magic == b"meta " {
+            scan_stream(path.to_owned(), file, file_len)
+        } else {
+            scan_raw(path.to_owned(), file, file_len, raw_disk)
+        }
+    }
+}
+
+/// Reads as much of `buf` as the file has at `offset`; returns the count.
+pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`, or names the truncation.
+fn read_exact(path: &Path, file: &File, buf: &mut [u8], offset: u64) -> Result<(), ScanError> {
+    let n = read_full(file, buf, offset).map_err(|source| ScanError::Io {
+        path: path.to_owned(),
+        offset,
+        source,
+    })?;
+    if n < buf.len() {
+        return Err(ScanError::Truncated { path: path.to_owned(), offset: offset + n as u64 });
+    }
+    Ok(())
+}
+
+fn read_header(path: &Path, file: &File, offset: u64) -> Result<FrameHeader, ScanError> {
+    let mut buf = [0u8; FRAME_LEN];
+    read_exact(path, file, &mut buf, offset)?;
+    parse_header(&buf).map_err(|source| ScanError::BadFrame { path: path.to_owned(), offset, source })
+}
+
+fn expect_crlf(path: &Path, file: &File, offset: u64) -> Result<(), ScanError> {
+    let mut crlf = [0u8; 2];
+    read_exact(path, file, &mut crlf, offset)?;
+    if &crlf != b"\r\n" {
+        return Err(ScanError::invalid(path, offset, "missing CRLF after payload"));
+    }
+    Ok(())
+}
+
+fn scan_raw(path: PathBuf, file: File, file_len: u64, disk: &str) -> Result<StreamIndex, ScanError> {
+    let extents = raw_extents(&file, file_len).map_err(|source| ScanError::Io {
+        path: path.clone(),
+        offset: 0,
+        source,
+    })?;
+    let data_size = extents.iter().map(|e| e.len).sum();
+    let meta = StreamMeta {
+        virtual_size: file_len,
+        data_size,
+        date: String::new(),
+        disk_name: disk.to_owned(),
+        disk_format: Some("raw".into()),
+        checkpoint_name: String::new(),
+        parent_checkpoint: String::new(),
+        incremental: false,
+        compressed: None,
+        stream_version: 0,
+    };
+    Ok(StreamIndex { path, file, file_len, format: Format::Raw, meta, extents, damage: None })
+}
+
+/// The data extents of a sparse raw file, from SEEK_DATA / SEEK_HOLE.
+fn raw_extents(file: &File, file_len: u64) -> io::Result<Vec<StoredExtent>> {
+    use nix::unistd::{Whence, lseek};
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    while pos < file_len {
+        let start = match lseek(file, pos as i64, Whence::SeekData) {
+            Ok(s) => s as u64,
+            Err(nix::errno::Errno::ENXIO) => break,
+            // A filesystem without SEEK_DATA: the whole file is data.
+            Err(nix::errno::Errno::EINVAL) => pos,
+            Err(e) => return Err(e.into()),
+        };
+        let end = match lseek(file, start as i64, Whence::SeekHole) {
+            Ok(e) => (e as u64).min(file_len),
+            Err(nix::errno::Errno::EINVAL) => file_len,
+            Err(e) => return Err(e.into()),
+        };
+        if end > start {
+            out.push(StoredExtent { start, len: end - start, stored: Stored::Plain { file_off: start } });
+        }
+        pos = end.max(start + 1);
+    }
+    Ok(out)
+}
+
+fn scan_stream(path: PathBuf, file: File, file_len: u64) -> Result<StreamIndex, ScanError> {
+    let head = read_header(&path, &file, 0)?;
+    if head.kind != FrameKind::Meta {
+        return Err(ScanError::invalid(&path, 0, "first frame is not meta"));
+    }
+    if head.length > MAX_META_LEN || FRAME_LEN as u64 + head.length > file_len {
+        return Err(ScanError::invalid(&path, 22, format!("metadata length {} is implausible", head.length)));
+    }
+    let mut json = vec![0u8; head.length as usize];
+    read_exact(&path, &file, &mut json, FRAME_LEN as u64)?;
+    let meta = StreamMeta::parse(&json).map_err(|source| ScanError::BadMeta {
+        path: path.clone(),
+        offset: FRAME_LEN as u64,
+        source,
+    })?;
+    let body = FRAME_LEN as u64 + head.length;
+    expect_crlf(&path, &file, body)?;
+
+    let mut index =
+        StreamIndex { path, file, file_len, format: Format::Stream, meta, extents: Vec::new(), damage: None };
+    let (trailer, body_end) = if index.meta.compressed.is_some() {
+        match read_trailer(&index) {
+            Ok((t, end)) => (Some(t), end),
+            Err(error) => {
+                index.damage = Some(Damage { from: 0, error });
+                return Ok(index);
+            }
+        }
+    } else {
+        (None, file_len)
+    };
+    if let Err(error) = walk_frames(&mut index, body + 2, body_end, trailer.as_deref()) {
+        let from = index.extents.last().map_or(0, StoredExtent::end);
+        index.damage = Some(Damage { from, error });
+    }
+    Ok(index)
+}
+
+/// Reads the trailer from EOF; returns it and the file offset where the trailer starts
+/// (where the `stop` frame must end).
+fn read_trailer(index: &StreamIndex) -> Result<(Vec<Vec<u64>>, u64), ScanError> {
+    let (path, len) = (&index.path, index.file_len);
+    let min = FRAME_LEN as u64 + 2;
+    if len < min {
+        return Err(ScanError::Truncated { path: path.clone(), offset: len });
+    }
+    let comp_at = len - FRAME_LEN as u64;
+    let comp = read_header(path, &index.file, comp_at)?;
+    if comp.kind != FrameKind::Comp {
+        return Err(ScanError::invalid(path, comp_at, "compressed stream does not end in a comp frame"));
+    }
+    if comp.length > MAX_TRAILER_LEN || comp.length > comp_at - 2 {
+        return Err(ScanError::invalid(
+            path,
+            comp_at + 22,
+            format!("trailer length {} is implausible", comp.length),
+        ));
+    }
+    let json_at = comp_at - 2 - comp.length;
+    expect_crlf(path, &index.file, comp_at - 2)?;
+    let mut json = vec![0u8; comp.length as usize];
+    read_exact(path, &index.file, &mut json, json_at)?;
+    let trailer = parse_trailer(&json).map_err(|source| ScanError::BadTrailer {
+        path: path.clone(),
+        offset: json_at,
+        source,
+    })?;
+    Ok((trailer, json_at))
+}
+
+fn walk_frames(
+    index: &mut StreamIndex,
+    mut pos: u64,
+    body_end: u64,
+    trailer: Option<&[Vec<u64>]>,
+) -> Result<(), ScanError> {
+    let path = index.path.clone();
+    let vsize = index.meta.virtual_size;
+    let mut data_total = 0u64;
+    let mut data_frames = 0usize;
+    loop {
+        let h = read_header(&path, &index.file, pos)?;
+        let at = pos;
+        pos += FRAME_LEN as u64;
+        match h.kind {
+            FrameKind::Stop => break,
+            FrameKind::Meta | FrameKind::Comp => {
+                return Err(ScanError::invalid(
+                    &path,
+                    at,
+                    format!("unexpected {:?} frame in the body", h.kind),
+                ));
+            }
+            FrameKind::Data | FrameKind::Zero => {}
+        }
+        let end = h.start.checked_add(h.length).filter(|&e| e <= vsize).ok_or_else(|| {
+            ScanError::invalid(
+                &path,
+                at,
+                format!("extent {}+{} runs past the virtual size {vsize}", h.start, h.length),
+            )
+        })?;
+        if let Some(prev) = index.extents.last()
+            && h.start < prev.end()
+        {
+            return Err(ScanError::invalid(
+                &path,
+                at,
+                format!("extent at {} overlaps or precedes the one before", h.start),
+            ));
+        }
+        let stored = if h.kind == FrameKind::Zero {
+            Stored::Zero
+        } else {
+            data_total = data_total.saturating_add(h.length);
+            let payload = pos;
+            let stored = match trailer {
+                None => {
+                    pos = pos
+                        .checked_add(h.length)
+                        .filter(|&p| p <= body_end)
+                        .ok_or_else(|| ScanError::Truncated { path: path.clone(), offset: body_end })?;
+                    Stored::Plain { file_off: payload }
+                }
+                Some(t) => {
+                    let sizes = t.get(data_frames).ok_or_else(|| {
+                        ScanError::invalid(&path, at, "more data frames than trailer entries")
+                    })?;
+                    let frames = lz4_frames(index, payload, h.length, sizes, at)?;
+                    pos = frames.last().map_or(payload, |f| f.file_off + f.comp_len);
+                    if pos > body_end {
+                        return Err(ScanError::invalid(
+                            &path,
+                            at,
+                            "compressed payload runs into the trailer",
+                        ));
+                    }
+                    Stored::Lz4(frames)
+                }
+            };
+            data_frames += 1;
+            expect_crlf(&path, &index.file, pos)?;
+            pos += 2;
+            stored
+        };
+        if h.length > 0 {
+            index.extents.push(StoredExtent { start: h.start, len: end - h.start, stored });
+        }
+    }
+    if pos != body_end {
+        return Err(ScanError::invalid(
+            &path,
+            pos,
+            format!("{} unexpected bytes after the stop frame", body_end as i128 - pos as i128),
+        ));
+    }
+    if trailer.is_some_and(|t| t.len() != data_frames) {
+        return Err(ScanError::invalid(&path, pos, "trailer has more entries than data frames"));
+    }
+    if data_total != index.meta.data_size {
+        // The frames are intact; the metadata disagrees with them. No range is unreadable,
+        // but the stream is not what its writer said it was.
+        index.damage = Some(Damage {
+            from: vsize,
+            error: ScanError::invalid(
+                &path,
+                FRAME_LEN as u64,
+                format!("dataSize says {} bytes, data frames hold {data_total}", index.meta.data_size),
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The lz4 frames of one compressed extent of `len` bytes at `payload`.
+fn lz4_frames(
+    index: &StreamIndex,
+    payload: u64,
+    len: u64,
+    sizes: &[u64],
+    at: u64,
+) -> Result<Box<[Lz4Frame]>, ScanError> {
+    let path = &index.path;
+    let mut frames = Vec::with_capacity(sizes.len().min(4096));
+    let (mut file_off, mut extent_off) = (payload, 0u64);
+    for (i, &comp_len) in sizes.iter().enumerate() {
+        let last = i + 1 == sizes.len();
+        let frame_len =
+            if last { len.checked_sub(extent_off) } else { content_size(path, &index.file, file_off)? };
+        let frame_len =
+            frame_len.filter(|&l| l <= MAX_LZ4_FRAME && extent_off + l <= len).ok_or_else(|| {
+                ScanError::invalid(path, file_off, "lz4 frame sizes do not add up to the extent length")
+            })?;
+        if comp_len > lz4_bound(frame_len) {
+            return Err(ScanError::invalid(
+                path,
+                file_off,
+                format!("lz4 frame of {comp_len} bytes cannot hold {frame_len}"),
+            ));
+        }
+        if file_off.checked_add(comp_len).is_none_or(|e| e > index.file_len) {
+            return Err(ScanError::invalid(path, at, "lz4 frame runs past the end of the file"));
+        }
+        frames.push(Lz4Frame { file_off, comp_len, extent_off, len: frame_len });
+        file_off += comp_len;
+        extent_off += frame_len;
+    }
+    if frames.is_empty() {
+        return Err(ScanError::invalid(path, at, "compressed extent without lz4 frames"));
+    }
+    Ok(frames.into_boxed_slice())
+}
+
+/// The largest lz4 frame `len` bytes can become: liblz4's worst case per block
+/// (`LZ4_COMPRESSBOUND`: n + n/255 + 16), a 4-byte size word and a 4-byte checksum per
+/// block of 64 KiB (the smallest lz4 block size, so the most blocks), plus 23 bytes
+/// of frame header, end mark and content checksum. Only stops absurd trailer values.
+fn lz4_bound(len: u64) -> u64 {
+    len + len / 255 + (len / (64 << 10) + 1) * (16 + 8) + 23
+}
+
+/// The content-size field of the lz4 frame header at `offset`, if the frame has one.
+fn content_size(path: &Path, file: &File, offset: u64) -> Result<Option<u64>, ScanError> {
+    // magic(4) FLG(1) BD(1) content size(8): the field python-lz4 always writes.
+    let mut head = [0u8; 14];
+    read_exact(path, file, &mut head, offset)?;
+    if head[0..4] != [0x04, 0x22, 0x4d, 0x18] {
+        return Err(ScanError::invalid(path, offset, "not an lz4 frame (bad magic)"));
+    }
+    const CONTENT_SIZE_FLAG: u8 = 0x08;
+    if head[4] & CONTENT_SIZE_FLAG == 0 {
+        return Ok(None);
+    }
+    Ok(Some(u64::from_le_bytes(head[6..14].try_into().expect("8 bytes"))))
+}

@@ -1,0 +1,194 @@
+//! The thin adapter between the kernel and [`ImageFs`]: each method converts its
+//! arguments, calls the core once and replies. Errors are logged here, and only here:
+//! EIO (damage, I/O) at warn with the whole cause chain, the rest at debug.
+
+use std::ffi::OsStr;
+use std::time::Duration;
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use tracing::{debug, warn};
+
+use super::{Attr, FsError, ImageFs, Kind, Seek};
+
+/// How long the kernel may cache names and attributes. The tree does not change while
+/// mounted, so a long TTL only saves round trips.
+const TTL: Duration = Duration::from_secs(60);
+
+/// Upper bound for the kernel's readahead on an image. 1 MiB matches the largest FUSE
+/// request (256 pages), so a sequential reader gets whole-request reads.
+const MAX_READAHEAD: u32 = 1 << 20;
+
+/// The mount's owner: every node shows this uid and gid.
+pub struct FuseAdapter {
+    pub fs: ImageFs,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+fn errno(op: &str, err: &FsError) -> Errno {
+    let code = err.errno();
+    if code == libc::EIO || matches!(err, FsError::Read(_) | FsError::Io { .. }) {
+        let mut msg = err.to_string();
+        let mut cause = std::error::Error::source(err);
+        while let Some(c) = cause {
+            msg.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        warn!("{op}: {msg}");
+    } else {
+        debug!("{op}: {err}");
+    }
+    Errno::from_i32(code)
+}
+
+impl FuseAdapter {
+    fn attr(&self, a: &Attr) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.blocks,
+            atime: a.mtime,
+            mtime: a.mtime,
+            ctime: a.mtime,
+            crtime: a.mtime,
+            kind: file_type(a.kind),
+            perm: a.perm,
+            nlink: if a.kind == Kind::Dir { 2 } else { 1 },
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            // 4 KiB: the page size, and what cp and qemu use as their I/O unit hint.
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+        Kind::Link => FileType::Symlink,
+    }
+}
+
+impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(max) = config.set_max_readahead(MAX_READAHEAD) {
+            let _ = config.set_max_readahead(max);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else { return reply.error(Errno::ENOENT) };
+        match self.fs.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
+            Err(e) => reply.error(errno("lookup", &e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Err(e) => reply.error(errno("getattr", &e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(t.as_bytes()),
+            Err(e) => reply.error(errno("readlink", &e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        match self.fs.open(ino.0, write) {
+            Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(false) => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            Err(e) => reply.error(errno("open", &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno("read", &e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.fs.readdir(ino.0, offset) {
+            Ok(entries) => {
+                for (child, next, kind, name) in entries {
+                    if reply.add(INodeNo(child), next, file_type(kind), name) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(e) => reply.error(errno("readdir", &e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let whence = match whence {
+            libc::SEEK_DATA => Seek::Data,
+            libc::SEEK_HOLE => Seek::Hole,
+            other => return reply.error(errno("lseek", &FsError::BadWhence(other))),
+        };
+        let Ok(offset) = u64::try_from(offset) else { return reply.error(Errno::EINVAL) };
+        match self.fs.lseek(ino.0, offset, whence) {
+            Ok(pos) => reply.offset(pos as i64),
+            Err(e) => reply.error(errno("lseek", &e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        // No extended attributes (tools ask for security.* on every lookup).
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // A read-only view: no free blocks or inodes; 255 is the longest name.
+        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+    }
+}

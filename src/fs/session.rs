@@ -1,0 +1,122 @@
+//! Mounting: options, the stale-mountpoint check, and a clean unmount on Ctrl-C,
+//! SIGTERM or SIGHUP (as well as on `fusermount3 -u` from outside).
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use fuser::{Config, MountOption, SessionACL};
+use nix::sys::signal::{SigSet, Signal};
+use thiserror::Error;
+use tracing::info;
+
+use super::fuse::FuseAdapter;
+use super::{FsConfig, ImageFs};
+use crate::catalog::Catalog;
+
+/// Why a mount failed.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error(
+        "{0}: mountpoint is a stale FUSE mount (a vmback or other FUSE process was killed); \
+         clear it with `fusermount3 -u {0}` (or `umount -l {0}` as root) and mount again"
+    )]
+    Stale(PathBuf),
+    #[error("{0}: mountpoint is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{path}: cannot use as mountpoint")]
+    Mountpoint {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting on {path} failed")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Let other users in (the kernel then checks the files' modes).
+    pub allow_other: bool,
+    /// Worker threads serving requests.
+    pub threads: usize,
+    /// Shown as the mount's source in /proc/mounts.
+    pub fs_name: String,
+    pub fs: FsConfig,
+}
+
+impl MountOptions {
+    /// Worker threads by default: two per core, because a worker waits on `pread` as
+    /// often as it decodes; capped at 16, past which more threads only add contention.
+    pub fn default_threads() -> usize {
+        std::thread::available_parallelism().map_or(4, |n| (n.get() * 2).min(16))
+    }
+}
+
+/// Refuses a missing, non-directory, or stale mountpoint, with a message that says how
+/// to fix it.
+pub fn check_mountpoint(path: &Path) -> Result<(), SessionError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(SessionError::NotADirectory(path.to_owned())),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Err(SessionError::Stale(path.to_owned())),
+        Err(source) => Err(SessionError::Mountpoint { path: path.to_owned(), source }),
+    }
+}
+
+/// The `fuser` configuration for `opts`.
+pub fn fuser_config(opts: &MountOptions) -> Config {
+    let mut cfg = Config::default();
+    cfg.mount_options = vec![
+        MountOption::FSName(opts.fs_name.clone()),
+        MountOption::Subtype("vmback".into()),
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if opts.allow_other {
+        cfg.acl = SessionACL::All;
+        cfg.mount_options.push(MountOption::DefaultPermissions);
+    }
+    cfg.n_threads = Some(opts.threads.max(1));
+    cfg.clone_fd = true;
+    cfg
+}
+
+/// Mounts `catalog` on `mountpoint` and serves it in the foreground until a signal or an
+/// outside unmount ends the session.
+pub fn mount(catalog: &Catalog, mountpoint: &Path, opts: &MountOptions) -> Result<(), SessionError> {
+    check_mountpoint(mountpoint)?;
+    let adapter = FuseAdapter {
+        fs: ImageFs::new(catalog, &opts.fs),
+        uid: nix::unistd::getuid().as_raw(),
+        gid: nix::unistd::getgid().as_raw(),
+    };
+    // Block the stop signals before any thread exists, so every fuser worker inherits the
+    // mask and only the waiter below sees them.
+    let mut stop = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        stop.add(s);
+    }
+    stop.thread_block().map_err(|e| SessionError::Mount { path: mountpoint.to_owned(), source: e.into() })?;
+    let mount_err = |source| SessionError::Mount { path: mountpoint.to_owned(), source };
+    let mut session = fuser::Session::new(adapter, mountpoint, &fuser_config(opts)).map_err(mount_err)?;
+    let mut unmounter = session.unmount_callable();
+    let shown = mountpoint.display().to_string();
+    std::thread::spawn(move || {
+        if let Ok(sig) = stop.wait() {
+            info!("{sig}: unmounting {shown}");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!("unmounting {shown}: {e}");
+            }
+        }
+    });
+    info!("mounted on {}", mountpoint.display());
+    session.run().map_err(mount_err)?;
+    info!("unmounted {}", mountpoint.display());
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! vmback: mount, back up and restore libvirt/KVM backups in virtnbdbackup's format.
+//!
+//! The library behind the `vmback` binary; see README.md for the commands.
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![forbid(unsafe_code)]
+
+pub mod cache;
+pub mod catalog;
+pub mod chain;
+pub mod cli;
+pub mod fs;
+pub mod sample;
