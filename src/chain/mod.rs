@@ -14,6 +14,7 @@
 
 pub mod extent;
 pub mod frame;
+pub mod lz4;
 pub mod meta;
 pub mod reader;
 pub mod scan;

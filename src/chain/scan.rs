@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 use super::frame::{FRAME_LEN, FrameError, FrameHeader, FrameKind, parse_header};
+use super::lz4;
 use super::meta::{MAX_META_LEN, MAX_TRAILER_LEN, MetaError, StreamMeta, parse_trailer};
 
 /// Upper bound for one lz4 frame's uncompressed size. Upstream writes at most one NBD
@@ -67,7 +68,7 @@ pub enum ScanError {
 }
 
 impl ScanError {
-    fn invalid(path: &Path, offset: u64, what: impl Into<String>) -> ScanError {
+    pub(crate) fn invalid(path: &Path, offset: u64, what: impl Into<String>) -> ScanError {
         ScanError::Invalid { path: path.to_owned(), offset, what: what.into() }
     }
 }
@@ -170,7 +171,7 @@ pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> 
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`, or names the truncation.
-fn read_exact(path: &Path, file: &File, buf: &mut [u8], offset: u64) -> Result<(), ScanError> {
+pub(crate) fn read_exact(path: &Path, file: &File, buf: &mut [u8], offset: u64) -> Result<(), ScanError> {
     let n = read_full(file, buf, offset).map_err(|source| ScanError::Io {
         path: path.to_owned(),
         offset,
@@ -265,20 +266,21 @@ fn scan_stream(path: PathBuf, file: File, file_len: u64) -> Result<StreamIndex, 
 
     let mut index =
         StreamIndex { path, file, file_len, format: Format::Stream, meta, extents: Vec::new(), damage: None };
-    let (trailer, body_end) = if index.meta.compressed.is_some() {
-        match read_trailer(&index) {
-            Ok((t, end)) => (Some(t), end),
-            Err(error) => {
-                index.damage = Some(Damage { from: 0, error });
-                return Ok(index);
-            }
-        }
-    } else {
-        (None, file_len)
+    let (payloads, trailer_error) = match index.meta.compressed {
+        None => (Payloads::Plain { body_end: file_len }, None),
+        Some(_) => match read_trailer(&index) {
+            Ok((sizes, body_end)) => (Payloads::Trailer { sizes, body_end }, None),
+            // Without a trailer the lz4 frames are found by walking them (§1.9).
+            Err(e) => (Payloads::Walk, Some(e)),
+        },
     };
-    if let Err(error) = walk_frames(&mut index, body + 2, body_end, trailer.as_deref()) {
+    if let Err(error) = walk_frames(&mut index, body + 2, &payloads) {
         let from = index.extents.last().map_or(0, StoredExtent::end);
         index.damage = Some(Damage { from, error });
+    } else if let Some(error) = trailer_error {
+        // Every frame was found without the trailer: nothing is unreadable, but the file
+        // is not intact.
+        index.damage = Some(Damage { from: index.meta.virtual_size, error });
     }
     Ok(index)
 }
@@ -315,12 +317,17 @@ fn read_trailer(index: &StreamIndex) -> Result<(Vec<Vec<u64>>, u64), ScanError> 
     Ok((trailer, json_at))
 }
 
-fn walk_frames(
-    index: &mut StreamIndex,
-    mut pos: u64,
-    body_end: u64,
-    trailer: Option<&[Vec<u64>]>,
-) -> Result<(), ScanError> {
+/// How to find where each data payload ends.
+enum Payloads {
+    /// Uncompressed: a payload is as long as its extent; the body ends at `body_end`.
+    Plain { body_end: u64 },
+    /// Compressed, with the trailer's lz4 frame sizes per data frame.
+    Trailer { sizes: Vec<Vec<u64>>, body_end: u64 },
+    /// Compressed, trailer lost: walk the lz4 frames; where the body ends is unknown.
+    Walk,
+}
+
+fn walk_frames(index: &mut StreamIndex, mut pos: u64, payloads: &Payloads) -> Result<(), ScanError> {
     let path = index.path.clone();
     let vsize = index.meta.virtual_size;
     let mut data_total = 0u64;
@@ -361,21 +368,21 @@ fn walk_frames(
         } else {
             data_total = data_total.saturating_add(h.length);
             let payload = pos;
-            let stored = match trailer {
-                None => {
+            let stored = match payloads {
+                &Payloads::Plain { body_end } => {
                     pos = pos
                         .checked_add(h.length)
                         .filter(|&p| p <= body_end)
                         .ok_or_else(|| ScanError::Truncated { path: path.clone(), offset: body_end })?;
                     Stored::Plain { file_off: payload }
                 }
-                Some(t) => {
-                    let sizes = t.get(data_frames).ok_or_else(|| {
+                Payloads::Trailer { sizes, body_end } => {
+                    let sizes = sizes.get(data_frames).ok_or_else(|| {
                         ScanError::invalid(&path, at, "more data frames than trailer entries")
                     })?;
                     let frames = lz4_frames(index, payload, h.length, sizes, at)?;
                     pos = frames.last().map_or(payload, |f| f.file_off + f.comp_len);
-                    if pos > body_end {
+                    if pos > *body_end {
                         return Err(ScanError::invalid(
                             &path,
                             at,
@@ -383,6 +390,11 @@ fn walk_frames(
                         ));
                     }
                     Stored::Lz4(frames)
+                }
+                Payloads::Walk => {
+                    let frames = lz4::walk(&path, &index.file, payload, h.length)?;
+                    pos = frames.last().map_or(payload, |f| f.file_off + f.comp_len);
+                    Stored::Lz4(frames.into_boxed_slice())
                 }
             };
             data_frames += 1;
@@ -394,6 +406,10 @@ fn walk_frames(
             index.extents.push(StoredExtent { start: h.start, len: end - h.start, stored });
         }
     }
+    let body_end = match payloads {
+        Payloads::Plain { body_end } | Payloads::Trailer { body_end, .. } => *body_end,
+        Payloads::Walk => pos,
+    };
     if pos != body_end {
         return Err(ScanError::invalid(
             &path,
@@ -401,7 +417,9 @@ fn walk_frames(
             format!("{} unexpected bytes after the stop frame", body_end as i128 - pos as i128),
         ));
     }
-    if trailer.is_some_and(|t| t.len() != data_frames) {
+    if let Payloads::Trailer { sizes, .. } = payloads
+        && sizes.len() != data_frames
+    {
         return Err(ScanError::invalid(&path, pos, "trailer has more entries than data frames"));
     }
     if data_total != index.meta.data_size {
@@ -432,8 +450,11 @@ fn lz4_frames(
     let (mut file_off, mut extent_off) = (payload, 0u64);
     for (i, &comp_len) in sizes.iter().enumerate() {
         let last = i + 1 == sizes.len();
-        let frame_len =
-            if last { len.checked_sub(extent_off) } else { content_size(path, &index.file, file_off)? };
+        let frame_len = if last {
+            len.checked_sub(extent_off)
+        } else {
+            lz4::frame_head(path, &index.file, file_off)?.content_size
+        };
         let frame_len =
             frame_len.filter(|&l| l <= MAX_LZ4_FRAME && extent_off + l <= len).ok_or_else(|| {
                 ScanError::invalid(path, file_off, "lz4 frame sizes do not add up to the extent length")
@@ -464,19 +485,4 @@ fn lz4_frames(
 /// of frame header, end mark and content checksum. Only stops absurd trailer values.
 fn lz4_bound(len: u64) -> u64 {
     len + len / 255 + (len / (64 << 10) + 1) * (16 + 8) + 23
-}
-
-/// The content-size field of the lz4 frame header at `offset`, if the frame has one.
-fn content_size(path: &Path, file: &File, offset: u64) -> Result<Option<u64>, ScanError> {
-    // magic(4) FLG(1) BD(1) content size(8): the field python-lz4 always writes.
-    let mut head = [0u8; 14];
-    read_exact(path, file, &mut head, offset)?;
-    if head[0..4] != [0x04, 0x22, 0x4d, 0x18] {
-        return Err(ScanError::invalid(path, offset, "not an lz4 frame (bad magic)"));
-    }
-    const CONTENT_SIZE_FLAG: u8 = 0x08;
-    if head[4] & CONTENT_SIZE_FLAG == 0 {
-        return Ok(None);
-    }
-    Ok(Some(u64::from_le_bytes(head[6..14].try_into().expect("8 bytes"))))
 }
