@@ -9,4 +9,5 @@ pub mod catalog;
 pub mod chain;
 pub mod cli;
 pub mod fs;
+pub mod restore;
 pub mod sample;

@@ -81,6 +81,19 @@ pub struct Domain {
 }
 
 impl Domain {
+    /// The restore point called `name` as the mount and `vmback ls` show it; also a bare
+    /// checkpoint name (`virtnbdbackup.3`) when exactly one point of the domain has it.
+    pub fn find_point(&self, name: &str) -> Option<&RestorePoint> {
+        if let Some(p) = self.points.iter().find(|p| p.name == name) {
+            return Some(p);
+        }
+        let mut by_cpt = self.points.iter().filter(|p| p.key == PointKey::Checkpoint(name.to_owned()));
+        match (by_cpt.next(), by_cpt.next()) {
+            (Some(p), None) => Some(p),
+            _ => None,
+        }
+    }
+
     /// The newest restore point that is not broken.
     pub fn latest(&self) -> Option<&RestorePoint> {
         self.points.iter().rev().find(|p| !matches!(p.status(), Status::Broken(_)))
@@ -172,6 +185,21 @@ impl Catalog {
         }
         cat.domains = domains.into_iter().map(|(name, sets)| name_points(name, sets)).collect();
         Ok(cat)
+    }
+
+    /// The domain called `name`, or the only one when no name is given.
+    pub fn domain(&self, name: Option<&str>) -> Result<&Domain, String> {
+        let names = || self.domains.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
+        match name {
+            Some(n) => self
+                .domains
+                .iter()
+                .find(|d| d.name == n)
+                .ok_or_else(|| format!("no domain {n:?}; found: {}", names())),
+            None if self.domains.len() == 1 => Ok(&self.domains[0]),
+            None if self.domains.is_empty() => Err("no backup sets found".into()),
+            None => Err(format!("several domains found ({}); choose one with --domain", names())),
+        }
     }
 
     fn warn(&mut self, msg: String) {

@@ -42,6 +42,16 @@ pub enum ReadError {
 }
 
 impl ReadError {
+    /// The file and byte offset the error is about (for damage: the scan's finding).
+    pub fn location(&self) -> (&std::path::Path, Option<u64>) {
+        match self {
+            ReadError::Damaged { path, .. } => (path, None),
+            ReadError::Io { path, offset, .. }
+            | ReadError::Truncated { path, offset }
+            | ReadError::Decode { path, offset, .. } => (path, Some(*offset)),
+        }
+    }
+
     /// The errno a FUSE read reports for this error.
     pub fn errno(&self) -> i32 {
         match self {

@@ -68,6 +68,18 @@ pub enum ScanError {
 }
 
 impl ScanError {
+    /// The byte offset in the file where the problem is.
+    pub fn offset(&self) -> u64 {
+        match self {
+            ScanError::Io { offset, .. }
+            | ScanError::Truncated { offset, .. }
+            | ScanError::BadFrame { offset, .. }
+            | ScanError::BadMeta { offset, .. }
+            | ScanError::BadTrailer { offset, .. }
+            | ScanError::Invalid { offset, .. } => *offset,
+        }
+    }
+
     pub(crate) fn invalid(path: &Path, offset: u64, what: impl Into<String>) -> ScanError {
         ScanError::Invalid { path: path.to_owned(), offset, what: what.into() }
     }

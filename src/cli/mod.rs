@@ -1,0 +1,152 @@
+//! The command line: clap definitions, and each command turned into a call of the library.
+//! The output of `ls` lives in [`ls`], of `restore`, `dump` and `verify` in [`restore`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod ls;
+mod restore;
+
+use crate::catalog::Catalog;
+use crate::fs::FsConfig;
+use crate::fs::session::{MountOptions, mount};
+use crate::restore::{Format, Sparse};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmback",
+    version,
+    about = "Mount, back up and restore libvirt/KVM backups (virtnbdbackup format)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Show backup sets as raw disk images: MOUNT/<domain>/<restore point>/<disk>.raw
+    Mount {
+        /// A backup set (virtnbdbackup output folder) or a folder tree holding many.
+        source: PathBuf,
+        /// An empty directory to mount on.
+        mountpoint: PathBuf,
+        /// Memory for decoded (lz4) data shared by all images, e.g. 256M or 1G.
+        #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+        cache_size: u64,
+        /// Let other users read the mount (file modes are then enforced).
+        #[arg(long)]
+        allow_other: bool,
+        /// Threads serving requests [default: two per core, at most 16].
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// List domains, restore points and disks found in SOURCE.
+    Ls {
+        source: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild disk images from a backup set: every disk at the newest restore point, or at
+    /// --until POINT. `-o dump` prints the stream metadata instead.
+    Restore {
+        /// The backup set (or a folder tree of sets; then --domain may be needed).
+        #[arg(short = 'i', long = "input")]
+        input: PathBuf,
+        /// Output folder (created if missing), a block device (with -d), or `dump`.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// The restore point, named as `vmback ls` and the mount show it (a bare checkpoint
+        /// name such as virtnbdbackup.2 works when it is unique).
+        #[arg(long)]
+        until: Option<String>,
+        /// Restore only this disk (e.g. sda).
+        #[arg(short = 'd', long = "disk")]
+        disk: Option<String>,
+        /// Apply exactly these stream files (relative to -i), in this order.
+        #[arg(long, value_delimiter = ',')]
+        sequence: Vec<PathBuf>,
+        /// Output image format.
+        #[arg(long, value_enum, default_value = "raw")]
+        format: Format,
+        /// Leave holes (always), or write zeros over them (never: for block devices).
+        #[arg(long, value_enum, default_value = "always")]
+        sparse: Sparse,
+        /// The domain, when the input holds several.
+        #[arg(long)]
+        domain: Option<String>,
+        /// Worker threads per disk [default: one per core].
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Print the metadata of every stream file of a backup set as JSON.
+    Dump {
+        #[arg(short = 'i', long = "input")]
+        input: PathBuf,
+    },
+    /// Read every stream file completely and report damage; exits 1 if any is found.
+    Verify {
+        source: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Files verified in parallel [default: one per core].
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Write a small sample backup set (two disks, full + 2 incrementals + a diff) to DIR.
+    Sample { dir: PathBuf },
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    parse_size::Config::new().with_binary().parse_size(s).map_err(|e| e.to_string())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Runs one command; errors are printed with their causes by `main`.
+pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::Mount { source, mountpoint, cache_size, allow_other, threads } => {
+            let catalog = Catalog::discover(&source)?;
+            let opts = MountOptions {
+                allow_other,
+                threads: threads.unwrap_or_else(MountOptions::default_threads),
+                fs_name: source.display().to_string(),
+                fs: FsConfig { cache_size: usize::try_from(cache_size)? },
+            };
+            mount(&catalog, &mountpoint, &opts)?;
+        }
+        Command::Ls { source, json } => {
+            let catalog = Catalog::discover(&source)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ls::ls_json(&catalog))?);
+            } else {
+                print!("{}", ls::ls_text(&catalog));
+            }
+        }
+        Command::Restore { input, output, until, disk, sequence, format, sparse, domain, threads } => {
+            if output.as_os_str() == "dump" {
+                return restore::dump(&input);
+            }
+            let opts =
+                crate::restore::RestoreOptions { format, sparse, threads: threads.unwrap_or_else(cores) };
+            let what = restore::What { until, disk, sequence, domain };
+            return restore::restore(&input, &output, &what, &opts);
+        }
+        Command::Dump { input } => return restore::dump(&input),
+        Command::Verify { source, json, threads } => {
+            return restore::verify(&source, json, threads.unwrap_or_else(cores));
+        }
+        Command::Sample { dir } => {
+            crate::sample::write_sample(&dir)?;
+            println!("sample backup set written to {}", dir.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

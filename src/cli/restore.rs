@@ -1,0 +1,204 @@
+//! `vmback restore`, `dump` and `verify`: choosing what to restore, progress, summaries.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use super::ls::{human, status_words};
+use crate::cache::ReadCache;
+use crate::catalog::{Catalog, Status};
+use crate::chain::{ImageReader, Layer, StreamIndex};
+use crate::restore::{RestoreOptions, restore_image, verify::verify as verify_catalog};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// Cache for decoded frames during a restore: a few 32 MiB frames per worker, so two
+/// workers inside one frame share its decode.
+const RESTORE_CACHE: usize = 256 << 20;
+
+/// Which images to restore.
+pub struct What {
+    pub until: Option<String>,
+    pub disk: Option<String>,
+    pub sequence: Vec<PathBuf>,
+    pub domain: Option<String>,
+}
+
+/// One image to write: its disk name and chain.
+struct Job {
+    disk: String,
+    layers: Vec<Layer>,
+}
+
+pub fn restore(input: &Path, output: &Path, what: &What, opts: &RestoreOptions) -> Result<ExitCode> {
+    let (jobs, vmconfig) = if what.sequence.is_empty() {
+        from_catalog(input, what)?
+    } else {
+        from_sequence(input, &what.sequence)?
+    };
+    let device = std::fs::metadata(output)
+        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+    if device && jobs.len() != 1 {
+        return Err(format!("{}: a block device takes one disk; choose it with -d", output.display()).into());
+    }
+    if !device {
+        std::fs::create_dir_all(output).map_err(|e| format!("{}: {e}", output.display()))?;
+    }
+    let cache = Arc::new(ReadCache::new(RESTORE_CACHE));
+    let bars = MultiProgress::new();
+    let show = std::io::stderr().is_terminal();
+    let mut failed = 0;
+    for job in jobs {
+        let reader = ImageReader::new(job.layers, cache.clone());
+        let target = if device {
+            output.to_owned()
+        } else {
+            output.join(format!("{}.{}", job.disk, opts.format.extension()))
+        };
+        let bar =
+            if show { bars.add(ProgressBar::new(reader.map().data_bytes())) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(job.disk.clone());
+        match restore_image(&reader, &target, opts, &|n| bar.inc(n)) {
+            Ok(r) => {
+                bar.finish();
+                let secs = r.elapsed.as_secs_f64().max(1e-6);
+                println!(
+                    "{}: {} ({} virtual, {} written, {} zeros left as holes) in {secs:.1} s, {}/s",
+                    job.disk,
+                    r.target.display(),
+                    human(r.size),
+                    human(r.stats.written),
+                    human(r.stats.zero_skipped),
+                    human(((r.stats.written + r.stats.zero_skipped) as f64 / secs) as u64),
+                );
+            }
+            Err(e) => {
+                bar.abandon();
+                let mut msg = format!("{}: restore failed: {e}", job.disk);
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    msg.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                eprintln!("{msg}");
+                failed += 1;
+            }
+        }
+    }
+    if let (Some(cfg), false) = (vmconfig, device) {
+        std::fs::copy(&cfg, output.join("vmconfig.xml")).map_err(|e| format!("{}: {e}", cfg.display()))?;
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The disks of the chosen restore point.
+fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Option<PathBuf>)> {
+    let catalog = Catalog::discover(input)?;
+    let domain = catalog.domain(what.domain.as_deref())?;
+    let point = match &what.until {
+        Some(name) => domain.find_point(name).ok_or_else(|| {
+            let names: Vec<&str> = domain.points.iter().map(|p| p.name.as_str()).collect();
+            format!("no restore point {name:?} in {}; there are: {}", domain.name, names.join(", "))
+        })?,
+        None => domain.latest().ok_or_else(|| format!("{}: no restore point can be rebuilt", domain.name))?,
+    };
+    if let Status::Broken(reason) = point.status() {
+        return Err(format!("{}: cannot be rebuilt: {reason}", point.name).into());
+    }
+    let jobs: Vec<Job> = point
+        .disks
+        .iter()
+        .filter(|d| what.disk.as_ref().is_none_or(|w| *w == d.disk))
+        .map(|d| Job { disk: d.disk.clone(), layers: d.layers.clone() })
+        .collect();
+    if jobs.is_empty() {
+        return Err(format!("{}: no disk {:?}", point.name, what.disk.as_deref().unwrap_or("")).into());
+    }
+    Ok((jobs, point.vmconfig.clone()))
+}
+
+/// Exactly the listed files, in order (virtnbdrestore's `--sequence`).
+fn from_sequence(input: &Path, files: &[PathBuf]) -> Result<(Vec<Job>, Option<PathBuf>)> {
+    let mut layers = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let path = input.join(f);
+        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if i == 0 && !(name.contains("full") || name.contains("copy")) {
+            return Err(format!("{name}: a sequence starts with a full or copy backup").into());
+        }
+        let disk = name.split('.').next().unwrap_or_default().to_owned();
+        let index = StreamIndex::open(&path, &disk)?;
+        if let Some(d) = &index.damage {
+            return Err(format!("damaged: {}", d.error).into());
+        }
+        layers.push(Layer { id: i as u32 + 1, index: Arc::new(index) });
+    }
+    let disk = layers.last().map(|l| l.index.meta.disk_name.clone()).ok_or("--sequence names no file")?;
+    let disk = crate::catalog::naming::safe_component(&disk);
+    Ok((vec![Job { disk, layers }], None))
+}
+
+/// Prints each stream file's metadata, as `virtnbdrestore -o dump` does.
+pub fn dump(input: &Path) -> Result<ExitCode> {
+    let catalog = Catalog::discover(input)?;
+    let mut seen = std::collections::BTreeMap::new();
+    for l in catalog.domains.iter().flat_map(|d| &d.points).flat_map(|p| &p.disks).flat_map(|d| &d.layers) {
+        seen.entry(l.index.path.clone()).or_insert_with(|| l.index.clone());
+    }
+    let list: Vec<serde_json::Value> = seen
+        .into_iter()
+        .map(|(path, index)| {
+            let mut v: serde_json::Value = serde_json::from_str(&index.meta.to_json()).expect("our own JSON");
+            v["file"] = path.display().to_string().into();
+            v
+        })
+        .collect();
+    println!("{}", serde_json::to_string_pretty(&list)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn verify(source: &Path, json: bool, threads: usize) -> Result<ExitCode> {
+    let catalog = Catalog::discover(source)?;
+    let report = verify_catalog(&catalog, threads);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for f in &report.findings {
+            let at = f.offset.map_or_else(String::new, |o| format!(" at offset {o}"));
+            let range = f
+                .disk_range
+                .as_ref()
+                .map_or_else(String::new, |r| format!("; disk bytes {}..{}", r.start, r.end));
+            println!(
+                "DAMAGED {}{at}: {}{range}; affects {}",
+                f.file.display(),
+                f.problem,
+                f.points.join(", ")
+            );
+        }
+        let points = catalog.domains.iter().map(|d| d.points.len()).sum::<usize>();
+        let bad: usize = catalog
+            .domains
+            .iter()
+            .flat_map(|d| &d.points)
+            .filter(|p| status_words(&p.status()).0 != "complete")
+            .count();
+        println!(
+            "{} files, {} of data read, {points} restore points ({bad} not complete), {} problems",
+            report.files,
+            human(report.data_bytes),
+            report.findings.len()
+        );
+    }
+    Ok(if report.findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
