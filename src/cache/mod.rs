@@ -11,6 +11,8 @@
 //! while it decodes, so eight readers of one cold 32 MiB frame decode it once; the rest
 //! wait on that entry, not on the whole cache.
 
+mod overlay;
 mod read;
 
+pub use overlay::{DirtyBudget, Overlay, OverlayError, PAGE, Run, SavedMap, Tier};
 pub use read::{BlockKey, CacheStats, ReadCache};

@@ -10,8 +10,8 @@ mod ls;
 mod restore;
 
 use crate::catalog::Catalog;
-use crate::fs::FsConfig;
 use crate::fs::session::{MountOptions, mount};
+use crate::fs::{FsConfig, Writes};
 use crate::restore::{Format, Sparse};
 
 #[derive(Parser, Debug)]
@@ -39,6 +39,19 @@ pub enum Command {
         /// Let other users read the mount (file modes are then enforced).
         #[arg(long)]
         allow_other: bool,
+        /// Make every image read-only (writes fail with EROFS).
+        #[arg(long)]
+        read_only: bool,
+        /// Memory for written data, shared by all images; past it, written data goes to
+        /// overlay files.
+        #[arg(long, default_value = "256M", value_parser = parse_bytes)]
+        dirty_size: u64,
+        /// Where overlay files go: a fresh folder is made in it and removed at unmount.
+        #[arg(long, default_value = "/var/tmp", conflicts_with = "keep_overlay")]
+        overlay_dir: PathBuf,
+        /// Keep written data in DIR across mounts (resume a VM booted from a backup).
+        #[arg(long, value_name = "DIR")]
+        keep_overlay: Option<PathBuf>,
         /// Threads serving requests [default: two per core, at most 16].
         #[arg(long)]
         threads: Option<usize>,
@@ -112,15 +125,44 @@ fn cores() -> usize {
 /// Runs one command; errors are printed with their causes by `main`.
 pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cli.command {
-        Command::Mount { source, mountpoint, cache_size, allow_other, threads } => {
+        Command::Mount {
+            source,
+            mountpoint,
+            cache_size,
+            allow_other,
+            read_only,
+            dirty_size,
+            overlay_dir,
+            keep_overlay,
+            threads,
+        } => {
             let catalog = Catalog::discover(&source)?;
+            // The scratch folder lives until this arm ends, i.e. until unmount.
+            let mut scratch = None;
+            let writes = match (read_only, keep_overlay) {
+                (true, _) => Writes::ReadOnly,
+                (false, Some(dir)) => {
+                    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    Writes::Keep(dir)
+                }
+                (false, None) => {
+                    let dir = tempfile::Builder::new()
+                        .prefix("vmback-overlay-")
+                        .tempdir_in(&overlay_dir)
+                        .map_err(|e| format!("{}: {e}", overlay_dir.display()))?;
+                    let path = dir.path().to_owned();
+                    scratch = Some(dir);
+                    Writes::Scratch(path)
+                }
+            };
             let opts = MountOptions {
                 allow_other,
                 threads: threads.unwrap_or_else(MountOptions::default_threads),
                 fs_name: source.display().to_string(),
-                fs: FsConfig { cache_size: usize::try_from(cache_size)? },
+                fs: FsConfig { cache_size: usize::try_from(cache_size)?, dirty_size, writes },
             };
             mount(&catalog, &mountpoint, &opts)?;
+            drop(scratch);
         }
         Command::Ls { source, json } => {
             let catalog = Catalog::discover(&source)?;

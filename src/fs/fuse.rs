@@ -3,35 +3,42 @@
 //! EIO (damage, I/O) at warn with the whole cause chain, the rest at debug.
 
 use std::ffi::OsStr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::{debug, warn};
 
 use super::{Attr, FsError, ImageFs, Kind, Seek};
 
 /// How long the kernel may cache names and attributes. The tree does not change while
-/// mounted, so a long TTL only saves round trips.
+/// mounted, and every write passes through this process (the kernel updates its cached
+/// pages and sizes on the way), so a long TTL only saves round trips.
 const TTL: Duration = Duration::from_secs(60);
 
 /// Upper bound for the kernel's readahead on an image. 1 MiB matches the largest FUSE
 /// request (256 pages), so a sequential reader gets whole-request reads.
 const MAX_READAHEAD: u32 = 1 << 20;
 
-/// The mount's owner: every node shows this uid and gid.
+/// The core, plus what only the adapter needs.
 pub struct FuseAdapter {
     pub fs: ImageFs,
+    /// The mount's owner: every node shows this uid and gid.
     pub uid: u32,
     pub gid: u32,
+    /// Where overlays are written: `statfs` reports its free space.
+    pub overlay_dir: Option<std::path::PathBuf>,
 }
 
 fn errno(op: &str, err: &FsError) -> Errno {
     let code = err.errno();
-    if code == libc::EIO || matches!(err, FsError::Read(_) | FsError::Io { .. }) {
+    if code == libc::EIO
+        || code == libc::ENOSPC
+        || matches!(err, FsError::Overlay(_) | FsError::Keep(_) | FsError::Io { .. })
+    {
         let mut msg = err.to_string();
         let mut cause = std::error::Error::source(err);
         while let Some(c) = cause {
@@ -170,12 +177,16 @@ impl Filesystem for FuseAdapter {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // close(2) of a kept image saves its overlay, as fsync does.
+        match self.fs.sync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("flush", &e)),
+        }
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
@@ -188,7 +199,92 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        // A read-only view: no free blocks or inodes; 255 is the longest name.
-        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+        // Free space is the overlay folder's (where writes end up); a read-only mount has
+        // none. 255 is the longest name.
+        let free = self.overlay_dir.as_deref().and_then(|d| nix::sys::statvfs::statvfs(d).ok());
+        match free {
+            Some(v) => reply.statfs(
+                v.blocks(),
+                v.blocks_free(),
+                v.blocks_available(),
+                0,
+                0,
+                v.block_size() as u32,
+                255,
+                v.fragment_size() as u32,
+            ),
+            None => reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(ino.0, offset, data) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno("write", &e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        match self.fs.fallocate(ino.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fallocate", &e)),
+        }
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.fs.sync(ino.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno("fsync", &e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.fs.setattr(ino.0, size) {
+            Ok(a) => reply.attr(&TTL, &self.attr(&a)),
+            Err(e) => reply.error(errno("setattr", &e)),
+        }
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.fs.sync_all() {
+            errno("saving kept overlays", &e);
+        }
     }
 }

@@ -12,6 +12,7 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
+use super::image::Identity;
 use crate::catalog::{Catalog, Status};
 use crate::chain::Layer;
 
@@ -45,10 +46,16 @@ pub struct Node {
     pub mtime: SystemTime,
 }
 
+/// An image in the tree: its chain and what it is.
+pub struct ImageSpec {
+    pub layers: Vec<Layer>,
+    pub identity: Identity,
+}
+
 /// The tree, plus the chains of the images in it.
 pub struct Tree {
     pub nodes: Vec<Node>,
-    pub images: Vec<Vec<Layer>>,
+    pub images: Vec<ImageSpec>,
 }
 
 impl Tree {
@@ -74,7 +81,22 @@ impl Tree {
                 let dir = t.add(dom, NodeKind::Dir(Vec::new()), point.date);
                 let mut files = Vec::new();
                 for disk in &point.disks {
-                    t.images.push(disk.layers.clone());
+                    let chain = disk
+                        .layers
+                        .iter()
+                        .map(|l| {
+                            let name =
+                                l.index.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                            (name, l.index.file_len)
+                        })
+                        .collect();
+                    let identity = Identity {
+                        domain: domain.name.clone(),
+                        point: point.name.clone(),
+                        disk: disk.disk.clone(),
+                        chain,
+                    };
+                    t.images.push(ImageSpec { layers: disk.layers.clone(), identity });
                     let img = t.add(dir, NodeKind::Image(t.images.len() - 1), point.date);
                     files.push((format!("{}.raw", disk.disk), img));
                 }

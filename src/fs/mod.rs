@@ -2,24 +2,28 @@
 //! can drive it without the kernel. [`fuse`] is the thin adapter that replies to the
 //! kernel; [`session`] mounts it.
 //!
-//! Everything here is immutable after the mount, except the read cache (its own locks)
-//! and nothing else: images are read-only in this version, so no handle state is kept and
-//! a file handle is just the inode.
+//! The tree and the chain readers are immutable after the mount. The only mutable state
+//! is each image's overlay (its own lock) and the read cache (its own lock). File handles
+//! carry no state: every handle of an image shares the image's one overlay, so two
+//! handles always see the same bytes, and a handle is just the inode.
 
 pub mod fuse;
+pub mod image;
 pub mod inode;
 pub mod session;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use thiserror::Error;
 
-use crate::cache::ReadCache;
+use crate::cache::{DirtyBudget, OverlayError, ReadCache, Run};
 use crate::catalog::Catalog;
-use crate::chain::{ImageReader, ReadError, scan::read_full};
+use crate::chain::{ImageReader, scan::read_full};
+use image::{Image, KeepError, OverlayPlace};
 use inode::Tree;
 pub use inode::{Ino, NodeKind, ROOT};
 
@@ -34,17 +38,23 @@ pub enum FsError {
     IsADirectory,
     #[error("not a symlink")]
     NotALink,
-    #[error("the images are read-only")]
+    #[error("read-only")]
     ReadOnly,
+    #[error("an image's size is fixed")]
+    FixedSize,
     #[error("no data at or after the offset")]
     NoData,
     #[error("unsupported whence {0}")]
     BadWhence(i32),
+    #[error("unsupported fallocate mode {0:#x}")]
+    BadFallocate(i32),
     #[error(transparent)]
-    Read(#[from] ReadError),
+    Overlay(#[from] OverlayError),
+    #[error(transparent)]
+    Keep(#[from] KeepError),
     #[error("reading {path}")]
     Io {
-        path: std::path::PathBuf,
+        path: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -58,9 +68,15 @@ impl FsError {
             FsError::IsADirectory => libc::EISDIR,
             FsError::NotALink => libc::EINVAL,
             FsError::ReadOnly => libc::EROFS,
+            // truncate(2) on an image: like a block device, its size cannot change.
+            FsError::FixedSize => libc::EPERM,
             FsError::NoData => libc::ENXIO,
             FsError::BadWhence(_) => libc::EINVAL,
-            FsError::Read(e) => e.errno(),
+            FsError::BadFallocate(_) => libc::EOPNOTSUPP,
+            FsError::Overlay(e) => e.errno(),
+            FsError::Keep(KeepError::Overlay(e)) => e.errno(),
+            FsError::Keep(KeepError::Io { source, .. }) => source.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Keep(_) => libc::EIO,
             FsError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -95,31 +111,70 @@ pub enum Seek {
     Hole,
 }
 
+/// `fallocate(2)` modes an image accepts.
+pub mod falloc {
+    pub const KEEP_SIZE: i32 = 0x01;
+    pub const PUNCH_HOLE: i32 = 0x02;
+    pub const ZERO_RANGE: i32 = 0x10;
+}
+
+/// Where writes go.
+#[derive(Debug, Clone)]
+pub enum Writes {
+    /// Every image is read-only (EROFS).
+    ReadOnly,
+    /// Overlays in this scratch folder, which the caller deletes at unmount.
+    Scratch(PathBuf),
+    /// Overlays kept in this folder across mounts.
+    Keep(PathBuf),
+}
+
 /// Options of the core (the CLI fills them).
 #[derive(Debug, Clone)]
 pub struct FsConfig {
     /// Bytes of decoded lz4 frames kept in memory.
     pub cache_size: usize,
+    /// Bytes of written pages kept in memory before they go to overlay files.
+    pub dirty_size: u64,
+    pub writes: Writes,
 }
 
 /// See the module note.
 pub struct ImageFs {
     tree: Tree,
-    images: Vec<ImageReader>,
+    images: Vec<Image>,
     cache: Arc<ReadCache>,
+    budget: Arc<DirtyBudget>,
 }
 
 impl ImageFs {
-    pub fn new(catalog: &Catalog, config: &FsConfig) -> ImageFs {
+    pub fn new(catalog: &Catalog, config: &FsConfig) -> Result<ImageFs> {
         let cache = Arc::new(ReadCache::new(config.cache_size));
+        let budget = Arc::new(DirtyBudget::new(config.dirty_size));
         let tree = Tree::build(catalog, SystemTime::now());
-        let images =
-            tree.images.iter().map(|layers| ImageReader::new(layers.clone(), cache.clone())).collect();
-        ImageFs { tree, images, cache }
+        let mut images = Vec::with_capacity(tree.images.len());
+        for (i, spec) in tree.images.iter().enumerate() {
+            let reader = ImageReader::new(spec.layers.clone(), cache.clone());
+            let place = match &config.writes {
+                Writes::ReadOnly => OverlayPlace::None,
+                Writes::Scratch(dir) => OverlayPlace::Scratch(dir.join(format!("{i}.overlay"))),
+                Writes::Keep(dir) => OverlayPlace::Keep(dir),
+            };
+            images.push(Image::new(reader, spec.identity.clone(), place, &budget)?);
+        }
+        Ok(ImageFs { tree, images, cache, budget })
     }
 
     fn node(&self, ino: Ino) -> Result<&inode::Node> {
         self.tree.get(ino).ok_or(FsError::NotFound)
+    }
+
+    fn image(&self, ino: Ino) -> Result<&Image> {
+        match &self.node(ino)?.kind {
+            NodeKind::Image(i) => Ok(&self.images[*i]),
+            NodeKind::Dir(_) => Err(FsError::IsADirectory),
+            _ => Err(FsError::ReadOnly),
+        }
     }
 
     pub fn lookup(&self, parent: Ino, name: &str) -> Result<Attr> {
@@ -140,7 +195,8 @@ impl ImageFs {
             NodeKind::Dir(_) => (Kind::Dir, 0, 0, 0o555),
             NodeKind::Image(i) => {
                 let img = &self.images[*i];
-                (Kind::File, img.size(), img.map().data_bytes().div_ceil(512), 0o444)
+                let perm = if img.writable() { 0o644 } else { 0o444 };
+                (Kind::File, img.size(), img.data_bytes().div_ceil(512), perm)
             }
             NodeKind::Config { size, .. } => (Kind::File, *size, size.div_ceil(512), 0o444),
             NodeKind::Link(target) => (Kind::Link, target.len() as u64, 0, 0o777),
@@ -150,6 +206,19 @@ impl ImageFs {
             }
         };
         Ok(Attr { ino, kind, size, blocks, mtime: node.mtime, perm })
+    }
+
+    /// `setattr`: the size of an image cannot change; other changes (times, modes) are
+    /// accepted and ignored, so `touch` works.
+    pub fn setattr(&self, ino: Ino, size: Option<u64>) -> Result<Attr> {
+        let attr = self.getattr(ino)?;
+        match size {
+            Some(s) if s != attr.size => {
+                self.image(ino)?;
+                Err(FsError::FixedSize)
+            }
+            _ => Ok(attr),
+        }
     }
 
     /// Directory entries after `offset` (0 = from the start): `(ino, next offset, kind, name)`.
@@ -176,6 +245,8 @@ impl ImageFs {
     pub fn open(&self, ino: Ino, write: bool) -> Result<bool> {
         match &self.node(ino)?.kind {
             NodeKind::Dir(_) => Err(FsError::IsADirectory),
+            NodeKind::Image(i) if write && !self.images[*i].writable() => Err(FsError::ReadOnly),
+            NodeKind::Image(_) => Ok(true),
             _ if write => Err(FsError::ReadOnly),
             NodeKind::Stats => Ok(false),
             _ => Ok(true),
@@ -213,6 +284,47 @@ impl ImageFs {
         }
     }
 
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<usize> {
+        Ok(self.image(ino)?.write_at(data, offset).ok_or(FsError::ReadOnly)??)
+    }
+
+    /// `fallocate`: punching a hole or zeroing a range (a guest's discard) makes it read
+    /// as zeros; allocating inside the image is a no-op; nothing may change the size.
+    pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let img = self.image(ino)?;
+        let inside = offset.checked_add(len).is_some_and(|e| e <= img.size());
+        match mode & !falloc::KEEP_SIZE {
+            0 if inside => Ok(()),
+            0 => Err(FsError::FixedSize),
+            falloc::PUNCH_HOLE | falloc::ZERO_RANGE => {
+                Ok(img.punch(offset, len).ok_or(FsError::ReadOnly)??)
+            }
+            _ => Err(FsError::BadFallocate(mode)),
+        }
+    }
+
+    /// `fsync`/`flush`: a kept overlay is written out and its map saved; scratch overlays
+    /// live only as long as the mount, so there is nothing more to make durable.
+    pub fn sync(&self, ino: Ino) -> Result<()> {
+        if let NodeKind::Image(i) = &self.node(ino)?.kind {
+            self.images[*i].sync()?;
+        }
+        Ok(())
+    }
+
+    /// Saves every kept overlay (at unmount). Returns the first error after trying all.
+    pub fn sync_all(&self) -> Result<()> {
+        let mut first = Ok(());
+        for img in &self.images {
+            if let Err(e) = img.sync()
+                && first.is_ok()
+            {
+                first = Err(e.into());
+            }
+        }
+        first
+    }
+
     /// SEEK_DATA / SEEK_HOLE on an image; other files are all data.
     pub fn lseek(&self, ino: Ino, offset: u64, whence: Seek) -> Result<u64> {
         let attr = self.getattr(ino)?;
@@ -221,9 +333,11 @@ impl ImageFs {
         }
         match (&self.node(ino)?.kind, whence) {
             (NodeKind::Image(i), Seek::Data) => {
-                self.images[*i].map().seek_data(offset).ok_or(FsError::NoData)
+                self.images[*i].seek(offset, Run::Data).ok_or(FsError::NoData)
             }
-            (NodeKind::Image(i), Seek::Hole) => Ok(self.images[*i].map().seek_hole(offset)),
+            (NodeKind::Image(i), Seek::Hole) => {
+                Ok(self.images[*i].seek(offset, Run::Hole).unwrap_or(attr.size))
+            }
             (_, Seek::Data) => Ok(offset),
             (_, Seek::Hole) => Ok(attr.size),
         }
@@ -231,6 +345,6 @@ impl ImageFs {
 
     /// The `.stats` file's text.
     pub fn stats(&self) -> String {
-        self.cache.stats.render(&self.cache)
+        format!("{}dirty_bytes {}\n", self.cache.stats.render(&self.cache), self.budget.used())
     }
 }

@@ -10,7 +10,7 @@ use thiserror::Error;
 use tracing::info;
 
 use super::fuse::FuseAdapter;
-use super::{FsConfig, ImageFs};
+use super::{FsConfig, FsError, ImageFs, Writes};
 use crate::catalog::Catalog;
 
 /// Why a mount failed.
@@ -29,6 +29,8 @@ pub enum SessionError {
         #[source]
         source: io::Error,
     },
+    #[error("preparing the images")]
+    Images(#[from] FsError),
     #[error("mounting on {path} failed")]
     Mount {
         path: PathBuf,
@@ -74,10 +76,12 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
     cfg.mount_options = vec![
         MountOption::FSName(opts.fs_name.clone()),
         MountOption::Subtype("vmback".into()),
-        MountOption::RO,
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
+    if matches!(opts.fs.writes, Writes::ReadOnly) {
+        cfg.mount_options.push(MountOption::RO);
+    }
     if opts.allow_other {
         cfg.acl = SessionACL::All;
         cfg.mount_options.push(MountOption::DefaultPermissions);
@@ -91,10 +95,15 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
 /// outside unmount ends the session.
 pub fn mount(catalog: &Catalog, mountpoint: &Path, opts: &MountOptions) -> Result<(), SessionError> {
     check_mountpoint(mountpoint)?;
+    let overlay_dir = match &opts.fs.writes {
+        Writes::ReadOnly => None,
+        Writes::Scratch(d) | Writes::Keep(d) => Some(d.clone()),
+    };
     let adapter = FuseAdapter {
-        fs: ImageFs::new(catalog, &opts.fs),
+        fs: ImageFs::new(catalog, &opts.fs)?,
         uid: nix::unistd::getuid().as_raw(),
         gid: nix::unistd::getgid().as_raw(),
+        overlay_dir,
     };
     // Block the stop signals before any thread exists, so every fuser worker inherits the
     // mask and only the waiter below sees them.

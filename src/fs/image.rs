@@ -1,0 +1,220 @@
+//! One image of the mount: the shared chain reader, plus (unless read-only) its overlay.
+//!
+//! A kept overlay (`--keep-overlay DIR`) lives at `DIR/<domain>/<point>/<disk>.overlay`
+//! with a map `<disk>.overlay.json` beside it. The map records the identity of the
+//! restore point the overlay was written against (domain, point, disk, and each stream
+//! file's name and size); an overlay whose identity does not match is refused, because
+//! its pages would be laid over the wrong disk contents.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::cache::{DirtyBudget, Overlay, OverlayError, Run, SavedMap};
+use crate::chain::ImageReader;
+
+/// Problems with a kept overlay, found when mounting.
+#[derive(Debug, Error)]
+pub enum KeepError {
+    #[error(
+        "{map}: this overlay was written against another restore point ({found}), not {expected}; \
+         use another --keep-overlay folder or remove it"
+    )]
+    Mismatch { map: PathBuf, expected: String, found: String },
+    #[error("{path}: cannot read or write the kept overlay")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: the kept overlay's map is not valid")]
+    BadMap {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
+}
+
+/// What a kept overlay belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub domain: String,
+    pub point: String,
+    pub disk: String,
+    /// `(file name, size)` of each stream file of the chain, oldest first.
+    pub chain: Vec<(String, u64)>,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let files: Vec<&str> = self.chain.iter().map(|(n, _)| n.as_str()).collect();
+        write!(f, "{}/{}/{} from {}", self.domain, self.point, self.disk, files.join(" + "))
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct MapFile {
+    identity: Identity,
+    map: SavedMap,
+}
+
+/// Where a kept overlay's map is saved.
+struct Kept {
+    map_path: PathBuf,
+    identity: Identity,
+}
+
+/// See the module note.
+pub struct Image {
+    pub reader: ImageReader,
+    overlay: Option<Overlay>,
+    kept: Option<Kept>,
+}
+
+/// Where an image's overlay goes.
+pub enum OverlayPlace<'a> {
+    /// Read-only image.
+    None,
+    /// A file in the mount's scratch folder, deleted at unmount.
+    Scratch(PathBuf),
+    /// Kept across mounts under this folder.
+    Keep(&'a Path),
+}
+
+impl Image {
+    pub fn new(
+        reader: ImageReader,
+        identity: Identity,
+        place: OverlayPlace<'_>,
+        budget: &Arc<DirtyBudget>,
+    ) -> Result<Image, KeepError> {
+        let size = reader.size();
+        let (overlay, kept) = match place {
+            OverlayPlace::None => (None, None),
+            OverlayPlace::Scratch(path) => (Some(Overlay::new(size, path, budget.clone())), None),
+            OverlayPlace::Keep(dir) => {
+                let folder = dir.join(&identity.domain).join(&identity.point);
+                std::fs::create_dir_all(&folder)
+                    .map_err(|source| KeepError::Io { path: folder.clone(), source })?;
+                let data = folder.join(format!("{}.overlay", identity.disk));
+                let map_path = folder.join(format!("{}.overlay.json", identity.disk));
+                let overlay = match std::fs::read(&map_path) {
+                    Ok(bytes) => {
+                        let saved: MapFile = serde_json::from_slice(&bytes)
+                            .map_err(|source| KeepError::BadMap { path: map_path.clone(), source })?;
+                        if saved.identity != identity || saved.map.size != size {
+                            return Err(KeepError::Mismatch {
+                                map: map_path,
+                                expected: identity.to_string(),
+                                found: saved.identity.to_string(),
+                            });
+                        }
+                        Overlay::load(&saved.map, data, budget.clone())?
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Overlay::new(size, data, budget.clone())
+                    }
+                    Err(source) => return Err(KeepError::Io { path: map_path, source }),
+                };
+                (Some(overlay), Some(Kept { map_path, identity }))
+            }
+        };
+        Ok(Image { reader, overlay, kept })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.reader.size()
+    }
+
+    pub fn writable(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, OverlayError> {
+        match &self.overlay {
+            Some(o) => o.read_at(&self.reader, buf, off),
+            None => Ok(self.reader.read_at(buf, off)?),
+        }
+    }
+
+    /// Writes through the overlay; `None` for a read-only image.
+    pub fn write_at(&self, data: &[u8], off: u64) -> Option<Result<usize, OverlayError>> {
+        self.overlay.as_ref().map(|o| o.write_at(&self.reader, data, off))
+    }
+
+    /// Zeroes a range; `None` for a read-only image.
+    pub fn punch(&self, off: u64, len: u64) -> Option<Result<(), OverlayError>> {
+        self.overlay.as_ref().map(|o| o.punch(&self.reader, off, len))
+    }
+
+    /// The data-or-hole run containing `pos` and its end.
+    pub fn run_at(&self, pos: u64) -> (Run, u64) {
+        match &self.overlay {
+            Some(o) => o.run_at(&self.reader, pos),
+            None => {
+                let piece = self.reader.map().pieces(pos..pos + 1).first().copied();
+                match piece {
+                    Some(p) if p.src.is_data() => (Run::Data, p.end),
+                    Some(p) => (Run::Hole, p.end),
+                    None => (Run::Hole, self.size()),
+                }
+            }
+        }
+    }
+
+    /// The first offset at or after `pos` in a run of kind `want`, if any before the end.
+    pub fn seek(&self, mut pos: u64, want: Run) -> Option<u64> {
+        while pos < self.size() {
+            let (run, end) = self.run_at(pos);
+            if run == want {
+                return Some(pos);
+            }
+            pos = end;
+        }
+        None
+    }
+
+    /// Bytes in data runs: what `du` shows.
+    pub fn data_bytes(&self) -> u64 {
+        match &self.overlay {
+            Some(o) if !o.is_empty() => {
+                let (mut pos, mut total) = (0, 0);
+                while pos < self.size() {
+                    let (run, end) = o.run_at(&self.reader, pos);
+                    if run == Run::Data {
+                        total += end - pos;
+                    }
+                    pos = end;
+                }
+                total
+            }
+            _ => self.reader.map().data_bytes(),
+        }
+    }
+
+    /// For a kept overlay: writes dirty pages to its file, syncs it and saves the map
+    /// (atomically: a temporary file renamed over the old map).
+    pub fn sync(&self) -> Result<(), KeepError> {
+        let (Some(o), Some(k)) = (&self.overlay, &self.kept) else { return Ok(()) };
+        let map = o.persist()?;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| KeepError::Io { path, source }
+        };
+        let tmp = k.map_path.with_extension("json.tmp");
+        let bytes =
+            serde_json::to_vec(&MapFile { identity: k.identity.clone(), map }).expect("in-memory JSON");
+        let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        std::io::Write::write_all(&mut &file, &bytes).map_err(io(&tmp))?;
+        file.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &k.map_path).map_err(io(&k.map_path))?;
+        if let Some(dir) = k.map_path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        }
+        Ok(())
+    }
+}
