@@ -163,7 +163,10 @@ impl Catalog {
                     cat.warn(format!("{}: not a data file name vmback knows; skipped", path.display()));
                     continue;
                 };
-                let index = StreamIndex::open(&path, &name.disk);
+                let index = match name.level {
+                    naming::Level::Full | naming::Level::Copy => StreamIndex::open(&path, &name.disk),
+                    naming::Level::Inc(_) | naming::Level::Diff(_) => StreamIndex::open_stream(&path),
+                };
                 let date = stream_date(index.as_ref().ok(), &path);
                 let index = match index {
                     Ok(i) => {

@@ -59,6 +59,12 @@ pub fn frame_head(path: &Path, file: &File, offset: u64) -> Result<FrameHead, Sc
 /// `payload`, by walking the frame structure. Needs frames with a content size (every
 /// writer of this format sets it).
 pub fn walk(path: &Path, file: &File, payload: u64, len: u64) -> Result<Vec<Lz4Frame>, ScanError> {
+    let file_len = file
+        .metadata()
+        .map_err(|source| ScanError::Io { path: path.to_owned(), offset: payload, source })?
+        .len();
+    let past_end =
+        |at: u64| (at > file_len).then(|| ScanError::Truncated { path: path.to_owned(), offset: file_len });
     let mut frames = Vec::new();
     let (mut pos, mut extent_off) = (payload, 0u64);
     while extent_off < len || frames.is_empty() {
@@ -81,9 +87,15 @@ pub fn walk(path: &Path, file: &File, payload: u64, len: u64) -> Result<Vec<Lz4F
                 return Err(ScanError::invalid(path, at - 4, format!("lz4 block of {block} bytes")));
             }
             at += block + if head.flags & FLG_BLOCK_CHECKSUM != 0 { 4 } else { 0 };
+            if let Some(e) = past_end(at) {
+                return Err(e);
+            }
         }
         if head.flags & FLG_CONTENT_CHECKSUM != 0 {
             at += 4;
+        }
+        if let Some(e) = past_end(at) {
+            return Err(e);
         }
         frames.push(Lz4Frame { file_off: pos, comp_len: at - pos, extent_off, len: size });
         extent_off += size;

@@ -154,16 +154,28 @@ impl StreamIndex {
 
     /// Opens `path` read-only and indexes it. `raw_meta` names the disk of a raw image,
     /// which has no metadata of its own.
+    /// A full or copy backup may be a raw image (`-t raw`, raw-format disks).
     pub fn open(path: &Path, raw_disk: &str) -> Result<StreamIndex, ScanError> {
+        Self::open_as(path, Some(raw_disk))
+    }
+
+    /// Opens a file that must be a stream (incrementals and differentials are never raw,
+    /// so a damaged first header must not turn one into a raw image).
+    pub fn open_stream(path: &Path) -> Result<StreamIndex, ScanError> {
+        Self::open_as(path, None)
+    }
+
+    fn open_as(path: &Path, raw_disk: Option<&str>) -> Result<StreamIndex, ScanError> {
         let io_err = |offset| move |source| ScanError::Io { path: path.to_owned(), offset, source };
         let file = File::open(path).map_err(io_err(0))?;
         let file_len = file.metadata().map_err(io_err(0))?.len();
         let mut magic = [0u8; 5];
         let n = read_full(&file, &mut magic, 0).map_err(io_err(0))?;
-        if n == magic.len() && &magic == b"meta " {
-            scan_stream(path.to_owned(), file, file_len)
-        } else {
-            scan_raw(path.to_owned(), file, file_len, raw_disk)
+        match raw_disk {
+            Some(disk) if n < magic.len() || &magic != b"meta " => {
+                scan_raw(path.to_owned(), file, file_len, disk)
+            }
+            _ => scan_stream(path.to_owned(), file, file_len),
         }
     }
 }
@@ -286,7 +298,25 @@ fn scan_stream(path: PathBuf, file: File, file_len: u64) -> Result<StreamIndex, 
             Err(e) => (Payloads::Walk, Some(e)),
         },
     };
-    if let Err(error) = walk_frames(&mut index, body + 2, &payloads) {
+    let mut result = walk_frames(&mut index, body + 2, &payloads);
+    if let (Err(_), Payloads::Trailer { .. }) = (&result, &payloads) {
+        // A trailer that parses but does not fit the frames: walking the lz4 frames may
+        // still find all of them. Keep whichever reading gets further.
+        let with_trailer = std::mem::take(&mut index.extents);
+        let walked = walk_frames(&mut index, body + 2, &Payloads::Walk);
+        let reach = |e: &[StoredExtent]| e.last().map_or(0, StoredExtent::end);
+        if walked.is_ok() || reach(&index.extents) > reach(&with_trailer) {
+            let trailer_error = std::mem::replace(&mut result, walked).err();
+            if result.is_ok() {
+                let error = trailer_error.expect("the trailer walk failed");
+                index.damage = Some(Damage { from: index.meta.virtual_size, error });
+                return Ok(index);
+            }
+        } else {
+            index.extents = with_trailer;
+        }
+    }
+    if let Err(error) = result {
         let from = index.extents.last().map_or(0, StoredExtent::end);
         index.damage = Some(Damage { from, error });
     } else if let Some(error) = trailer_error {
@@ -344,6 +374,8 @@ fn walk_frames(index: &mut StreamIndex, mut pos: u64, payloads: &Payloads) -> Re
     let vsize = index.meta.virtual_size;
     let mut data_total = 0u64;
     let mut data_frames = 0usize;
+    // End of the previous frame, zero-length ones included: frames must not go backwards.
+    let mut last_end = 0u64;
     loop {
         let h = read_header(&path, &index.file, pos)?;
         let at = pos;
@@ -366,9 +398,7 @@ fn walk_frames(index: &mut StreamIndex, mut pos: u64, payloads: &Payloads) -> Re
                 format!("extent {}+{} runs past the virtual size {vsize}", h.start, h.length),
             )
         })?;
-        if let Some(prev) = index.extents.last()
-            && h.start < prev.end()
-        {
+        if h.start < last_end {
             return Err(ScanError::invalid(
                 &path,
                 at,
@@ -414,6 +444,7 @@ fn walk_frames(index: &mut StreamIndex, mut pos: u64, payloads: &Payloads) -> Re
             pos += 2;
             stored
         };
+        last_end = end;
         if h.length > 0 {
             index.extents.push(StoredExtent { start: h.start, len: end - h.start, stored });
         }

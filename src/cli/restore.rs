@@ -137,7 +137,7 @@ fn from_sequence(input: &Path, files: &[PathBuf]) -> Result<(Vec<Job>, Option<Pa
             return Err(format!("{name}: a sequence starts with a full or copy backup").into());
         }
         let disk = name.split('.').next().unwrap_or_default().to_owned();
-        let index = StreamIndex::open(&path, &disk)?;
+        let index = if i == 0 { StreamIndex::open(&path, &disk)? } else { StreamIndex::open_stream(&path)? };
         if let Some(d) = &index.damage {
             return Err(format!("damaged: {}", d.error).into());
         }
