@@ -60,8 +60,8 @@ pub struct ReadCache {
 }
 
 impl ReadCache {
-    /// A cache holding at most `limit` bytes of decoded data (plus the frames being
-    /// decoded right now, which are not yet counted).
+    /// A cache holding at most `limit` bytes of decoded data, or its newest entry when
+    /// that alone is larger.
     pub fn new(limit: usize) -> ReadCache {
         ReadCache {
             lru: Mutex::new(Lru { map: LruCache::unbounded(), bytes: 0 }),
@@ -91,14 +91,15 @@ impl ReadCache {
             } else {
                 self.stats.misses.fetch_add(1, Ordering::Relaxed);
                 let slot = Arc::new(Slot::default());
-                if size <= self.limit {
-                    lru.map.put(key, (slot.clone(), size));
-                    lru.bytes += size;
-                    while lru.bytes > self.limit {
-                        match lru.map.pop_lru() {
-                            Some((_, (_, evicted))) => lru.bytes -= evicted,
-                            None => break,
-                        }
+                lru.map.put(key, (slot.clone(), size));
+                lru.bytes += size;
+                // The newest entry always stays, even when it alone exceeds the limit: a
+                // cache smaller than one lz4 frame would otherwise decode the whole frame
+                // again for every request inside it.
+                while lru.bytes > self.limit && lru.map.len() > 1 {
+                    match lru.map.pop_lru() {
+                        Some((_, (_, evicted))) => lru.bytes -= evicted,
+                        None => break,
                     }
                 }
                 slot
@@ -193,9 +194,12 @@ mod tests {
     }
 
     #[test]
-    fn oversized_entries_are_returned_but_not_kept() {
+    fn the_newest_entry_stays_even_when_larger_than_the_limit() {
         let c = ReadCache::new(10);
         assert_eq!(c.get_or_load::<()>(key(1), 100, || Ok(vec![1; 100])).unwrap().len(), 100);
-        assert_eq!(c.usage(), (0, 0));
+        assert_eq!(c.usage(), (1, 100));
+        c.get_or_load::<()>(key(1), 100, || panic!("cached")).unwrap();
+        c.get_or_load::<()>(key(2), 100, || Ok(vec![2; 100])).unwrap();
+        assert_eq!(c.usage(), (1, 100));
     }
 }

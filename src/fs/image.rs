@@ -15,6 +15,12 @@ use thiserror::Error;
 use crate::cache::{DirtyBudget, Overlay, OverlayError, Run, SavedMap};
 use crate::chain::ImageReader;
 
+/// The unit of SEEK_DATA / SEEK_HOLE answers. Tools such as `qemu-img convert` copy whole
+/// 512-byte sectors between the offsets lseek gives them, so an extent edge inside a
+/// sector (the format allows any byte offset) must not be reported as one: the data of
+/// the partial sector would be dropped.
+const SECTOR: u64 = 512;
+
 /// Problems with a kept overlay, found when mounting.
 #[derive(Debug, Error)]
 pub enum KeepError {
@@ -167,7 +173,7 @@ impl Image {
     }
 
     /// The first offset at or after `pos` in a run of kind `want`, if any before the end.
-    pub fn seek(&self, mut pos: u64, want: Run) -> Option<u64> {
+    fn next_run(&self, mut pos: u64, want: Run) -> Option<u64> {
         while pos < self.size() {
             let (run, end) = self.run_at(pos);
             if run == want {
@@ -176,6 +182,41 @@ impl Image {
             pos = end;
         }
         None
+    }
+
+    /// Whether `[from, to)` holds no data.
+    fn all_hole(&self, from: u64, to: u64) -> bool {
+        self.next_run(from, Run::Data).is_none_or(|d| d >= to)
+    }
+
+    /// SEEK_DATA. Answers are in whole sectors: a sector with any data counts as data.
+    pub fn seek_data(&self, pos: u64) -> Option<u64> {
+        let sector = pos / SECTOR * SECTOR;
+        if pos < self.size() && !self.all_hole(sector, (sector + SECTOR).min(self.size())) {
+            return Some(pos);
+        }
+        self.next_run(pos, Run::Data).map(|d| (d / SECTOR * SECTOR).max(pos))
+    }
+
+    /// SEEK_HOLE, in whole sectors like [`Image::seek_data`]; the end counts as a hole.
+    pub fn seek_hole(&self, pos: u64) -> u64 {
+        let size = self.size();
+        let mut from = pos;
+        loop {
+            let Some(h) = self.next_run(from, Run::Hole) else { return size };
+            let sector = h / SECTOR * SECTOR;
+            if self.all_hole(sector, (sector + SECTOR).min(size)) {
+                return h;
+            }
+            let next = sector + SECTOR;
+            if next >= size {
+                return size;
+            }
+            if self.all_hole(next, (next + SECTOR).min(size)) {
+                return next;
+            }
+            from = next;
+        }
     }
 
     /// Bytes in data runs: what `du` shows.

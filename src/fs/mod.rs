@@ -20,7 +20,7 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
-use crate::cache::{DirtyBudget, OverlayError, ReadCache, Run};
+use crate::cache::{DirtyBudget, OverlayError, ReadCache};
 use crate::catalog::Catalog;
 use crate::chain::{ImageReader, scan::read_full};
 use image::{Image, KeepError, OverlayPlace};
@@ -332,12 +332,8 @@ impl ImageFs {
             return Err(FsError::NoData);
         }
         match (&self.node(ino)?.kind, whence) {
-            (NodeKind::Image(i), Seek::Data) => {
-                self.images[*i].seek(offset, Run::Data).ok_or(FsError::NoData)
-            }
-            (NodeKind::Image(i), Seek::Hole) => {
-                Ok(self.images[*i].seek(offset, Run::Hole).unwrap_or(attr.size))
-            }
+            (NodeKind::Image(i), Seek::Data) => self.images[*i].seek_data(offset).ok_or(FsError::NoData),
+            (NodeKind::Image(i), Seek::Hole) => Ok(self.images[*i].seek_hole(offset)),
             (_, Seek::Data) => Ok(offset),
             (_, Seek::Hole) => Ok(attr.size),
         }

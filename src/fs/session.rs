@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
 use thiserror::Error;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::fuse::FuseAdapter;
 use super::{FsConfig, FsError, ImageFs, Writes};
@@ -91,6 +91,23 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
     cfg
 }
 
+/// Unmounts `path`: directly as root, through `fusermount3 -u` otherwise (what an
+/// unprivileged FUSE mount needs). A busy mount gives EBUSY.
+fn unmount(path: &Path) -> io::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        return nix::mount::umount(path).map_err(io::Error::from);
+    }
+    let out = std::process::Command::new("fusermount3").arg("-u").arg(path).output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let msg = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+    if msg.contains("busy") {
+        return Err(io::Error::from_raw_os_error(libc::EBUSY));
+    }
+    Err(io::Error::other(msg))
+}
+
 /// Mounts `catalog` on `mountpoint` and serves it in the foreground until a signal or an
 /// outside unmount ends the session.
 pub fn mount(catalog: &Catalog, mountpoint: &Path, opts: &MountOptions) -> Result<(), SessionError> {
@@ -113,14 +130,21 @@ pub fn mount(catalog: &Catalog, mountpoint: &Path, opts: &MountOptions) -> Resul
     }
     stop.thread_block().map_err(|e| SessionError::Mount { path: mountpoint.to_owned(), source: e.into() })?;
     let mount_err = |source| SessionError::Mount { path: mountpoint.to_owned(), source };
-    let mut session = fuser::Session::new(adapter, mountpoint, &fuser_config(opts)).map_err(mount_err)?;
-    let mut unmounter = session.unmount_callable();
-    let shown = mountpoint.display().to_string();
+    let session = fuser::Session::new(adapter, mountpoint, &fuser_config(opts)).map_err(mount_err)?;
+    let path = mountpoint.to_owned();
     std::thread::spawn(move || {
-        if let Ok(sig) = stop.wait() {
+        while let Ok(sig) = stop.wait() {
+            let shown = path.display();
             info!("{sig}: unmounting {shown}");
-            if let Err(e) = unmounter.unmount() {
-                tracing::error!("unmounting {shown}: {e}");
+            match unmount(&path) {
+                Ok(()) => break,
+                // Someone still uses the mount (a VM with an image open, a shell inside):
+                // pulling it away would fail their I/O, so stay mounted and say so.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => warn!(
+                    "{shown} is busy: a process has a file open there or works inside it; \
+                     close it and send {sig} again, or detach it now with `fusermount3 -uz {shown}`"
+                ),
+                Err(e) => tracing::error!("unmounting {shown}: {e}"),
             }
         }
     });

@@ -6,8 +6,8 @@
 //! every payload read back through the same reader the mount uses (so every lz4 block and
 //! content checksum is checked), and the `.chksum` Adler-32 sidecar of newer upstream
 //! versions where one exists. Per restore point: the chain links (a broken chain is a
-//! finding too). Decoded data is not kept (a zero-byte cache), so memory stays bounded by
-//! one lz4 frame per thread.
+//! finding too). The cache has no budget (it keeps only its newest frame), so memory stays
+//! bounded by about one lz4 frame per thread.
 
 use std::collections::BTreeMap;
 use std::io::Read;
