@@ -2,8 +2,9 @@
 //!
 //! The library behind the `vmback` binary; see README.md for the commands.
 #![deny(clippy::undocumented_unsafe_blocks)]
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod backup;
 pub mod cache;
 pub mod catalog;
 pub mod chain;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod backup;
 mod ls;
 mod restore;
 
@@ -62,6 +63,51 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Back up a libvirt domain in virtnbdbackup's format (full, inc, diff, copy).
+    Backup {
+        /// The domain to back up.
+        #[arg(short = 'd', long = "domain")]
+        domain: String,
+        /// Backup level: auto is full into an empty folder, else inc.
+        #[arg(short = 'l', long = "level", value_enum, default_value = "copy")]
+        level: crate::backup::Level,
+        /// Output folder (one chain per folder).
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// lz4-compress the data (optionally with a level, as upstream's -z).
+        #[arg(short = 'z', long = "compress", num_args = 0..=1, default_missing_value = "2", require_equals = true)]
+        compress: Option<u32>,
+        /// Disks to leave out (comma-separated target names, e.g. vdb,vdc).
+        #[arg(short = 'x', long = "exclude", value_delimiter = ',')]
+        exclude: Vec<String>,
+        /// Back up only these disks.
+        #[arg(short = 'i', long = "include", value_delimiter = ',')]
+        include: Vec<String>,
+        /// libvirt connection URI.
+        #[arg(short = 'U', long = "uri", default_value = "qemu:///system")]
+        uri: String,
+        /// Disks backed up in parallel.
+        #[arg(short = 'w', long = "worker")]
+        worker: Option<usize>,
+        /// Skip an inc/diff that would save fewer bytes than this.
+        #[arg(long, value_parser = parse_bytes)]
+        threshold: Option<u64>,
+        /// Print how much a backup would save, and exit.
+        #[arg(short = 'p', long = "printonly")]
+        print_only: bool,
+        /// Output type: stream (default) or raw images (full and copy only).
+        #[arg(short = 't', long = "type", default_value = "stream", value_parser = ["stream", "raw"])]
+        output_type: String,
+        /// Include raw-format disks (saved as raw images in full and copy backups).
+        #[arg(long)]
+        raw: bool,
+        /// Where checkpoint XML files are kept [default: OUTPUT/checkpoints].
+        #[arg(short = 'C', long = "checkpointdir")]
+        checkpoint_dir: Option<PathBuf>,
+        /// Folder for the NBD socket and libvirt's scratch files.
+        #[arg(long = "scratchdir", default_value = "/var/tmp")]
+        scratch_dir: PathBuf,
     },
     /// Rebuild disk images from a backup set: every disk at the newest restore point, or at
     /// --until POINT. `-o dump` prints the stream metadata instead.
@@ -171,6 +217,40 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             } else {
                 print!("{}", ls::ls_text(&catalog));
             }
+        }
+        Command::Backup {
+            domain,
+            level,
+            output,
+            compress,
+            exclude,
+            include,
+            uri,
+            worker,
+            threshold,
+            print_only,
+            output_type,
+            raw,
+            checkpoint_dir,
+            scratch_dir,
+        } => {
+            let opts = crate::backup::BackupOptions {
+                workers: worker.unwrap_or_else(cores),
+                domain,
+                level,
+                output,
+                compress,
+                exclude,
+                include,
+                uri,
+                threshold,
+                print_only,
+                raw_output: output_type == "raw",
+                raw_disks: raw,
+                checkpoint_dir,
+                scratch_dir,
+            };
+            return backup::backup(&opts);
         }
         Command::Restore { input, output, until, disk, sequence, format, sparse, domain, threads } => {
             if output.as_os_str() == "dump" {

@@ -1,0 +1,189 @@
+//! Backing up one disk: ask the NBD server which extents to save, then stream them into
+//! a `.partial` file in the stream format (or a sparse raw image), sync, rename, and write
+//! the `.chksum` sidecar.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use super::nbd::{Nbd, NbdError};
+use crate::chain::{MAX_REQUEST, StreamMeta, StreamWriter};
+
+/// Why one disk's backup failed.
+#[derive(Debug, Error)]
+pub enum DiskError {
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+    #[error("{path}: write failed")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("NBD server answered block status at {0} with no extents")]
+    NoExtents(u64),
+}
+
+/// Largest block-status request: the NBD protocol counts in 32 bits; 1 GiB keeps each
+/// answer small and aligned whatever the server's block size.
+const STATUS_CHUNK: u64 = 1 << 30;
+
+/// Buffer between the stream writer and the file: large writes, few syscalls.
+const WRITE_BUFFER: usize = 4 << 20;
+
+/// What a backup of one disk saves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extents {
+    /// `base:allocation`: every extent, as data or zero frames (full, copy).
+    Allocation,
+    /// A dirty bitmap: only the dirty extents, as data frames (inc, diff).
+    Dirty,
+}
+
+/// One extent to save: `(start, len, is_data)`.
+pub type Extent = (u64, u64, bool);
+
+/// The extents of the whole export, merged where neighbours are of the same kind.
+pub fn query_extents(nbd: &mut Nbd, size: u64, kind: Extents) -> Result<Vec<Extent>, DiskError> {
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let entries = nbd.block_status((size - pos).min(STATUS_CHUNK), pos)?;
+        if entries.is_empty() {
+            return Err(DiskError::NoExtents(pos));
+        }
+        for (len, flags) in entries {
+            let len = len.min(size - pos);
+            if len == 0 {
+                break;
+            }
+            // base:allocation: bit 0 is "hole"; an allocated range that reads as zeros is
+            // still saved as data, as upstream does (§5.3). Dirty bitmaps: bit 0 is "dirty".
+            let data = match kind {
+                Extents::Allocation => flags & 1 == 0,
+                Extents::Dirty => flags & 1 == 1,
+            };
+            match out.last_mut() {
+                Some(last) if last.2 == data && last.0 + last.1 == pos => last.1 += len,
+                _ => out.push((pos, len, data)),
+            }
+            pos += len;
+        }
+    }
+    if kind == Extents::Dirty {
+        out.retain(|e| e.2);
+    }
+    Ok(out)
+}
+
+/// Adler-32 of everything written, for the `.chksum` sidecar.
+struct Checksummed<W> {
+    inner: W,
+    adler: adler2::Adler32,
+}
+
+impl<W: Write> Write for Checksummed<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.adler.write_slice(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `NAME.partial` beside `NAME`.
+pub fn partial_of(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".partial");
+    PathBuf::from(p)
+}
+
+/// Writes one stream file at `target` from `extents`, read through `nbd`. `meta` gets
+/// its `dataSize` here. `done(bytes)` reports progress.
+pub fn write_stream(
+    nbd: &mut Nbd,
+    extents: &[Extent],
+    mut meta: StreamMeta,
+    target: &Path,
+    done: &dyn Fn(u64),
+) -> Result<u64, DiskError> {
+    meta.data_size = extents.iter().filter(|e| e.2).map(|e| e.1).sum();
+    let partial = partial_of(target);
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DiskError::Io { path, source }
+    };
+    let file = File::create(&partial).map_err(io(&partial))?;
+    let out =
+        Checksummed { inner: BufWriter::with_capacity(WRITE_BUFFER, file), adler: adler2::Adler32::new() };
+    let max_request = nbd.max_request().unwrap_or(MAX_REQUEST).min(MAX_REQUEST);
+    let mut w = StreamWriter::new(out, &meta, max_request).map_err(io(&partial))?;
+    let mut nbd_err = None;
+    for &(start, len, data) in extents {
+        if data {
+            let r = w.data_from(start, len, |off, buf| {
+                nbd.pread(buf, start + off).map_err(|e| {
+                    let io = std::io::Error::other(e.to_string());
+                    nbd_err = Some(e);
+                    io
+                })
+            });
+            if let Err(e) = r {
+                return Err(nbd_err.take().map_or_else(|| io(&partial)(e), DiskError::Nbd));
+            }
+        } else if meta.incremental {
+            continue;
+        } else {
+            w.zero(start, len).map_err(io(&partial))?;
+        }
+        done(len);
+    }
+    let out = w.finish().map_err(io(&partial))?;
+    let checksum = out.adler.checksum();
+    let file = out.inner.into_inner().map_err(|e| io(&partial)(e.into_error()))?;
+    file.sync_all().map_err(io(&partial))?;
+    drop(file);
+    std::fs::rename(&partial, target).map_err(io(target))?;
+    let mut side = target.as_os_str().to_owned();
+    side.push(".chksum");
+    std::fs::write(&side, checksum.to_string()).map_err(io(Path::new(&side)))?;
+    Ok(meta.data_size)
+}
+
+/// Writes a sparse raw image at `target` (`-t raw`, raw-format disks with `--raw`).
+pub fn write_raw(
+    nbd: &mut Nbd,
+    extents: &[Extent],
+    size: u64,
+    target: &Path,
+    done: &dyn Fn(u64),
+) -> Result<u64, DiskError> {
+    use std::os::unix::fs::FileExt;
+    let partial = partial_of(target);
+    let io = |source| DiskError::Io { path: partial.clone(), source };
+    let file = File::create(&partial).map_err(io)?;
+    file.set_len(size).map_err(io)?;
+    let max_request = nbd.max_request().unwrap_or(MAX_REQUEST).min(MAX_REQUEST);
+    let mut buf = vec![0u8; max_request as usize];
+    let mut saved = 0;
+    for &(start, len, data) in extents.iter() {
+        if data {
+            let mut off = 0;
+            while off < len {
+                let chunk = &mut buf[..(len - off).min(max_request) as usize];
+                nbd.pread(chunk, start + off)?;
+                file.write_all_at(chunk, start + off).map_err(io)?;
+                off += chunk.len() as u64;
+            }
+            saved += len;
+        }
+        done(len);
+    }
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&partial, target).map_err(|source| DiskError::Io { path: target.to_owned(), source })?;
+    Ok(saved)
+}
