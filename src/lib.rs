@@ -12,3 +12,15 @@ pub mod cli;
 pub mod fs;
 pub mod restore;
 pub mod sample;
+
+/// An error with its causes on one line (`what: why: deeper why`), for logs and the
+/// command line; `std::error::Report` does this but is not stable yet.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        msg.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    msg
+}

@@ -15,13 +15,7 @@ fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(err) => {
-            let mut msg = format!("vmback: {err}");
-            let mut cause = err.source();
-            while let Some(c) = cause {
-                msg.push_str(&format!(": {c}"));
-                cause = c.source();
-            }
-            eprintln!("{msg}");
+            eprintln!("vmback: {}", vmback::error_chain(&*err));
             ExitCode::FAILURE
         }
     }

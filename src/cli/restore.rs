@@ -84,13 +84,7 @@ pub fn restore(input: &Path, output: &Path, what: &What, opts: &RestoreOptions) 
             }
             Err(e) => {
                 bar.abandon();
-                let mut msg = format!("{}: restore failed: {e}", job.disk);
-                let mut cause = std::error::Error::source(&e);
-                while let Some(c) = cause {
-                    msg.push_str(&format!(": {c}"));
-                    cause = c.source();
-                }
-                eprintln!("{msg}");
+                eprintln!("{}: restore failed: {}", job.disk, crate::error_chain(&e));
                 failed += 1;
             }
         }

@@ -39,13 +39,7 @@ fn errno(op: &str, err: &FsError) -> Errno {
         || code == libc::ENOSPC
         || matches!(err, FsError::Overlay(_) | FsError::Keep(_) | FsError::Io { .. })
     {
-        let mut msg = err.to_string();
-        let mut cause = std::error::Error::source(err);
-        while let Some(c) = cause {
-            msg.push_str(&format!(": {c}"));
-            cause = c.source();
-        }
-        warn!("{op}: {msg}");
+        warn!("{op}: {}", crate::error_chain(err));
     } else {
         debug!("{op}: {err}");
     }

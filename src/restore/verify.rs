@@ -126,13 +126,7 @@ fn verify_file(layer: &Layer, points: &[String]) -> (Vec<Finding>, u64) {
                 Ok(_) => read += r.end - r.start,
                 Err(e) => {
                     let (_, offset) = e.location();
-                    let mut problem = e.to_string();
-                    let mut cause = std::error::Error::source(&e);
-                    while let Some(c) = cause {
-                        problem.push_str(&format!(": {c}"));
-                        cause = c.source();
-                    }
-                    out.push(finding(offset, problem, Some(r)));
+                    out.push(finding(offset, crate::error_chain(&e), Some(r)));
                 }
             }
         }
