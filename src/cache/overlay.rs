@@ -108,6 +108,9 @@ pub struct Overlay {
     opening: Mutex<()>,
     state: RwLock<State>,
     budget: std::sync::Arc<DirtyBudget>,
+    /// Bumped by every write and punch: lets callers cache what they derive from the
+    /// state (the thin size) and skip saving an unchanged kept overlay.
+    version: AtomicU64,
 }
 
 /// The saved map of a kept overlay: which page ranges are in the file or zeroed.
@@ -128,6 +131,7 @@ impl Overlay {
             opening: Mutex::new(()),
             state: RwLock::new(State::default()),
             budget,
+            version: AtomicU64::new(0),
         }
     }
 
@@ -189,9 +193,15 @@ impl Overlay {
             let out = &mut buf[(pos - off) as usize..(stop - off) as usize];
             match src {
                 Src::Mem => {
-                    let p = &st.mem[&page];
-                    let at = (pos - page * PAGE) as usize;
-                    out.copy_from_slice(&p[at..at + out.len()]);
+                    let mut at = pos;
+                    while at < stop {
+                        let p = &st.mem[&(at / PAGE)];
+                        let from = (at % PAGE) as usize;
+                        let n = ((stop - at) as usize).min(PAGE as usize - from);
+                        let o = (at - pos) as usize;
+                        out[o..o + n].copy_from_slice(&p[from..from + n]);
+                        at += n as u64;
+                    }
                 }
                 Src::File => self.with_file(|f| f.read_exact_at(out, pos))?,
                 Src::Zero => out.fill(0),
@@ -208,7 +218,15 @@ impl Overlay {
     /// elsewhere (runs of mem pages stop at each page; the others stop at the next change).
     fn source_at(&self, st: &State, page: u64) -> (Src, u64) {
         if st.mem.contains_key(&page) {
-            return (Src::Mem, page + 1);
+            // A run of consecutive dirty pages reads as one piece.
+            let mut end = page + 1;
+            for (&p, _) in st.mem.range(page + 1..) {
+                if p != end {
+                    break;
+                }
+                end += 1;
+            }
+            return (Src::Mem, end);
         }
         let next_mem = st.mem.range(page..).next().map_or(u64::MAX, |(&p, _)| p);
         match st.spilled.get_key_value(&page) {
@@ -226,11 +244,15 @@ impl Overlay {
 
     /// Writes `data` at `off`. Returns the bytes written (short at the end of the image).
     pub fn write_at(&self, base: &ImageReader, data: &[u8], off: u64) -> Result<usize, OverlayError> {
-        if off >= self.size && !data.is_empty() {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        if off >= self.size {
             return Err(OverlayError::PastEnd { offset: off, size: self.size });
         }
         let end = off.saturating_add(data.len() as u64).min(self.size);
         let mut st = self.state.write();
+        self.version.fetch_add(1, Ordering::Relaxed);
         let mut pos = off;
         while pos < end {
             let page = pos / PAGE;
@@ -276,13 +298,17 @@ impl Overlay {
             while j < pages.len() && pages[j] == pages[j - 1] + 1 {
                 j += 1;
             }
-            let mut run = Vec::with_capacity((j - i) * PAGE as usize);
-            for p in &pages[i..j] {
-                run.extend_from_slice(&st.mem[p]);
-            }
+            // Written straight from the pages (no copy of the run: a spill must not need
+            // as much memory again as the pages it frees).
             let start = pages[i] * PAGE;
-            run.truncate((self.size - start).min(run.len() as u64) as usize);
-            self.with_file(|f| f.write_all_at(&run, start))?;
+            let bufs: Vec<&[u8]> = pages[i..j]
+                .iter()
+                .map(|p| {
+                    let page = &st.mem[p][..];
+                    &page[..(self.size - p * PAGE).min(PAGE) as usize]
+                })
+                .collect();
+            self.with_file(|f| write_all_vectored_at(f, &bufs, start))?;
             st.spilled.insert(pages[i]..pages[j - 1] + 1, Tier::File);
             i = j;
         }
@@ -314,6 +340,7 @@ impl Overlay {
             self.write_at(base, &vec![0u8; (end - tail) as usize], tail)?;
         }
         let mut st = self.state.write();
+        self.version.fetch_add(1, Ordering::Relaxed);
         let dropped = st.mem.range(first_full..last_full).count() as u64;
         let keys: Vec<u64> = st.mem.range(first_full..last_full).map(|(&k, _)| k).collect();
         for k in keys {
@@ -380,11 +407,43 @@ impl Overlay {
         Ok(SavedMap { size: self.size, spilled })
     }
 
+    /// Changes whenever the overlay's content does.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Relaxed)
+    }
+
     /// Whether anything was ever written.
     pub fn is_empty(&self) -> bool {
         let st = self.state.read();
         st.mem.is_empty() && st.spilled.is_empty()
     }
+}
+
+/// Most buffers one `pwritev` takes (Linux's IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+/// Writes `bufs` back to back at `offset`, with as few `pwritev` calls as it takes.
+fn write_all_vectored_at(file: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
+    let mut queue: std::collections::VecDeque<&[u8]> =
+        bufs.iter().copied().filter(|b| !b.is_empty()).collect();
+    while !queue.is_empty() {
+        let iov: Vec<io::IoSlice<'_>> = queue.iter().take(IOV_MAX).map(|b| io::IoSlice::new(b)).collect();
+        let mut n = nix::sys::uio::pwritev(file, &iov, offset as i64).map_err(io::Error::from)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        offset += n as u64;
+        while n > 0 {
+            let front = queue.pop_front().expect("n <= bytes queued");
+            if n < front.len() {
+                queue.push_front(&front[n..]);
+                n = 0;
+            } else {
+                n -= front.len();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where one page reads from.

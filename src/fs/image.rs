@@ -35,6 +35,10 @@ pub enum KeepError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: in use by another vmback mount")]
+    Busy { path: PathBuf },
+    #[error("{path}: the kept overlay's data file is missing; its map says it holds data")]
+    MissingData { path: PathBuf },
     #[error("{path}: the kept overlay's map is not valid")]
     BadMap {
         path: PathBuf,
@@ -51,13 +55,24 @@ pub struct Identity {
     pub domain: String,
     pub point: String,
     pub disk: String,
-    /// `(file name, size)` of each stream file of the chain, oldest first.
-    pub chain: Vec<(String, u64)>,
+    /// The stream files of the chain, oldest first.
+    pub chain: Vec<ChainFile>,
+}
+
+/// One stream file, as much as tells it apart from a later backup of the same disk
+/// under the same name (a re-taken full has the same name and may have the same size,
+/// never the same date).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainFile {
+    pub name: String,
+    pub size: u64,
+    pub date: String,
+    pub checkpoint: String,
 }
 
 impl std::fmt::Display for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let files: Vec<&str> = self.chain.iter().map(|(n, _)| n.as_str()).collect();
+        let files: Vec<String> = self.chain.iter().map(|c| format!("{} of {}", c.name, c.date)).collect();
         write!(f, "{}/{}/{} from {}", self.domain, self.point, self.disk, files.join(" + "))
     }
 }
@@ -72,6 +87,11 @@ struct MapFile {
 struct Kept {
     map_path: PathBuf,
     identity: Identity,
+    /// An exclusive lock on `<disk>.overlay.lock`, held while mounted, so two mounts
+    /// never write one overlay.
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    /// The overlay version last saved (0: as loaded, or nothing written).
+    saved: parking_lot::Mutex<u64>,
 }
 
 /// See the module note.
@@ -79,6 +99,9 @@ pub struct Image {
     pub reader: ImageReader,
     overlay: Option<Overlay>,
     kept: Option<Kept>,
+    /// `(overlay version, data bytes)`: the thin size is a walk over the image, so it is
+    /// computed once per change, not once per `stat`.
+    thin: parking_lot::Mutex<Option<(u64, u64)>>,
 }
 
 /// Where an image's overlay goes.
@@ -108,6 +131,15 @@ impl Image {
                     .map_err(|source| KeepError::Io { path: folder.clone(), source })?;
                 let data = folder.join(format!("{}.overlay", identity.disk));
                 let map_path = folder.join(format!("{}.overlay.json", identity.disk));
+                let lock_path = folder.join(format!("{}.overlay.lock", identity.disk));
+                let lock_file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock_path)
+                    .map_err(|source| KeepError::Io { path: lock_path.clone(), source })?;
+                let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                    .map_err(|_| KeepError::Busy { path: data.clone() })?;
                 let overlay = match std::fs::read(&map_path) {
                     Ok(bytes) => {
                         let saved: MapFile = serde_json::from_slice(&bytes)
@@ -119,6 +151,10 @@ impl Image {
                                 found: saved.identity.to_string(),
                             });
                         }
+                        if saved.map.spilled.iter().any(|s| s.2 == crate::cache::Tier::File) && !data.exists()
+                        {
+                            return Err(KeepError::MissingData { path: data });
+                        }
                         Overlay::load(&saved.map, data, budget.clone())?
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -126,10 +162,11 @@ impl Image {
                     }
                     Err(source) => return Err(KeepError::Io { path: map_path, source }),
                 };
-                (Some(overlay), Some(Kept { map_path, identity }))
+                let kept = Kept { map_path, identity, _lock: lock, saved: parking_lot::Mutex::new(0) };
+                (Some(overlay), Some(kept))
             }
         };
-        Ok(Image { reader, overlay, kept })
+        Ok(Image { reader, overlay, kept, thin: parking_lot::Mutex::new(None) })
     }
 
     pub fn size(&self) -> u64 {
@@ -223,6 +260,13 @@ impl Image {
     pub fn data_bytes(&self) -> u64 {
         match &self.overlay {
             Some(o) if !o.is_empty() => {
+                let version = o.version();
+                let mut thin = self.thin.lock();
+                if let Some((v, bytes)) = *thin
+                    && v == version
+                {
+                    return bytes;
+                }
                 let (mut pos, mut total) = (0, 0);
                 while pos < self.size() {
                     let (run, end) = o.run_at(&self.reader, pos);
@@ -231,6 +275,7 @@ impl Image {
                     }
                     pos = end;
                 }
+                *thin = Some((version, total));
                 total
             }
             _ => self.reader.map().data_bytes(),
@@ -241,6 +286,11 @@ impl Image {
     /// (atomically: a temporary file renamed over the old map).
     pub fn sync(&self) -> Result<(), KeepError> {
         let (Some(o), Some(k)) = (&self.overlay, &self.kept) else { return Ok(()) };
+        let mut saved = k.saved.lock();
+        let version = o.version();
+        if *saved == version {
+            return Ok(());
+        }
         let map = o.persist()?;
         let io = |path: &Path| {
             let path = path.to_owned();
@@ -256,6 +306,7 @@ impl Image {
         if let Some(dir) = k.map_path.parent() {
             std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         }
+        *saved = version;
         Ok(())
     }
 }

@@ -12,7 +12,7 @@
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-use super::image::Identity;
+use super::image::{ChainFile, Identity};
 use crate::catalog::{Catalog, Status};
 use crate::chain::Layer;
 
@@ -84,10 +84,11 @@ impl Tree {
                     let chain = disk
                         .layers
                         .iter()
-                        .map(|l| {
-                            let name =
-                                l.index.path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-                            (name, l.index.file_len)
+                        .map(|l| ChainFile {
+                            name: l.index.path.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+                            size: l.index.file_len,
+                            date: l.index.meta.date.clone(),
+                            checkpoint: l.index.meta.checkpoint_name.clone(),
                         })
                         .collect();
                     let identity = Identity {

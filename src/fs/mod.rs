@@ -327,15 +327,19 @@ impl ImageFs {
 
     /// SEEK_DATA / SEEK_HOLE on an image; other files are all data.
     pub fn lseek(&self, ino: Ino, offset: u64, whence: Seek) -> Result<u64> {
-        let attr = self.getattr(ino)?;
-        if offset >= attr.size {
+        // The size only: a full getattr would also compute the thin size.
+        let size = match &self.node(ino)?.kind {
+            NodeKind::Image(i) => self.images[*i].size(),
+            _ => self.getattr(ino)?.size,
+        };
+        if offset >= size {
             return Err(FsError::NoData);
         }
         match (&self.node(ino)?.kind, whence) {
             (NodeKind::Image(i), Seek::Data) => self.images[*i].seek_data(offset).ok_or(FsError::NoData),
             (NodeKind::Image(i), Seek::Hole) => Ok(self.images[*i].seek_hole(offset)),
             (_, Seek::Data) => Ok(offset),
-            (_, Seek::Hole) => Ok(attr.size),
+            (_, Seek::Hole) => Ok(size),
         }
     }
 
