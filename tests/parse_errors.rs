@@ -1218,20 +1218,20 @@ fn damaged_layer_marks_its_points_damaged_and_reads_before_the_damage() {
         let (p, s) = status_of(&points, &key);
         assert!(matches!(&s, Status::Damaged(why) if why.contains(&bad.display().to_string())), "{s:?}");
         let index = &p.disks[0].layers[1].index;
-        assert_eq!(index.damage.as_ref().unwrap().from, 4096 + 9);
+        // The cut frame's header was read: frames are sorted, so inc 1 changed nothing
+        // before that frame's start, and the damage begins there.
+        assert_eq!(index.damage.as_ref().unwrap().from, 3 * 4096);
         // Below the damage: the full's data and inc 1's first extent.
         let r = ImageReader::new(p.disks[0].layers.clone(), Arc::new(ReadCache::new(1 << 20)));
         assert_eq!(read(&r, 0, 9).unwrap(), b"some data");
         assert_eq!(read(&r, 4096, 9).unwrap(), b"inc1 at 1");
-        // From it on, inc 1 cannot say what changed: EIO, except where a newer layer
-        // wrote (inc 2 at minute 2).
-        assert!(matches!(read(&r, 3 * 4096, 9), Err(ReadError::Damaged { .. })));
-        assert!(matches!(read(&r, 4096 + 9, 1), Err(ReadError::Damaged { disk_offset: 4105, .. })));
+        assert!(read(&r, 4096 + 9, 1).is_ok());
+        assert!(read(&r, 2 * 4096, 9).is_ok());
         if key == cpt(2) {
             assert_eq!(read(&r, 2 * 4096, 9).unwrap(), b"some data");
-        } else {
-            assert!(read(&r, 2 * 4096, 9).is_err());
         }
+        // From it on, inc 1 cannot say what changed: EIO.
+        assert!(matches!(read(&r, 3 * 4096, 9), Err(ReadError::Damaged { disk_offset: 12288, .. })));
     }
     assert!(warnings.iter().any(|w| w.contains("damaged")), "{warnings:?}");
 }

@@ -298,14 +298,17 @@ fn scan_stream(path: PathBuf, file: File, file_len: u64) -> Result<StreamIndex, 
             Err(e) => (Payloads::Walk, Some(e)),
         },
     };
-    let mut result = walk_frames(&mut index, body + 2, &payloads);
+    let mut frontier = 0;
+    let mut result = walk_frames(&mut index, body + 2, &payloads, &mut frontier);
     if let (Err(_), Payloads::Trailer { .. }) = (&result, &payloads) {
         // A trailer that parses but does not fit the frames: walking the lz4 frames may
         // still find all of them. Keep whichever reading gets further.
         let with_trailer = std::mem::take(&mut index.extents);
-        let walked = walk_frames(&mut index, body + 2, &Payloads::Walk);
+        let mut walked_frontier = 0;
+        let walked = walk_frames(&mut index, body + 2, &Payloads::Walk, &mut walked_frontier);
         let reach = |e: &[StoredExtent]| e.last().map_or(0, StoredExtent::end);
         if walked.is_ok() || reach(&index.extents) > reach(&with_trailer) {
+            frontier = walked_frontier;
             let trailer_error = std::mem::replace(&mut result, walked).err();
             if result.is_ok() {
                 let error = trailer_error.expect("the trailer walk failed");
@@ -317,8 +320,7 @@ fn scan_stream(path: PathBuf, file: File, file_len: u64) -> Result<StreamIndex, 
         }
     }
     if let Err(error) = result {
-        let from = index.extents.last().map_or(0, StoredExtent::end);
-        index.damage = Some(Damage { from, error });
+        index.damage = Some(Damage { from: frontier, error });
     } else if let Some(error) = trailer_error {
         // Every frame was found without the trailer: nothing is unreadable, but the file
         // is not intact.
@@ -369,7 +371,15 @@ enum Payloads {
     Walk,
 }
 
-fn walk_frames(index: &mut StreamIndex, mut pos: u64, payloads: &Payloads) -> Result<(), ScanError> {
+/// Indexes the body's frames. On error, `frontier` is the first disk offset the stream
+/// can no longer vouch for: the start of the broken frame when its header was read
+/// (frames are sorted, so nothing before it changed), else the end of the last good one.
+fn walk_frames(
+    index: &mut StreamIndex,
+    mut pos: u64,
+    payloads: &Payloads,
+    frontier: &mut u64,
+) -> Result<(), ScanError> {
     let path = index.path.clone();
     let vsize = index.meta.virtual_size;
     let mut data_total = 0u64;
@@ -377,6 +387,7 @@ fn walk_frames(index: &mut StreamIndex, mut pos: u64, payloads: &Payloads) -> Re
     // End of the previous frame, zero-length ones included: frames must not go backwards.
     let mut last_end = 0u64;
     loop {
+        *frontier = last_end;
         let h = read_header(&path, &index.file, pos)?;
         let at = pos;
         pos += FRAME_LEN as u64;
@@ -405,6 +416,7 @@ fn walk_frames(index: &mut StreamIndex, mut pos: u64, payloads: &Payloads) -> Re
                 format!("extent at {} overlaps or precedes the one before", h.start),
             ));
         }
+        *frontier = h.start;
         let stored = if h.kind == FrameKind::Zero {
             Stored::Zero
         } else {

@@ -45,9 +45,9 @@ pub fn backup(opts: &BackupOptions) -> Result<ExitCode> {
         }
     };
     match run(opts, &progress)? {
-        Outcome::Estimate { bytes } => println!("estimated backup size: {} ({bytes} bytes)", human(bytes)),
+        Outcome::Estimate { bytes } => outln!("estimated backup size: {} ({bytes} bytes)", human(bytes)),
         Outcome::BelowThreshold { bytes } => {
-            println!("{} changed, below the threshold: no backup taken", human(bytes))
+            outln!("{} changed, below the threshold: no backup taken", human(bytes))
         }
         Outcome::Saved { level, disks } => {
             for b in by_disk.lock().expect("no panics while held").values() {
@@ -56,7 +56,7 @@ pub fn backup(opts: &BackupOptions) -> Result<ExitCode> {
             let (mut data, mut zero, mut secs) = (0, 0, 0f64);
             for d in &disks {
                 let t = d.elapsed.as_secs_f64().max(1e-6);
-                println!(
+                outln!(
                     "{}: {} ({} virtual): {} data, {} zero, {t:.1} s, {}/s",
                     d.disk,
                     d.file.display(),
@@ -69,7 +69,7 @@ pub fn backup(opts: &BackupOptions) -> Result<ExitCode> {
                 zero += d.zero_bytes;
                 secs = secs.max(t);
             }
-            println!(
+            outln!(
                 "{level:?} backup of {}: {} data saved, {} zero, {secs:.1} s",
                 opts.domain,
                 human(data),

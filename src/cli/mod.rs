@@ -6,6 +6,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `println!` for command output: a reader that went away (`vmback ls | head`) ends the
+/// output quietly instead of panicking; other write errors are logged.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_line(format_args!($($arg)*))
+    };
+}
+
 mod backup;
 mod ls;
 mod restore;
@@ -164,6 +172,17 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     parse_size::Config::new().with_binary().parse_size(s).map_err(|e| e.to_string())
 }
 
+/// Writes one line to stdout; see [`outln`].
+pub(crate) fn write_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n"))
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        tracing::warn!("writing the output: {e}");
+    }
+}
+
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
@@ -213,9 +232,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Ls { source, json } => {
             let catalog = Catalog::discover(&source)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&ls::ls_json(&catalog))?);
+                outln!("{}", serde_json::to_string_pretty(&ls::ls_json(&catalog))?);
             } else {
-                print!("{}", ls::ls_text(&catalog));
+                outln!("{}", ls::ls_text(&catalog).trim_end());
             }
         }
         Command::Backup {
@@ -267,7 +286,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         Command::Sample { dir } => {
             crate::sample::write_sample(&dir)?;
-            println!("sample backup set written to {}", dir.display());
+            outln!("sample backup set written to {}", dir.display());
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -72,7 +72,7 @@ pub fn restore(input: &Path, output: &Path, what: &What, opts: &RestoreOptions) 
             Ok(r) => {
                 bar.finish();
                 let secs = r.elapsed.as_secs_f64().max(1e-6);
-                println!(
+                outln!(
                     "{}: {} ({} virtual, {} written, {} zeros left as holes) in {secs:.1} s, {}/s",
                     job.disk,
                     r.target.display(),
@@ -157,7 +157,7 @@ pub fn dump(input: &Path) -> Result<ExitCode> {
             v
         })
         .collect();
-    println!("{}", serde_json::to_string_pretty(&list)?);
+    outln!("{}", serde_json::to_string_pretty(&list)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -165,7 +165,7 @@ pub fn verify(source: &Path, json: bool, threads: usize) -> Result<ExitCode> {
     let catalog = Catalog::discover(source)?;
     let report = verify_catalog(&catalog, threads);
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for f in &report.findings {
             let at = f.offset.map_or_else(String::new, |o| format!(" at offset {o}"));
@@ -173,12 +173,7 @@ pub fn verify(source: &Path, json: bool, threads: usize) -> Result<ExitCode> {
                 .disk_range
                 .as_ref()
                 .map_or_else(String::new, |r| format!("; disk bytes {}..{}", r.start, r.end));
-            println!(
-                "DAMAGED {}{at}: {}{range}; affects {}",
-                f.file.display(),
-                f.problem,
-                f.points.join(", ")
-            );
+            outln!("DAMAGED {}{at}: {}{range}; affects {}", f.file.display(), f.problem, f.points.join(", "));
         }
         let points = catalog.domains.iter().map(|d| d.points.len()).sum::<usize>();
         let bad: usize = catalog
@@ -187,7 +182,7 @@ pub fn verify(source: &Path, json: bool, threads: usize) -> Result<ExitCode> {
             .flat_map(|d| &d.points)
             .filter(|p| status_words(&p.status()).0 != "complete")
             .count();
-        println!(
+        outln!(
             "{} files, {} of data read, {points} restore points ({bad} not complete), {} problems",
             report.files,
             human(report.data_bytes),

@@ -4,8 +4,8 @@
 //! The image's extent map says where data is; only those ranges are read. They are cut
 //! into chunks that worker threads take in turn and write with `pwrite` at their own
 //! offset, so no ordering between workers is needed and decoding (lz4) uses every core.
-//! A chunk that reads as all zeros is not written when the output is sparse, so holes
-//! stay holes even where the backup stored zeros as data.
+//! 4 KiB blocks that read as all zeros are not written when the output is sparse, so
+//! holes stay holes even where the backup stored zeros as data.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -35,6 +35,26 @@ pub struct CopyStats {
     pub written: u64,
     /// Bytes of data ranges that read as zeros and were left as holes.
     pub zero_skipped: u64,
+}
+
+/// The granule of zero detection: a filesystem block, the smallest hole a sparse file
+/// can have, so every all-zero block of the image becomes a hole.
+const ZERO_BLOCK: usize = 4096;
+
+/// The byte ranges of `chunk` that are not all-zero blocks, adjacent ones merged.
+fn nonzero_runs(chunk: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, block) in chunk.chunks(ZERO_BLOCK).enumerate() {
+        if block.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let r = i * ZERO_BLOCK..i * ZERO_BLOCK + block.len();
+        match runs.last_mut() {
+            Some(last) if last.end == r.start => last.end = r.end,
+            _ => runs.push(r),
+        }
+    }
+    runs
 }
 
 /// Copies the whole image into `out` at the same offsets. `done(bytes)` is called as
@@ -79,16 +99,21 @@ pub fn copy_image(
                         Ok(())
                     };
                     let result = result.and_then(|()| {
-                        if sparse == Sparse::Always && chunk.iter().all(|&b| b == 0) {
-                            skipped.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                            return Ok(());
+                        let runs = if sparse == Sparse::Always {
+                            nonzero_runs(chunk)
+                        } else {
+                            std::iter::once(0..chunk.len()).collect()
+                        };
+                        let mut n = 0;
+                        for r in runs {
+                            let at = start + r.start as u64;
+                            out.write_all_at(&chunk[r.clone()], at).map_err(|source| {
+                                RestoreError::Write { path: out_name.to_owned(), offset: at, source }
+                            })?;
+                            n += r.len() as u64;
                         }
-                        out.write_all_at(chunk, start).map_err(|source| RestoreError::Write {
-                            path: out_name.to_owned(),
-                            offset: start,
-                            source,
-                        })?;
-                        written.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        written.fetch_add(n, Ordering::Relaxed);
+                        skipped.fetch_add(chunk.len() as u64 - n, Ordering::Relaxed);
                         Ok(())
                     });
                     match result {
@@ -105,5 +130,23 @@ pub fn copy_image(
     match first_error.into_inner().expect("no panics while held") {
         Some(e) => Err(e),
         None => Ok(CopyStats { written: written.into_inner(), zero_skipped: skipped.into_inner() }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_blocks_are_left_out_and_neighbours_merged() {
+        let mut chunk = vec![0u8; 6 * ZERO_BLOCK + 100];
+        chunk[ZERO_BLOCK + 5] = 1;
+        chunk[2 * ZERO_BLOCK] = 1;
+        chunk[6 * ZERO_BLOCK + 99] = 1;
+        assert_eq!(
+            nonzero_runs(&chunk),
+            vec![ZERO_BLOCK..3 * ZERO_BLOCK, 6 * ZERO_BLOCK..6 * ZERO_BLOCK + 100]
+        );
+        assert!(nonzero_runs(&[0; 100]).is_empty());
     }
 }

@@ -1,0 +1,288 @@
+//! Helpers for the restore tests: the corpus and its manifest, running vmback and the
+//! upstream tools, comparing images.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use serde_json::Value;
+
+pub const VMBACK: &str = env!("CARGO_BIN_EXE_vmback");
+
+/// The corpus folder, or `None` (after saying so) when VMBACK_CORPUS is not set.
+pub fn corpus() -> Option<PathBuf> {
+    match std::env::var_os("VMBACK_CORPUS") {
+        Some(p) => Some(PathBuf::from(p)),
+        None => {
+            eprintln!("skipping: VMBACK_CORPUS is not set (contrib/test.sh sets it)");
+            None
+        }
+    }
+}
+
+/// A scratch folder, removed when dropped. Never inside the corpus.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("vmback-restore-test.").tempdir().expect("tempdir")
+}
+
+/// One manifest row.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub set: String,
+    pub level: String,
+    pub disk: String,
+    pub data_file: String,
+    pub truth: PathBuf,
+}
+
+pub fn manifest(corpus: &Path) -> Vec<Row> {
+    let text = std::fs::read_to_string(corpus.join("manifest.tsv")).expect("manifest.tsv");
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().expect("header").split('\t').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("column {name}"));
+    let (set, level, disk, data, truth) =
+        (col("set"), col("level"), col("disk"), col("data_file"), col("truth"));
+    lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            Row {
+                set: f[set].into(),
+                level: f[level].into(),
+                disk: f[disk].into(),
+                data_file: f[data].into(),
+                truth: corpus.join(f[truth]),
+            }
+        })
+        .collect()
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// Runs `vmback ARGS`.
+pub fn vmback(args: &[&str]) -> Output {
+    Command::new(VMBACK).args(args).output().expect("run vmback")
+}
+
+/// Runs `vmback ARGS` and insists on success.
+pub fn vmback_ok(args: &[&str]) -> Output {
+    let out = vmback(args);
+    assert!(
+        out.status.success(),
+        "vmback {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command and insists on success; returns stdout.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `vmback ls --json SOURCE`.
+pub fn ls_json(source: &Path) -> Value {
+    let out = vmback_ok(&["ls", "--json", path_str(source)]);
+    serde_json::from_slice(&out.stdout).expect("ls --json is JSON")
+}
+
+/// A restore point as `ls --json` shows it.
+#[derive(Debug, Clone)]
+pub struct Point {
+    /// The set folder the point's files are in.
+    pub set: PathBuf,
+    pub domain: String,
+    pub name: String,
+    pub vmconfig: Option<PathBuf>,
+    /// Per disk, its chain's file names.
+    pub disks: Vec<(String, Vec<String>)>,
+}
+
+impl Point {
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.domain, self.name)
+    }
+
+    pub fn files(&self, disk: &str) -> &[String] {
+        &self
+            .disks
+            .iter()
+            .find(|(d, _)| d == disk)
+            .unwrap_or_else(|| panic!("{}: no disk {disk}", self.name))
+            .1
+    }
+}
+
+/// Every restore point of `ls` (all domains), in listing order.
+pub fn points(ls: &Value) -> Vec<Point> {
+    let mut out = Vec::new();
+    for d in ls["domains"].as_array().expect("domains") {
+        for p in d["points"].as_array().expect("points") {
+            // Damaged points are listed (their intact ranges can be read); broken ones
+            // (no chain) would not restore.
+            assert!(p["status"] == "complete" || p["status"] == "damaged", "{}: {}", p["name"], p["reason"]);
+            out.push(Point {
+                set: PathBuf::from(p["set"].as_str().expect("set")),
+                domain: d["name"].as_str().expect("domain name").into(),
+                name: p["name"].as_str().expect("point name").into(),
+                vmconfig: p["vmconfig"].as_str().map(PathBuf::from),
+                disks: p["disks"]
+                    .as_array()
+                    .expect("disks")
+                    .iter()
+                    .map(|k| {
+                        let files = k["files"].as_array().expect("files");
+                        (
+                            k["disk"].as_str().expect("disk").into(),
+                            files.iter().map(|f| f.as_str().expect("file").into()).collect(),
+                        )
+                    })
+                    .collect(),
+            });
+        }
+    }
+    out
+}
+
+/// The point whose chain for `disk` ends in `file`.
+pub fn point_ending_in<'a>(points: &'a [Point], disk: &str, file: &str) -> &'a Point {
+    let hits: Vec<&Point> = points
+        .iter()
+        .filter(|p| p.disks.iter().any(|(d, f)| d == disk && f.last().is_some_and(|l| l == file)))
+        .collect();
+    assert_eq!(hits.len(), 1, "exactly one point ends in {disk} {file}: {hits:?}");
+    hits[0]
+}
+
+/// `domain/point` of every point whose chain (any disk) reads `file`.
+pub fn points_reading(points: &[Point], file: &str) -> BTreeSet<String> {
+    points
+        .iter()
+        .filter(|p| p.disks.iter().any(|(_, f)| f.iter().any(|x| x == file)))
+        .map(Point::full_name)
+        .collect()
+}
+
+/// Compares two files in 1 MiB chunks; returns the first differing offset.
+pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    let open = |p: &Path| File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let (mut fa, mut fb) = (open(a), open(b));
+    let len = |f: &File| f.metadata().expect("stat").len();
+    let (la, lb) = (len(&fa), len(&fb));
+    if la != lb {
+        return Some(la.min(lb));
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut off = 0u64;
+    loop {
+        let n = fa.read(&mut ba).expect("read a");
+        if n == 0 {
+            return None;
+        }
+        fb.read_exact(&mut bb[..n]).expect("read b");
+        if ba[..n] != bb[..n] {
+            let i = (0..n).find(|&i| ba[i] != bb[i]).expect("a difference");
+            return Some(off + i as u64);
+        }
+        off += n as u64;
+    }
+}
+
+pub fn assert_same(image: &Path, truth: &Path, what: &str) {
+    assert_eq!(
+        first_difference(image, truth),
+        None,
+        "{what}: {} differs from {} (first differing byte shown)",
+        image.display(),
+        truth.display()
+    );
+}
+
+/// Bytes allocated on disk for a file.
+pub fn allocated(p: &Path) -> u64 {
+    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).blocks() * 512
+}
+
+/// The names in a folder, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// `cp -a` of a corpus set into `dir` (mtimes kept: virtnbdrestore orders by them).
+pub fn copy_set(from: &Path, to: &Path) {
+    run_ok("cp", &["-a", path_str(from), path_str(to)]);
+}
+
+/// `qemu-img convert -O raw` of any image into `to`. The qemu-nbd that virtnbdrestore
+/// forks may hold the image's lock for a moment after virtnbdrestore exits: wait for it.
+pub fn to_raw(image: &Path, to: &Path) {
+    let args = ["convert", "-O", "raw", path_str(image), path_str(to)];
+    for _ in 0..200 {
+        let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
+        if out.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("lock"), "qemu-img {args:?} failed: {err}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{}: still locked after 10 s", image.display());
+}
+
+/// Makes sure virtnbdrestore can run: it needs a libvirt daemon (1.9.15).
+pub fn upstream_ready() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        assert!(
+            Command::new("virtnbdrestore").arg("--help").output().is_ok_and(|o| o.status.success()),
+            "virtnbdrestore is missing (contrib/install-deps.sh installs it; the corpus needs it anyway)"
+        );
+        let answers = || {
+            Command::new("virsh")
+                .args(["-c", "qemu:///system", "list"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !answers() {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/realstack/libvirtd-up.sh");
+            run_ok("bash", &[path_str(&script)]);
+            assert!(answers(), "libvirtd does not answer after libvirtd-up.sh");
+        }
+    });
+}
+
+/// `virtnbdrestore -i SET -o OUT -n ARGS...` (OUT must not exist); panics on failure.
+/// Returns its stderr (the log).
+pub fn virtnbdrestore(set: &Path, out: &Path, args: &[&str]) -> String {
+    upstream_ready();
+    let log = out.with_extension("log");
+    let mut all = vec!["-i", path_str(set), "-o", path_str(out), "-n", "-L", path_str(&log)];
+    all.extend_from_slice(args);
+    let o = Command::new("virtnbdrestore").args(&all).output().expect("run virtnbdrestore");
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "virtnbdrestore {all:?} failed:\n{text}");
+    // 1.9.15 logs a failed disk and still exits 0: a clean run has no ERROR line.
+    assert!(!text.contains(" ERROR "), "virtnbdrestore {all:?} logged an error:\n{text}");
+    text
+}
