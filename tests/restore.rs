@@ -71,6 +71,14 @@ fn row<'a>(rows: &'a [Row], set: &str, data_file: &str) -> &'a Row {
         .unwrap_or_else(|| panic!("no manifest row {set} {data_file}"))
 }
 
+/// The manifest row of the diff of `disk` in `set` (its file name carries the unix time
+/// the corpus was made at).
+fn diff_row<'a>(rows: &'a [Row], set: &str, disk: &str) -> &'a Row {
+    rows.iter()
+        .find(|r| r.set == set && r.disk == disk && r.level == "diff")
+        .unwrap_or_else(|| panic!("no diff of {disk} in {set}"))
+}
+
 /// The disks of a set, from the manifest.
 fn disks_of(rows: &[Row], set: &str) -> Vec<String> {
     let d: BTreeSet<String> = rows.iter().filter(|r| r.set == set).map(|r| r.disk.clone()).collect();
@@ -192,7 +200,7 @@ fn every_restore_point_of_the_corpus_restores_to_its_truth() {
     // The folder tree of all sets: names carry the set's start time, --domain chooses.
     let root = corpus.join("sets");
     let all = points(&ls_json(&root));
-    for r in [row(&rows, "sets/compressed", "vdb.diff.1795305563.data"), &rows[2]] {
+    for r in [diff_row(&rows, "sets/compressed", "vdb"), &rows[2]] {
         let in_set: Vec<Point> = all.iter().filter(|p| p.set == corpus.join(&r.set)).cloned().collect();
         let p = point_ending_in(&in_set, &r.disk, &r.data_file);
         let out = tmp.path().join(format!("tree-{}", r.disk));
@@ -226,7 +234,7 @@ fn qcow2_output_holds_the_truth() {
     let tmp = tempdir();
     // A diff, a compressed inc with chunked (>= 32 MiB) lz4 extents, a compressed copy.
     let picks = [
-        row(&rows, "sets/plain", "vda.diff.1795305554.data"),
+        diff_row(&rows, "sets/plain", "vda"),
         row(&rows, "sets/compressed", "vda.inc.virtnbdbackup.1.data"),
         row(&rows, "sets/copy-z", "vdb.copy.data"),
     ];
@@ -338,15 +346,17 @@ fn sequence_applies_exactly_the_listed_files_like_virtnbdrestore() {
     let Some(corpus) = corpus() else { return };
     let rows = manifest(&corpus);
     let tmp = tempdir();
+    let plain_diff = &diff_row(&rows, "sets/plain", "vda").data_file;
+    let compressed_diff = &diff_row(&rows, "sets/compressed", "vdb").data_file;
     let cases = [
         // Up to a diff: the only upstream way to restore a diff's state.
         (
             "sets/plain",
             "vda",
-            "vda.full.data,vda.inc.virtnbdbackup.1.data,vda.inc.virtnbdbackup.2.data,vda.diff.1795305554.data",
+            format!("vda.full.data,vda.inc.virtnbdbackup.1.data,vda.inc.virtnbdbackup.2.data,{plain_diff}"),
         ),
         // Skipping the incs: not a real state of the disk, but both must apply just these.
-        ("sets/compressed", "vdb", "vdb.full.data,vdb.diff.1795305563.data"),
+        ("sets/compressed", "vdb", format!("vdb.full.data,{compressed_diff}")),
     ];
     for (i, (set_name, disk, seq)) in cases.iter().enumerate() {
         let set = corpus.join(set_name);
@@ -365,14 +375,14 @@ fn sequence_applies_exactly_the_listed_files_like_virtnbdrestore() {
         if i == 0 {
             assert_same(
                 &ours.join(format!("{disk}.raw")),
-                &row(&rows, set_name, "vda.diff.1795305554.data").truth,
+                &diff_row(&rows, set_name, "vda").truth,
                 "diff truth",
             );
         }
     }
     // The first file must be a full or copy backup, for both tools.
     let plain = corpus.join("sets/plain");
-    for seq in ["vda.inc.virtnbdbackup.1.data,vda.inc.virtnbdbackup.2.data", "vda.diff.1795305554.data"] {
+    for seq in ["vda.inc.virtnbdbackup.1.data,vda.inc.virtnbdbackup.2.data", plain_diff.as_str()] {
         let out = tmp.path().join("refused");
         let err = restore_fails(&plain, &out, &["--sequence", seq]);
         assert!(err.contains("full or copy"), "--sequence {seq}: {err}");
