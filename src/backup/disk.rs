@@ -110,7 +110,7 @@ pub fn write_stream(
     mut meta: StreamMeta,
     target: &Path,
     done: &dyn Fn(u64),
-) -> Result<u64, DiskError> {
+) -> Result<Pending, DiskError> {
     meta.data_size = extents.iter().filter(|e| e.2).map(|e| e.1).sum();
     let partial = partial_of(target);
     let io = |path: &Path| {
@@ -146,12 +146,43 @@ pub fn write_stream(
     let checksum = out.adler.checksum();
     let file = out.inner.into_inner().map_err(|e| io(&partial)(e.into_error()))?;
     file.sync_all().map_err(io(&partial))?;
-    drop(file);
-    std::fs::rename(&partial, target).map_err(io(target))?;
-    let mut side = target.as_os_str().to_owned();
-    side.push(".chksum");
-    std::fs::write(&side, checksum.to_string()).map_err(io(Path::new(&side)))?;
-    Ok(meta.data_size)
+    Ok(Pending { partial, target: target.to_owned(), checksum: Some(checksum), data_bytes: meta.data_size })
+}
+
+/// A data file written and synced as `.partial`, waiting for every other disk of the
+/// run to succeed before it takes its final name.
+#[derive(Debug)]
+pub struct Pending {
+    partial: PathBuf,
+    target: PathBuf,
+    /// Adler-32 for the `.chksum` sidecar (raw images get none, as upstream).
+    checksum: Option<u32>,
+    pub data_bytes: u64,
+}
+
+impl Pending {
+    /// Renames the file to its final name (never over an existing file) and writes the
+    /// `.chksum` sidecar.
+    pub fn commit(self) -> Result<(), DiskError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| DiskError::Io { path, source }
+        };
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &self.partial,
+            nix::fcntl::AT_FDCWD,
+            &self.target,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| io(&self.target)(e.into()))?;
+        if let Some(sum) = self.checksum {
+            let mut side = self.target.as_os_str().to_owned();
+            side.push(".chksum");
+            std::fs::write(&side, sum.to_string()).map_err(io(Path::new(&side)))?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes a sparse raw image at `target` (`-t raw`, raw-format disks with `--raw`).
@@ -161,7 +192,7 @@ pub fn write_raw(
     size: u64,
     target: &Path,
     done: &dyn Fn(u64),
-) -> Result<u64, DiskError> {
+) -> Result<Pending, DiskError> {
     use std::os::unix::fs::FileExt;
     let partial = partial_of(target);
     let io = |source| DiskError::Io { path: partial.clone(), source };
@@ -184,6 +215,5 @@ pub fn write_raw(
         done(len);
     }
     file.sync_all().map_err(io)?;
-    std::fs::rename(&partial, target).map_err(|source| DiskError::Io { path: target.to_owned(), source })?;
-    Ok(saved)
+    Ok(Pending { partial, target: target.to_owned(), checksum: None, data_bytes: saved })
 }

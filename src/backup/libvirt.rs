@@ -12,7 +12,7 @@ use virt::sys;
 
 /// A libvirt failure, with libvirt's own message.
 #[derive(Debug, Error)]
-#[error("libvirt {op}: {source}")]
+#[error("libvirt: {op}")]
 pub struct LibvirtError {
     pub op: String,
     #[source]

@@ -152,6 +152,22 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The unix time for a diff's or offline inc's names, moved on past any second that
+/// already names files in `out` (two runs within one second must not share names).
+fn unique_time(out: &Path) -> String {
+    let mut t = unix_now();
+    let taken = |t: u64| {
+        let tag = format!(".{t}.");
+        std::fs::read_dir(out)
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().contains(&tag)))
+            .unwrap_or(false)
+    };
+    while taken(t) {
+        t += 1;
+    }
+    t.to_string()
+}
+
 /// The checkpoint number of `virtnbdbackup.N`.
 fn cpt_number(name: &str) -> Option<u64> {
     name.strip_prefix(CPT_PREFIX)?.parse().ok()
@@ -260,7 +276,7 @@ pub fn abort(uri: &str, domain: &str) {
         && dom.is_active().unwrap_or(false)
         && let Err(e) = libvirt::abort_job(&dom)
     {
-        warn!("{e}");
+        warn!("{}", crate::error_chain(&e));
     }
 }
 
@@ -294,7 +310,7 @@ struct Job<'a>(&'a Domain);
 impl Drop for Job<'_> {
     fn drop(&mut self) {
         if let Err(e) = libvirt::abort_job(self.0) {
-            warn!("{e}");
+            warn!("{}", crate::error_chain(&e));
         }
     }
 }
@@ -342,6 +358,20 @@ fn online(
                 warn!("{c}: checkpoint not in {}; deleting it", folder.cpt_file.display());
                 delete_checkpoint(dom, c)?;
             }
+            // The checkpoints libvirt has must be the ones this folder's chain was taken
+            // with, not namesakes a full into another folder made since.
+            for c in folder.checkpoints.iter().filter(|c| ours.contains(c)) {
+                let saved_path = folder.cpt_dir.join(format!("{c}.xml"));
+                let saved = std::fs::read_to_string(&saved_path).map_err(io(&saved_path))?;
+                let live = libvirt::checkpoint_xml(dom, c)?;
+                if checkpoint_identity(&saved) != checkpoint_identity(&live) {
+                    return Err(BackupError::Refused(format!(
+                        "{c}: libvirt's checkpoint is not the one {} was taken with (a full \
+                         backup into another folder replaced it); start a new chain with a full",
+                        opts.output.display()
+                    )));
+                }
+            }
             for c in folder.checkpoints.iter().filter(|c| !ours.contains(c)) {
                 let path = folder.cpt_dir.join(format!("{c}.xml"));
                 let saved = std::fs::read_to_string(&path).map_err(io(&path))?;
@@ -369,7 +399,7 @@ fn online(
     let kind = if matches!(level, Level::Inc | Level::Diff) { Extents::Dirty } else { Extents::Allocation };
     let ident = match level {
         Level::Copy => "copy".to_owned(),
-        Level::Diff => unix_now().to_string(),
+        Level::Diff => unique_time(&folder.out),
         _ => new_cpt.clone().expect("full and inc have one"),
     };
     let meta_cpt = match level {
@@ -409,10 +439,23 @@ fn online(
     Ok(outcome)
 }
 
+/// What tells two checkpoints of one name apart: the `<creationTime>` (seconds) and the
+/// `<description>`, which for vmback's checkpoints holds a nonce (two fulls within one
+/// second have the same creation time).
+fn checkpoint_identity(xml: &str) -> (Option<&str>, Option<&str>) {
+    let element = |tag: &str| {
+        let open = format!("<{tag}>");
+        let start = xml.find(&open)? + open.len();
+        let len = xml[start..].find(&format!("</{tag}>"))?;
+        Some(xml[start..start + len].trim())
+    };
+    (element("creationTime"), element("description"))
+}
+
 /// Deletes a checkpoint with its bitmaps, or only its metadata when the bitmaps are gone.
 fn delete_checkpoint(dom: &Domain, name: &str) -> Result<()> {
     if let Err(e) = libvirt::delete_checkpoint(dom, name, 0) {
-        warn!("{e}; deleting its metadata only");
+        warn!("{}; deleting its metadata only", crate::error_chain(&e));
         libvirt::delete_checkpoint(dom, name, libvirt::METADATA_ONLY)?;
     }
     Ok(())
@@ -439,15 +482,17 @@ struct Plan {
 }
 
 impl Plan {
-    fn file_name(&self, disk: &str, raw_image: bool) -> String {
+    /// The data file name; `raw_disk` is a raw-format disk, which upstream always saves
+    /// as `<disk>.copy.data` (a `-t raw` image keeps the level's name).
+    fn file_name(&self, disk: &str, raw_disk: bool) -> String {
         match self.level {
-            _ if raw_image => format!("{disk}.copy.data"),
+            _ if raw_disk => format!("{disk}.copy.data"),
             Level::Full => format!("{disk}.full.data"),
             Level::Copy => format!("{disk}.copy.data"),
             Level::Inc if self.meta_cpt == self.parent => {
                 // An offline inc: upstream names it after the parent checkpoint and so
                 // overwrites the online inc of that name (§4.3); the time keeps it apart.
-                format!("{disk}.inc.{}.{}.data", self.parent, unix_now())
+                format!("{disk}.inc.{}.{}.data", self.parent, self.ident)
             }
             Level::Inc => format!("{disk}.inc.{}.data", self.meta_cpt),
             Level::Diff => format!("{disk}.diff.{}.data", self.ident),
@@ -499,8 +544,15 @@ fn save_disks(
             });
         }
     });
-    let mut disks =
+    // Only when every disk is saved do the files take their final names: a run that
+    // failed on one disk leaves none that pass for a complete restore point.
+    let saved =
         results.into_inner().expect("no panics while held").into_iter().collect::<Result<Vec<_>>>()?;
+    let mut disks = Vec::with_capacity(saved.len());
+    for (summary, pending) in saved {
+        pending.commit().map_err(|source| BackupError::Disk { disk: summary.disk.clone(), source })?;
+        disks.push(summary);
+    }
     disks.sort_by(|a, b| a.disk.cmp(&b.disk));
     Ok(Outcome::Saved { level: plan.level, disks })
 }
@@ -513,13 +565,14 @@ fn save_one(
     plan: &Plan,
     opts: &BackupOptions,
     progress: Progress<'_>,
-) -> Result<DiskSummary> {
+) -> Result<(DiskSummary, disk::Pending)> {
     let started = Instant::now();
-    let raw_image = d.format == "raw" || (opts.raw_output && matches!(plan.level, Level::Full | Level::Copy));
-    let file = opts.output.join(plan.file_name(&d.target, raw_image));
+    let raw_disk = d.format == "raw";
+    let raw_image = raw_disk || (opts.raw_output && matches!(plan.level, Level::Full | Level::Copy));
+    let file = opts.output.join(plan.file_name(&d.target, raw_disk));
     let done = |n| progress(&d.target, n);
     let err = |source| BackupError::Disk { disk: d.target.clone(), source };
-    let data_bytes = if raw_image {
+    let pending = if raw_image {
         write_raw(nbd, extents, size, &file, &done).map_err(err)?
     } else {
         let meta = StreamMeta {
@@ -537,14 +590,15 @@ fn save_one(
         write_stream(nbd, extents, meta, &file, &done).map_err(err)?
     };
     let zero_bytes = extents.iter().filter(|e| !e.2).map(|e| e.1).sum();
-    Ok(DiskSummary {
+    let summary = DiskSummary {
         disk: d.target.clone(),
         file,
         virtual_size: size,
-        data_bytes,
+        data_bytes: pending.data_bytes,
         zero_bytes,
         elapsed: started.elapsed(),
-    })
+    };
+    Ok((summary, pending))
 }
 
 /// `vmconfig.<ident>.xml` and `<disk>.<ident>.qcow.json`, as upstream writes them.
@@ -591,8 +645,14 @@ fn backup_xml(socket: &Path, parent: Option<&str>, disks: &[DomDisk], scratch: &
 
 fn checkpoint_xml(name: &str, parent: Option<&str>, disks: &[DomDisk]) -> String {
     let esc = |s: &str| quick_xml::escape::escape(s).into_owned();
-    let mut x =
-        format!("<domaincheckpoint><description>Backup checkpoint</description><name>{}</name>", esc(name));
+    // The nonce makes this checkpoint distinguishable from a namesake (see
+    // `checkpoint_identity`).
+    let nonce = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut x = format!(
+        "<domaincheckpoint><description>Backup checkpoint (vmback {nonce:x}.{})</description><name>{}</name>",
+        std::process::id(),
+        esc(name)
+    );
     if let Some(p) = parent {
         x.push_str(&format!("<parent><name>{}</name></parent>", esc(p)));
     }
@@ -688,7 +748,7 @@ fn offline(
         .collect::<Result<Vec<_>>>()?;
     let ident = match level {
         Level::Copy => "copy".to_owned(),
-        _ => unix_now().to_string(),
+        _ => unique_time(&folder.out),
     };
     // An offline inc or diff holds every change since the last checkpoint and makes no
     // new one: its checkpointName is its parent (§1.4).
