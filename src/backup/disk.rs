@@ -30,6 +30,10 @@ pub enum DiskError {
 /// answer small and aligned whatever the server's block size.
 const STATUS_CHUNK: u64 = 1 << 30;
 
+/// NBD reads (of up to 32 MiB each) kept ready ahead of the writer: two is enough to
+/// keep both sides busy, and bounds the memory to a few requests per disk.
+const READ_AHEAD: usize = 2;
+
 /// Buffer between the stream writer and the file: large writes, few syscalls.
 const WRITE_BUFFER: usize = 4 << 20;
 
@@ -81,13 +85,13 @@ pub fn query_extents(nbd: &mut Nbd, size: u64, kind: Extents) -> Result<Vec<Exte
 /// Adler-32 of everything written, for the `.chksum` sidecar.
 struct Checksummed<W> {
     inner: W,
-    adler: adler2::Adler32,
+    adler: simd_adler32::Adler32,
 }
 
 impl<W: Write> Write for Checksummed<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
-        self.adler.write_slice(&buf[..n]);
+        self.adler.write(&buf[..n]);
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -118,32 +122,62 @@ pub fn write_stream(
         move |source| DiskError::Io { path, source }
     };
     let file = File::create(&partial).map_err(io(&partial))?;
-    let out =
-        Checksummed { inner: BufWriter::with_capacity(WRITE_BUFFER, file), adler: adler2::Adler32::new() };
+    let out = Checksummed {
+        inner: BufWriter::with_capacity(WRITE_BUFFER, file),
+        adler: simd_adler32::Adler32::new(),
+    };
     let max_request = nbd.max_request().unwrap_or(MAX_REQUEST).min(MAX_REQUEST);
     let mut w = StreamWriter::new(out, &meta, max_request).map_err(io(&partial))?;
-    let mut nbd_err = None;
-    for &(start, len, data) in extents {
-        if data {
-            let r = w.data_from(start, len, |off, buf| {
-                nbd.pread(buf, start + off).map_err(|e| {
-                    let io = std::io::Error::other(e.to_string());
-                    nbd_err = Some(e);
-                    io
-                })
-            });
-            if let Err(e) = r {
-                return Err(nbd_err.take().map_or_else(|| io(&partial)(e), DiskError::Nbd));
+    // A reader thread keeps NBD reads going while this one compresses and writes: the
+    // two overlap instead of taking turns. Buffers go back to the reader for reuse.
+    let (filled_tx, filled) = std::sync::mpsc::sync_channel::<Result<Vec<u8>, NbdError>>(READ_AHEAD);
+    let (empty_tx, empty) = std::sync::mpsc::channel::<Vec<u8>>();
+    let written = std::thread::scope(|s| {
+        s.spawn(move || {
+            for &(start, len, _) in extents.iter().filter(|e| e.2) {
+                let mut off = 0;
+                while off < len {
+                    let n = (len - off).min(max_request) as usize;
+                    let mut buf = empty.try_recv().unwrap_or_default();
+                    buf.resize(n, 0);
+                    let r = nbd.pread(&mut buf, start + off).map(|()| buf);
+                    let failed = r.is_err();
+                    if filled_tx.send(r).is_err() || failed {
+                        return;
+                    }
+                    off += n as u64;
+                }
             }
-        } else if meta.incremental {
-            continue;
-        } else {
-            w.zero(start, len).map_err(io(&partial))?;
+        });
+        let mut nbd_err = None;
+        for &(start, len, data) in extents {
+            if data {
+                let r = w.data_from(start, len, |_, piece| match filled.recv() {
+                    Ok(Ok(buf)) => {
+                        piece.copy_from_slice(&buf[..piece.len()]);
+                        let _ = empty_tx.send(buf);
+                        Ok(())
+                    }
+                    Ok(Err(e)) => {
+                        let err = std::io::Error::other(e.to_string());
+                        nbd_err = Some(e);
+                        Err(err)
+                    }
+                    Err(_) => Err(std::io::Error::other("NBD reader stopped")),
+                });
+                if let Err(e) = r {
+                    return Err(nbd_err.take().map_or_else(|| io(&partial)(e), DiskError::Nbd));
+                }
+            } else if !meta.incremental {
+                w.zero(start, len).map_err(io(&partial))?;
+            }
+            done(len);
         }
-        done(len);
-    }
+        Ok(())
+    });
+    written?;
     let out = w.finish().map_err(io(&partial))?;
-    let checksum = out.adler.checksum();
+    let checksum = out.adler.finish();
     let file = out.inner.into_inner().map_err(|e| io(&partial)(e.into_error()))?;
     file.sync_all().map_err(io(&partial))?;
     Ok(Pending { partial, target: target.to_owned(), checksum: Some(checksum), data_bytes: meta.data_size })

@@ -148,15 +148,15 @@ fn check_sidecar(path: &Path) -> Option<String> {
         Ok(f) => f,
         Err(e) => return Some(format!("cannot read for the checksum: {e}")),
     };
-    let mut adler = adler2::Adler32::new();
+    let mut adler = simd_adler32::Adler32::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         match file.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => adler.write_slice(&buf[..n]),
+            Ok(n) => adler.write(&buf[..n]),
             Err(e) => return Some(format!("cannot read for the checksum: {e}")),
         }
     }
-    let got = adler.checksum();
+    let got = adler.finish();
     (got != want).then(|| format!("Adler-32 is {got}, the .chksum sidecar says {want}"))
 }
