@@ -16,7 +16,7 @@ pub struct BlockKey {
 /// An entry: empty until its first reader has decoded it.
 #[derive(Default)]
 struct Slot {
-    data: Mutex<Option<Arc<[u8]>>>,
+    data: Mutex<Option<Arc<Vec<u8>>>>,
 }
 
 struct Lru {
@@ -82,7 +82,7 @@ impl ReadCache {
         key: BlockKey,
         size: usize,
         load: impl FnOnce() -> Result<Vec<u8>, E>,
-    ) -> Result<Arc<[u8]>, E> {
+    ) -> Result<Arc<Vec<u8>>, E> {
         let slot = {
             let mut lru = self.lru.lock();
             if let Some((slot, _)) = lru.map.get(&key) {
@@ -111,7 +111,8 @@ impl ReadCache {
         }
         match load() {
             Ok(v) => {
-                let v: Arc<[u8]> = v.into();
+                // Arc<Vec> rather than Arc<[u8]>: converting would copy the whole frame.
+                let v = Arc::new(v);
                 *data = Some(v.clone());
                 Ok(v)
             }

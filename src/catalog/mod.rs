@@ -148,6 +148,7 @@ impl Catalog {
                 folders.entry(dir).or_default().cpt = Some(dom.to_owned());
             }
         }
+        let mut opened = index_all(folders.values().flat_map(|f| &f.data));
         let mut next_id = 0u32;
         let mut domains: BTreeMap<String, Vec<(PathBuf, Vec<SetPoint>)>> = BTreeMap::new();
         for (dir, folder) in folders {
@@ -163,10 +164,7 @@ impl Catalog {
                     cat.warn(format!("{}: not a data file name vmback knows; skipped", path.display()));
                     continue;
                 };
-                let index = match name.level {
-                    naming::Level::Full | naming::Level::Copy => StreamIndex::open(&path, &name.disk),
-                    naming::Level::Inc(_) | naming::Level::Diff(_) => StreamIndex::open_stream(&path),
-                };
+                let index = opened.remove(&path).unwrap_or_else(|| open_data_file(&path, &name));
                 let date = stream_date(index.as_ref().ok(), &path);
                 let index = match index {
                     Ok(i) => {
@@ -209,6 +207,42 @@ impl Catalog {
         warn!("{msg}");
         self.warnings.push(msg);
     }
+}
+
+/// Threads that index data files at once. Indexing is a few small reads per file, bound
+/// by the latency of cold reads rather than by CPU, so more threads than cores help.
+const INDEX_THREADS: usize = 8;
+
+/// Indexes a data file: full and copy backups may be raw images, the others never.
+fn open_data_file(path: &Path, name: &naming::StreamName) -> Result<StreamIndex, crate::chain::ScanError> {
+    match name.level {
+        naming::Level::Full | naming::Level::Copy => StreamIndex::open(path, &name.disk),
+        naming::Level::Inc(_) | naming::Level::Diff(_) => StreamIndex::open_stream(path),
+    }
+}
+
+/// Indexes every data file with a known name, on [`INDEX_THREADS`] threads.
+fn index_all<'a>(
+    paths: impl Iterator<Item = &'a PathBuf>,
+) -> HashMap<PathBuf, Result<StreamIndex, crate::chain::ScanError>> {
+    let jobs: Vec<(&PathBuf, naming::StreamName)> = paths
+        .filter_map(|p| Some((p, naming::parse_stream_name(&p.file_name()?.to_string_lossy())?)))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::Mutex::new(HashMap::with_capacity(jobs.len()));
+    std::thread::scope(|s| {
+        for _ in 0..INDEX_THREADS.min(jobs.len()) {
+            s.spawn(|| {
+                while let Some((path, name)) =
+                    jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                {
+                    let index = open_data_file(path, name);
+                    done.lock().expect("no panics while held").insert((*path).clone(), index);
+                }
+            });
+        }
+    });
+    done.into_inner().expect("no panics while held")
 }
 
 /// The domain a set belongs to, made safe as a directory name.

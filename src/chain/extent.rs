@@ -53,33 +53,17 @@ impl ExtentMap {
     pub fn build<'a>(layers: impl IntoIterator<Item = &'a StreamIndex>, size: u64) -> ExtentMap {
         let mut pieces = vec![Piece { start: 0, end: size, src: Source::Hole }];
         for (li, layer) in layers.into_iter().enumerate() {
-            let li = u16::try_from(li).expect("invariant: chains are shorter than 65536 layers");
-            if !layer.meta.incremental {
-                pieces = vec![Piece { start: 0, end: size, src: Source::Hole }];
-            }
-            let mut top: Vec<Piece> = layer
-                .extents
-                .iter()
-                .enumerate()
-                .filter(|(_, e)| e.start < size)
-                .map(|(i, e)| Piece {
-                    start: e.start,
-                    end: e.end().min(size),
-                    src: match e.stored {
-                        Stored::Zero => Source::Zero,
-                        _ => Source::Data { layer: li, extent: i as u32 },
-                    },
-                })
-                .collect();
-            if let Some(d) = &layer.damage {
-                let to = layer.meta.virtual_size.min(size);
-                if d.from < to {
-                    top.push(Piece { start: d.from, end: to, src: Source::Damaged { layer: li } });
-                }
-            }
-            pieces = overlay(&pieces, &top);
+            pieces = apply(pieces, li, layer, size);
         }
         ExtentMap { pieces: coalesce(pieces), size }
+    }
+
+    /// The map of this map's chain plus `layer` (layer number `li`), when the image keeps
+    /// its size: building each restore point from its parent's map costs one overlay
+    /// per point instead of one per layer of the chain.
+    pub fn extend(&self, li: usize, layer: &StreamIndex, size: u64) -> Option<ExtentMap> {
+        (size == self.size)
+            .then(|| ExtentMap { pieces: coalesce(apply(self.pieces.clone(), li, layer, size)), size })
     }
 
     pub fn size(&self) -> u64 {
@@ -110,6 +94,35 @@ impl ExtentMap {
     pub fn seek_hole(&self, off: u64) -> u64 {
         self.pieces(off..self.size).iter().find(|p| !p.src.is_data()).map_or(self.size, |p| p.start.max(off))
     }
+}
+
+/// `pieces` with layer `li` applied (see the module note).
+fn apply(mut pieces: Vec<Piece>, li: usize, layer: &StreamIndex, size: u64) -> Vec<Piece> {
+    let li = u16::try_from(li).expect("invariant: chains are shorter than 65536 layers");
+    if !layer.meta.incremental {
+        pieces = vec![Piece { start: 0, end: size, src: Source::Hole }];
+    }
+    let mut top: Vec<Piece> = layer
+        .extents
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.start < size)
+        .map(|(i, e)| Piece {
+            start: e.start,
+            end: e.end().min(size),
+            src: match e.stored {
+                Stored::Zero => Source::Zero,
+                _ => Source::Data { layer: li, extent: i as u32 },
+            },
+        })
+        .collect();
+    if let Some(d) = &layer.damage {
+        let to = layer.meta.virtual_size.min(size);
+        if d.from < to {
+            top.push(Piece { start: d.from, end: to, src: Source::Damaged { layer: li } });
+        }
+    }
+    overlay(&pieces, &top)
 }
 
 /// `base` with `top` laid over it. Both tile-or-sort invariants hold: `base` tiles

@@ -18,6 +18,34 @@ use super::extent::{ExtentMap, Source};
 use super::scan::{Lz4Frame, Stored, StreamIndex, read_full};
 use crate::cache::{BlockKey, ReadCache};
 
+/// Bytes per read of compressed data while decoding: a few lz4 blocks (64 KiB each) per
+/// `pread`, so a 32 MiB frame costs about a hundred syscalls, not thousands.
+const DECODE_READ: usize = 256 << 10;
+
+/// A positional reader over `[pos, end)` of a file; `UnexpectedEof` if the file ends
+/// first.
+struct FileRange<'a> {
+    file: &'a std::fs::File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for FileRange<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = (buf.len() as u64).min(self.end - self.pos) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read_at(&mut buf[..n], self.pos)?;
+        if got == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
 /// A read that could not be served.
 #[derive(Debug, Error)]
 pub enum ReadError {
@@ -83,6 +111,29 @@ impl ImageReader {
         let size = layers.last().map_or(0, |l| l.index.meta.virtual_size);
         let map = ExtentMap::build(layers.iter().map(|l| &*l.index), size);
         ImageReader { layers, map, cache }
+    }
+
+    /// Readers for many chains, sharing work: a chain that is another one plus a layer
+    /// (the next restore point) extends that one's map instead of rebuilding it.
+    pub fn many(chains: &[Vec<Layer>], cache: &Arc<ReadCache>) -> Vec<ImageReader> {
+        let mut out: Vec<ImageReader> = Vec::with_capacity(chains.len());
+        let mut by_chain: std::collections::HashMap<Vec<u32>, usize> = std::collections::HashMap::new();
+        for layers in chains {
+            let ids: Vec<u32> = layers.iter().map(|l| l.id).collect();
+            let parent = ids.len().checked_sub(1).and_then(|k| by_chain.get(&ids[..k]).copied());
+            let size = layers.last().map_or(0, |l| l.index.meta.virtual_size);
+            let map = parent.and_then(|p| {
+                let last = layers.last().expect("a parent means at least two layers");
+                out[p].map.extend(layers.len() - 1, &last.index, size)
+            });
+            let reader = match map {
+                Some(map) => ImageReader { layers: layers.clone(), map, cache: cache.clone() },
+                None => ImageReader::new(layers.clone(), cache.clone()),
+            };
+            by_chain.insert(ids, out.len());
+            out.push(reader);
+        }
+        out
     }
 
     pub fn size(&self) -> u64 {
@@ -166,13 +217,28 @@ impl ImageReader {
     }
 
     /// Decodes one lz4 frame, checking its block and content checksums and its size.
+    /// Decodes one lz4 frame straight from the stream file (no copy of the compressed
+    /// bytes), checking its block and content checksums and its size.
     fn decode(&self, index: &StreamIndex, f: &Lz4Frame) -> Result<Vec<u8>, ReadError> {
-        let mut comp = vec![0u8; f.comp_len as usize];
-        self.pread(index, &mut comp, f.file_off)?;
-        let bad = |source| ReadError::Decode { path: index.path.clone(), offset: f.file_off, source };
-        let mut out = vec![0u8; f.len as usize];
-        let mut dec = lz4_flex::frame::FrameDecoder::new(&comp[..]);
-        dec.read_exact(&mut out).map_err(bad)?;
+        let src = std::io::BufReader::with_capacity(
+            DECODE_READ,
+            FileRange { file: &index.file, pos: f.file_off, end: f.file_off + f.comp_len },
+        );
+        let bad = |source: std::io::Error| {
+            let len = index.file.metadata().map_or(u64::MAX, |m| m.len());
+            if source.kind() == std::io::ErrorKind::UnexpectedEof && len < f.file_off + f.comp_len {
+                ReadError::Truncated { path: index.path.clone(), offset: len }
+            } else {
+                ReadError::Decode { path: index.path.clone(), offset: f.file_off, source }
+            }
+        };
+        let mut dec = lz4_flex::frame::FrameDecoder::new(src);
+        // Into spare capacity: no zeroing of a buffer about to be overwritten.
+        let mut out = Vec::with_capacity(f.len as usize);
+        (&mut dec).take(f.len).read_to_end(&mut out).map_err(bad)?;
+        if out.len() as u64 != f.len {
+            return Err(bad(std::io::Error::other("frame holds less data than its extent")));
+        }
         // Reading past the content makes the decoder check the end mark and content
         // checksum, and fails if the frame holds more than the index says.
         let mut extra = [0u8; 1];
@@ -180,6 +246,7 @@ impl ImageReader {
             0 => {}
             _ => return Err(bad(std::io::Error::other("frame holds more data than its extent"))),
         }
+        self.cache.stats.bytes_read.fetch_add(f.comp_len, Ordering::Relaxed);
         self.cache.stats.bytes_decoded.fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
     }

@@ -1,5 +1,6 @@
 //! `vmback ls`: the catalog as a table or as JSON.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde_json::json;
@@ -9,20 +10,42 @@ use crate::catalog::{Catalog, RestorePoint, Status, stamp};
 use crate::chain::ImageReader;
 
 /// `(virtual size, stored size)` of each disk of a point; (0, 0) when it is broken.
-fn disk_sizes(point: &RestorePoint) -> Vec<(u64, u64)> {
-    // Only extent maps are built here; nothing is read, so the cache stays empty.
-    let cache = std::sync::Arc::new(ReadCache::new(0));
-    point
-        .disks
-        .iter()
-        .map(|d| {
-            if d.layers.is_empty() {
-                return (0, 0);
-            }
-            let img = ImageReader::new(d.layers.clone(), cache.clone());
-            (img.size(), img.map().data_bytes())
-        })
-        .collect()
+/// `(virtual size, stored size)` of every disk of every point, keyed by the chain's
+/// stream file ids; (0, 0) for a broken one.
+struct Sizes(HashMap<Vec<u32>, (u64, u64)>);
+
+impl Sizes {
+    fn of(catalog: &Catalog) -> Sizes {
+        // Only extent maps are built here; nothing is read, so the cache stays empty.
+        let cache = std::sync::Arc::new(ReadCache::new(0));
+        let chains: Vec<_> = catalog
+            .domains
+            .iter()
+            .flat_map(|d| &d.points)
+            .flat_map(|p| &p.disks)
+            .filter(|d| !d.layers.is_empty())
+            .map(|d| d.layers.clone())
+            .collect();
+        let readers = ImageReader::many(&chains, &cache);
+        Sizes(
+            chains
+                .iter()
+                .zip(readers)
+                .map(|(c, r)| (c.iter().map(|l| l.id).collect(), (r.size(), r.map().data_bytes())))
+                .collect(),
+        )
+    }
+
+    fn disks(&self, point: &RestorePoint) -> Vec<(u64, u64)> {
+        point
+            .disks
+            .iter()
+            .map(|d| {
+                let ids: Vec<u32> = d.layers.iter().map(|l| l.id).collect();
+                self.0.get(&ids).copied().unwrap_or((0, 0))
+            })
+            .collect()
+    }
 }
 
 pub fn status_words(s: &Status) -> (&'static str, Option<&str>) {
@@ -40,6 +63,7 @@ fn file_names(paths: impl Iterator<Item = impl AsRef<Path>>) -> Vec<String> {
 }
 
 pub fn ls_json(catalog: &Catalog) -> serde_json::Value {
+    let sizes = Sizes::of(catalog);
     let domains: Vec<_> = catalog
         .domains
         .iter()
@@ -53,7 +77,7 @@ pub fn ls_json(catalog: &Catalog) -> serde_json::Value {
                     let disks: Vec<_> = p
                         .disks
                         .iter()
-                        .zip(disk_sizes(p))
+                        .zip(sizes.disks(p))
                         .map(|(disk, (virt, stored))| {
                             json!({
                                 "disk": disk.disk,
@@ -81,6 +105,7 @@ pub fn ls_json(catalog: &Catalog) -> serde_json::Value {
 }
 
 pub fn ls_text(catalog: &Catalog) -> String {
+    let sizes = Sizes::of(catalog);
     let mut out = String::new();
     for d in &catalog.domains {
         out.push_str(&format!("{}\n", d.name));
@@ -92,7 +117,7 @@ pub fn ls_text(catalog: &Catalog) -> String {
                 out.push_str(&format!(": {r}"));
             }
             out.push('\n');
-            for (disk, (virt, stored)) in p.disks.iter().zip(disk_sizes(p)) {
+            for (disk, (virt, stored)) in p.disks.iter().zip(sizes.disks(p)) {
                 let files = file_names(disk.layers.iter().map(|l| &l.index.path)).join(" + ");
                 out.push_str(&format!(
                     "      {:<8} {:>10} virtual {:>10} stored  {files}\n",

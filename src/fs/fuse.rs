@@ -19,8 +19,8 @@ use super::{Attr, FsError, ImageFs, Kind, Seek};
 /// pages and sizes on the way), so a long TTL only saves round trips.
 const TTL: Duration = Duration::from_secs(60);
 
-/// Upper bound for the kernel's readahead on an image. 1 MiB matches the largest FUSE
-/// request (256 pages), so a sequential reader gets whole-request reads.
+/// The readahead asked for at INIT. The kernel caps it at what it offered (128 KiB on
+/// current kernels); `session` raises it through sysfs afterwards when it can.
 const MAX_READAHEAD: u32 = 1 << 20;
 
 /// The core, plus what only the adapter needs.

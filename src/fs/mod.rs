@@ -152,9 +152,10 @@ impl ImageFs {
         let cache = Arc::new(ReadCache::new(config.cache_size));
         let budget = Arc::new(DirtyBudget::new(config.dirty_size));
         let tree = Tree::build(catalog, SystemTime::now());
+        let chains: Vec<_> = tree.images.iter().map(|s| s.layers.clone()).collect();
+        let readers = ImageReader::many(&chains, &cache);
         let mut images = Vec::with_capacity(tree.images.len());
-        for (i, spec) in tree.images.iter().enumerate() {
-            let reader = ImageReader::new(spec.layers.clone(), cache.clone());
+        for (i, (spec, reader)) in tree.images.iter().zip(readers).enumerate() {
             let place = match &config.writes {
                 Writes::ReadOnly => OverlayPlace::None,
                 Writes::Scratch(dir) => OverlayPlace::Scratch(dir.join(format!("{i}.overlay"))),

@@ -91,6 +91,30 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
     cfg
 }
 
+/// Readahead, in KiB, for the mount's backing device. The kernel offers FUSE only 128 KiB
+/// at INIT; 1 MiB matches the largest FUSE request (256 pages), so sequential readers
+/// get whole-request reads.
+const READAHEAD_KB: &str = "1024";
+
+/// Raises the mount's readahead through sysfs (root only; others keep the default). The
+/// device comes from /proc/self/mountinfo: a `stat` of the mountpoint would wait on this
+/// very session, which is not serving yet.
+fn raise_readahead(mountpoint: &Path) {
+    let want = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_owned());
+    let want = want.to_string_lossy();
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    // mountinfo fields: id, parent, major:minor, root, mount point, ...; the newest last.
+    let dev = info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && f[4] == want).then(|| f[2].to_owned())
+    });
+    if let Some(dev) = dev
+        && let Err(e) = std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), READAHEAD_KB)
+    {
+        tracing::debug!("readahead of {want} stays at the kernel's default: {e}");
+    }
+}
+
 /// Unmounts `path`: directly as root, through `fusermount3 -u` otherwise (what an
 /// unprivileged FUSE mount needs). A busy mount gives EBUSY.
 fn unmount(path: &Path) -> io::Result<()> {
@@ -131,6 +155,7 @@ pub fn mount(catalog: &Catalog, mountpoint: &Path, opts: &MountOptions) -> Resul
     stop.thread_block().map_err(|e| SessionError::Mount { path: mountpoint.to_owned(), source: e.into() })?;
     let mount_err = |source| SessionError::Mount { path: mountpoint.to_owned(), source };
     let session = fuser::Session::new(adapter, mountpoint, &fuser_config(opts)).map_err(mount_err)?;
+    raise_readahead(mountpoint);
     let path = mountpoint.to_owned();
     std::thread::spawn(move || {
         while let Ok(sig) = stop.wait() {
