@@ -115,13 +115,17 @@ pub fn restore_image(
         let file = File::create(&raw).map_err(io(&raw))?;
         file.set_len(size).map_err(io(&raw))?;
         let stats = copy_image(reader, &file, &raw, opts.sparse, opts.threads, done)?;
-        file.sync_all().map_err(io(&raw))?;
         match opts.format {
-            Format::Raw => std::fs::rename(&raw, target).map_err(io(target))?,
+            Format::Raw => {
+                file.sync_all().map_err(io(&raw))?;
+                std::fs::rename(&raw, target).map_err(io(target))?;
+            }
             Format::Qcow2 => {
+                // The raw stage is read once and deleted: no need to make it durable.
+                // `-W` lets qemu-img write clusters out of order, in parallel.
                 let partial = partial_name(target, false);
                 let out = Command::new("qemu-img")
-                    .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                    .args(["convert", "-q", "-W", "-f", "raw", "-O", "qcow2"])
                     .arg(&raw)
                     .arg(&partial)
                     .output()
