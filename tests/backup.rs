@@ -10,6 +10,13 @@
 //! (`vmback-t-<test>`), destroyed and undefined when the test ends, so tests run in
 //! parallel with each other and with other test binaries.
 
+// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
+#[path = "common"]
+mod common {
+    pub mod cli;
+    pub mod compare;
+    pub mod quick_mount;
+}
 #[path = "backup/chain.rs"]
 mod chain;
 #[path = "backup/support.rs"]
@@ -188,6 +195,19 @@ fn compressed_chain_full_inc_inc_diff_inc_copy_restores_to_the_truth() {
 // ---------------------------------------------------------------------------------------
 // Chains mixed with Debian's virtnbdbackup 1.9.15.
 
+/// A test domain with two 64 MiB disks, vda and vdb, not persistent.
+fn two_disk_dom(name: &str) -> Dom {
+    Dom::new(name, vec![disk("vda", 64 * MIB), disk("vdb", 64 * MIB)], false)
+}
+
+/// The checks at the end of most chain tests: the set itself, upstream's restore of it
+/// and vmback's restore of every step.
+fn check_all(set: &Path, name: &str, steps: &[Step]) {
+    check_set(set, steps);
+    chain::check_upstream(set, name, steps);
+    chain::check_vmback_restore(steps);
+}
+
 /// Small writes of every kind into both disks, different for each `n`.
 fn some_writes(dom: &Dom, n: u64) {
     let tag = |d: char| format!("{n:02}{d}");
@@ -217,7 +237,7 @@ fn virtnbdbackup_chain_continued_by_vmback_restores_to_the_truth() {
         return;
     }
     let name = "vmback-t-mixvn";
-    let mut dom = Dom::new(name, vec![disk("vda", 64 * MIB), disk("vdb", 64 * MIB)], false);
+    let mut dom = two_disk_dom(name);
     let root = tempdir(name);
     let set = root.path().join("set");
     let mut steps = Vec::new();
@@ -240,9 +260,7 @@ fn virtnbdbackup_chain_continued_by_vmback_restores_to_the_truth() {
     assert_eq!(dom.checkpoints(), cpts.iter().cloned().collect());
     assert_eq!(steps[2].files["vda"], "vda.inc.virtnbdbackup.2.data");
     assert_eq!(steps[4].files["vdb"], "vdb.inc.virtnbdbackup.3.data");
-    check_set(&set, &steps);
-    chain::check_upstream(&set, name, &steps);
-    chain::check_vmback_restore(&steps);
+    check_all(&set, name, &steps);
 }
 
 #[test]
@@ -251,7 +269,7 @@ fn vmback_chain_continued_by_virtnbdbackup_restores_to_the_truth() {
         return;
     }
     let name = "vmback-t-mixvm";
-    let mut dom = Dom::new(name, vec![disk("vda", 64 * MIB), disk("vdb", 64 * MIB)], false);
+    let mut dom = two_disk_dom(name);
     let root = tempdir(name);
     let set = root.path().join("set");
     let mut steps = Vec::new();
@@ -269,9 +287,7 @@ fn vmback_chain_continued_by_virtnbdbackup_restores_to_the_truth() {
     assert_eq!(cpt_list(&set, name), cpts);
     assert_eq!(dom.checkpoints(), cpts.iter().cloned().collect());
     assert_eq!(steps[2].files["vda"], "vda.inc.virtnbdbackup.2.data");
-    check_set(&set, &steps);
-    chain::check_upstream(&set, name, &steps);
-    chain::check_vmback_restore(&steps);
+    check_all(&set, name, &steps);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -532,7 +548,7 @@ fn inc_onto_a_full_disk(name: &str) -> Option<(Dom, Tmpfs, std::path::PathBuf, V
         eprintln!("skipping: cannot mount a tmpfs here");
         return None;
     };
-    let mut dom = Dom::new(name, vec![disk("vda", 64 * MIB), disk("vdb", 64 * MIB)], false);
+    let mut dom = two_disk_dom(name);
     let set = fs.0.path().join("set");
     some_writes(&dom, 0);
     let steps = vec![dom.backup(Tool::Vmback, "full", &set, &[])];
@@ -567,9 +583,7 @@ fn a_full_target_disk_fails_clearly_and_keeps_the_chain() {
     steps.push(step);
     assert!(names(&set).iter().all(|f| !f.ends_with(".partial")), "{:?}", names(&set));
     assert_eq!(dom.checkpoints(), ["virtnbdbackup.0".to_owned(), "virtnbdbackup.1".to_owned()].into());
-    check_set(&set, &steps);
-    chain::check_upstream(&set, &name, &steps);
-    chain::check_vmback_restore(&steps);
+    check_all(&set, &name, &steps);
 }
 
 #[test]
@@ -686,7 +700,7 @@ fn exclude_and_include_pick_disks() {
         return;
     }
     let name = "vmback-t-pick";
-    let mut dom = Dom::new(name, vec![disk("vda", 64 * MIB), disk("vdb", 64 * MIB)], false);
+    let mut dom = two_disk_dom(name);
     let root = tempdir(name);
     some_writes(&dom, 0);
     let mut steps = Vec::new();
@@ -719,7 +733,7 @@ fn checkpointdir_scratchdir_one_worker_and_a_transient_domain_that_lost_its_chec
         return;
     }
     let name = "vmback-t-cptdir";
-    let mut dom = Dom::new(name, vec![disk("vda", 64 * MIB), disk("vdb", 64 * MIB)], false);
+    let mut dom = two_disk_dom(name);
     let root = tempdir(name);
     let set = root.path().join("set");
     let cdir = root.path().join("cpts");
@@ -744,9 +758,7 @@ fn checkpointdir_scratchdir_one_worker_and_a_transient_domain_that_lost_its_chec
     assert_eq!(steps[2].files["vdb"], "vdb.inc.virtnbdbackup.2.data");
     assert_eq!(dom.checkpoints().len(), 3);
     assert!(names(&scratch).is_empty(), "left in the scratch folder: {:?}", names(&scratch));
-    check_set(&set, &steps);
-    chain::check_upstream(&set, name, &steps);
-    chain::check_vmback_restore(&steps);
+    check_all(&set, name, &steps);
 }
 
 /// The byte count in `estimated backup size: ... (N bytes)`.
@@ -770,7 +782,7 @@ fn printonly_estimates_and_threshold_skips_without_writing() {
         return;
     }
     let name = "vmback-t-estimate";
-    let mut dom = Dom::new(name, vec![disk("vda", 64 * MIB), disk("vdb", 64 * MIB)], false);
+    let mut dom = two_disk_dom(name);
     let root = tempdir(name);
     let set = root.path().join("set");
     some_writes(&dom, 0);
@@ -797,9 +809,7 @@ fn printonly_estimates_and_threshold_skips_without_writing() {
     // Above the threshold: taken, and it holds every change since the full.
     steps.push(dom.backup(Tool::Vmback, "inc", &set, &["--threshold", "1M"]));
     assert_eq!(guess, data_size(&steps[1]), "the inc's estimate and what it saved");
-    check_set(&set, &steps);
-    chain::check_upstream(&set, name, &steps);
-    chain::check_vmback_restore(&steps);
+    check_all(&set, name, &steps);
 }
 
 #[test]
@@ -846,7 +856,7 @@ fn auto_takes_full_then_inc_and_full_or_copy_into_a_chain_is_refused() {
         return;
     }
     let name = "vmback-t-auto";
-    let mut dom = Dom::new(name, vec![disk("vda", 64 * MIB), disk("vdb", 64 * MIB)], false);
+    let mut dom = two_disk_dom(name);
     let root = tempdir(name);
     let set = root.path().join("set");
     some_writes(&dom, 0);
@@ -872,9 +882,7 @@ fn auto_takes_full_then_inc_and_full_or_copy_into_a_chain_is_refused() {
         assert_eq!(dom.checkpoints(), cpts);
     }
     assert_eq!(support::regular_files(&empty), Vec::<String>::new());
-    check_set(&set, &steps);
-    chain::check_upstream(&set, name, &steps);
-    chain::check_vmback_restore(&steps);
+    check_all(&set, name, &steps);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -8,12 +8,19 @@
 //! frames were applied to, plus a per-byte "stored as data" flag that SEEK_DATA/SEEK_HOLE
 //! must agree with.
 
+// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
+#[path = "common"]
+mod common {
+    pub mod rng;
+}
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::rng::Rng;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{FileFailurePersistence, TestRunner};
@@ -57,10 +64,10 @@ fn fill(p: Pattern, disk_off: u64, len: usize) -> Vec<u8> {
             (0..len as u64).map(|i| ((disk_off + i).wrapping_mul(u64::from(step) | 1) >> 3) as u8).collect()
         }
         Pattern::Noise(seed) => {
-            let mut rng = SplitMix(seed);
+            let mut rng = Rng(seed);
             let mut out = Vec::with_capacity(len + 8);
             while out.len() < len {
-                out.extend_from_slice(&rng.next().to_le_bytes());
+                out.extend_from_slice(&rng.next_u64().to_le_bytes());
             }
             out.truncate(len);
             out
@@ -422,23 +429,8 @@ fn write_all(dir: &Path, files: &[StreamFile]) -> Vec<PathBuf> {
 // ---------------------------------------------------------------------------------------
 // Comparing a reader with the model
 
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-}
-
 /// A random read range: mostly inside the image, some across or past its end.
-fn random_range(rng: &mut SplitMix, size: u64) -> (u64, usize) {
+fn random_range(rng: &mut Rng, size: u64) -> (u64, usize) {
     let off = match rng.below(8) {
         0 => size.saturating_sub(rng.below(300)),
         1 => size + rng.below(10_000),
@@ -488,7 +480,7 @@ fn check_image(reader: &ImageReader, image: &Model, seed: u64, what: &str) -> Re
         return Err(format!("{what}: size {} but the model has {size}", reader.size()));
     }
     check_read(reader, &image.bytes, 0, size as usize + 17, what)?;
-    let mut rng = SplitMix(seed);
+    let mut rng = Rng(seed);
     for _ in 0..40 {
         let (off, len) = random_range(&mut rng, size);
         check_read(reader, &image.bytes, off, len, what)?;
@@ -696,7 +688,7 @@ fn concurrent_reads_through_a_tiny_cache() {
         for t in 0..8u64 {
             let (readers, points) = (&readers, &points);
             s.spawn(move || {
-                let mut rng = SplitMix(0x5eed ^ t);
+                let mut rng = Rng(0x5eed ^ t);
                 for i in 0..150 {
                     let k = rng.below(readers.len() as u64) as usize;
                     let want = &points[k].image.bytes;

@@ -4,6 +4,13 @@
 //! Every mount is owned by a guard that unmounts and reaps it, whatever the test did.
 //! Without /dev/fuse every test prints "skipping: ..." and passes.
 
+// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
+#[path = "common"]
+mod common {
+    pub mod files;
+    pub mod fuse;
+    pub mod rng;
+}
 #[path = "mount/streams.rs"]
 mod streams;
 #[path = "mount/support.rs"]
@@ -21,6 +28,7 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::unistd::{Whence, lseek};
 
+use common::files::pread;
 use streams::{KIB, MIB, Point, Rng, SetBuilder, Style};
 use support::{LoopMount, VmbackMount, path_str, run, run_as, run_ok};
 
@@ -146,22 +154,6 @@ fn shared_images(mnt: &Path) -> Vec<(PathBuf, &'static streams::PointDisk)> {
 
 // ---------------------------------------------------------------------------------------
 // Small helpers.
-
-/// Reads up to `len` bytes at `off` (short only at EOF).
-fn pread(f: &File, off: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        match f.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(done);
-    Ok(buf)
-}
 
 /// The `.stats` counters.
 fn stats(mnt: &Path) -> BTreeMap<String, u64> {

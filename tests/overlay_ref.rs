@@ -12,36 +12,29 @@
 //! bytes a hole. At the end, the whole image. A second property saves an overlay
 //! (`persist`, the map through JSON as the mount saves it) and loads it again.
 
+// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
+#[path = "common"]
+mod common {
+    pub mod rng;
+}
+
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::rng::Rng;
 use proptest::prelude::*;
 use tempfile::TempDir;
 use vmback::cache::{DirtyBudget, Overlay, PAGE, ReadCache, Run, SavedMap};
 use vmback::chain::{ImageReader, Layer, StreamIndex, StreamMeta, StreamWriter};
 
-/// splitmix64: bytes and ranges derived from a seed.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-
+/// splitmix64 ([`Rng`]): bytes and ranges derived from a seed.
+impl Rng {
     fn bytes(&mut self, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         for c in v.chunks_mut(8) {
-            let x = self.next().to_le_bytes();
+            let x = self.next_u64().to_le_bytes();
             c.copy_from_slice(&x[..c.len()]);
         }
         // Some zero bytes inside written data: zeros written as data are data, not holes.
@@ -84,7 +77,7 @@ fn write_stream(
     meta: &StreamMeta,
     frames: &[(u64, u64, bool)],
     model: &mut [u8],
-    rng: &mut SplitMix,
+    rng: &mut Rng,
     max_request: u64,
 ) {
     let mut w = StreamWriter::new(BufWriter::new(File::create(path).unwrap()), meta, max_request).unwrap();
@@ -106,7 +99,7 @@ fn write_stream(
 /// zero frames and gaps (and data in its last bytes), then an incremental with unaligned
 /// data extents and one zero frame.
 fn build_base(dir: &Path, name: &str, size: u64, lz4: bool, seed: u64) -> Base {
-    let mut rng = SplitMix(seed);
+    let mut rng = Rng(seed);
     let mut model = vec![0u8; size as usize];
     // The full: walk the disk in random steps; each step data, zero frame or gap.
     let mut frames = Vec::new();
@@ -287,7 +280,7 @@ impl Subject {
             Op::Read { at, len, .. } => self.check_range(place(at, size), len, "read")?,
             Op::Write { at, len, seed, .. } => {
                 let off = place(at, size);
-                let data = SplitMix(seed).bytes(len as usize);
+                let data = Rng(seed).bytes(len as usize);
                 let res = self.overlay.write_at(&self.base.reader, &data, off);
                 if off >= size {
                     let err = res.expect_err("a write past the end must fail");
@@ -376,7 +369,7 @@ proptest! {
             subject(dir.path(), "sda", sizes.0, false, seed, &budget),
             subject(dir.path(), "sdb", sizes.1, true, seed ^ 0x5555, &budget),
         ];
-        let mut rng = SplitMix(check_seed);
+        let mut rng = Rng(check_seed);
         let mut spilled = [false; 2];
         for op in &ops {
             let img = match op {
@@ -483,7 +476,7 @@ fn concurrent_writers_with_a_tiny_budget() {
         for t in 0..threads {
             let subjects = &subjects;
             scope.spawn(move || {
-                let mut rng = SplitMix(t);
+                let mut rng = Rng(t);
                 for round in 0..300u64 {
                     let s = &subjects[(round % 2) as usize];
                     // Pages t, t + threads, ...: this thread's own.

@@ -6,50 +6,21 @@
 //! Runs when VMBACK_CORPUS names a corpus folder (contrib/test.sh builds one and sets
 //! it); prints "skipping" otherwise.
 
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
+#[path = "common"]
+mod common {
+    pub mod compare;
+    pub mod corpus;
+    pub mod quick_mount;
+}
 
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::compare::first_difference;
+use common::corpus::{Row, corpus, manifest};
+use common::quick_mount::{Mount, mount_on};
 use serde_json::Value;
-
-fn corpus() -> Option<PathBuf> {
-    match std::env::var_os("VMBACK_CORPUS") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipping: VMBACK_CORPUS is not set (contrib/test.sh sets it)");
-            None
-        }
-    }
-}
-
-struct Row {
-    set: String,
-    disk: String,
-    data_file: String,
-    truth: PathBuf,
-}
-
-fn manifest(corpus: &Path) -> Vec<Row> {
-    let text = std::fs::read_to_string(corpus.join("manifest.tsv")).expect("manifest.tsv");
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().expect("header").split('\t').collect();
-    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("column {name}"));
-    let (set, disk, data, truth) = (col("set"), col("disk"), col("data_file"), col("truth"));
-    lines
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            Row {
-                set: f[set].into(),
-                disk: f[disk].into(),
-                data_file: f[data].into(),
-                truth: corpus.join(f[truth]),
-            }
-        })
-        .collect()
-}
 
 /// The `<domain>/<point>` whose chain for `row.disk` ends in `row.data_file` in `row.set`.
 fn point_of(ls: &Value, corpus: &Path, row: &Row) -> Option<String> {
@@ -70,60 +41,8 @@ fn point_of(ls: &Value, corpus: &Path, row: &Row) -> Option<String> {
     None
 }
 
-struct Mount {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
-        let _ = Command::new("fusermount3").arg("-uz").arg(self.dir.path()).stderr(Stdio::null()).status();
-    }
-}
-
 fn mount(source: &Path) -> Mount {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let child = Command::new(env!("CARGO_BIN_EXE_vmback"))
-        .arg("mount")
-        .arg(source)
-        .arg(dir.path())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn vmback mount");
-    let m = Mount { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if Command::new("mountpoint").arg("-q").arg(m.dir.path()).status().is_ok_and(|s| s.success()) {
-            return m;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("vmback mount did not come up");
-}
-
-/// Compares two files in 1 MiB chunks; returns the first differing offset.
-fn first_difference(a: &Path, b: &Path) -> Option<u64> {
-    let (mut fa, mut fb) = (File::open(a).expect("open a"), File::open(b).expect("open b"));
-    let la = fa.metadata().expect("stat").len();
-    let lb = fb.metadata().expect("stat").len();
-    if la != lb {
-        return Some(la.min(lb));
-    }
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    let mut off = 0u64;
-    loop {
-        let n = fa.read(&mut ba).expect("read a");
-        if n == 0 {
-            return None;
-        }
-        fb.read_exact(&mut bb[..n]).expect("read b");
-        if let Some(i) = (0..n).find(|&i| ba[i] != bb[i]) {
-            return Some(off + i as u64);
-        }
-        off += n as u64;
-    }
+    mount_on(source, tempfile::tempdir().expect("tempdir"), Stdio::inherit())
 }
 
 #[test]

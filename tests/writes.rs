@@ -7,6 +7,13 @@
 //! Every vmback, qemu and loop mount is owned by a guard that cleans up whatever the test
 //! did. Without /dev/fuse (or a needed command) a test prints "skipping: ..." and passes.
 
+// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
+#[path = "common"]
+mod common {
+    pub mod files;
+    pub mod fuse;
+    pub mod rng;
+}
 #[path = "writes/support.rs"]
 mod support;
 

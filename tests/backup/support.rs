@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -459,32 +459,12 @@ pub fn write_noise(path: &Path, len: u64, seed: u64) {
 // ---------------------------------------------------------------------------------------
 // Running the tools.
 
-pub fn run_ok(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("run {cmd}: {e}"));
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?} failed ({}):\n{}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-pub fn vmback(args: &[&str]) -> Output {
-    Command::new(VMBACK).args(args).output().expect("run vmback")
-}
+pub use crate::common::cli::{run_ok, vmback};
 
 /// `vmback ARGS`, which must succeed; returns its stdout.
 pub fn vmback_ok(args: &[&str]) -> String {
     let o = vmback(args);
-    assert!(
-        o.status.success(),
-        "vmback {args:?} failed ({}):\n{}{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    crate::common::cli::assert_success("vmback", args, &o);
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -747,28 +727,7 @@ pub fn point_name(ls: &Value, step: &Step) -> String {
 // ---------------------------------------------------------------------------------------
 // Comparing images.
 
-/// Compares two files in 1 MiB chunks; the first differing offset (or the shorter length).
-pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
-    let (mut fa, mut fb) = (File::open(a).expect("open a"), File::open(b).expect("open b"));
-    let (la, lb) = (fa.metadata().expect("stat").len(), fb.metadata().expect("stat").len());
-    if la != lb {
-        return Some(la.min(lb));
-    }
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    let mut off = 0u64;
-    loop {
-        let n = fa.read(&mut ba).expect("read a");
-        if n == 0 {
-            return None;
-        }
-        fb.read_exact(&mut bb[..n]).expect("read b");
-        if ba[..n] != bb[..n] {
-            let i = (0..n).find(|&i| ba[i] != bb[i]).expect("a difference");
-            return Some(off + i as u64);
-        }
-        off += n as u64;
-    }
-}
+pub use crate::common::compare::first_difference;
 
 pub fn assert_same(image: &Path, truth: &Path, what: &str) {
     let d = first_difference(image, truth);
@@ -880,36 +839,10 @@ pub fn check_virtnbdrestore(set: &Path, args: &[&str], want: &Truth, what: &str)
     }
 }
 
-/// A real FUSE mount of `vmback mount SOURCE MNT`, unmounted when dropped.
-pub struct Mount {
-    child: Child,
-    pub dir: tempfile::TempDir,
-}
+pub use crate::common::quick_mount::Mount;
 
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
-        let _ = Command::new("fusermount3").arg("-uz").arg(self.dir.path()).stderr(Stdio::null()).status();
-    }
-}
-
+/// A real FUSE mount of `vmback mount SOURCE MNT` (vmback's stderr discarded), unmounted
+/// when dropped.
 pub fn mount(source: &Path) -> Mount {
-    let dir = tempdir("mnt");
-    let child = Command::new(VMBACK)
-        .arg("mount")
-        .arg(source)
-        .arg(dir.path())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn vmback mount");
-    let m = Mount { child, dir };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if Command::new("mountpoint").arg("-q").arg(m.dir.path()).status().is_ok_and(|s| s.success()) {
-            return m;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("vmback mount did not come up");
+    crate::common::quick_mount::mount_on(source, tempdir("mnt"), Stdio::null())
 }

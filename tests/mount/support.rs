@@ -3,15 +3,15 @@
 
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Output, Stdio};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+use crate::common::fuse::{Watched, stdout_of_success, umount_quietly, unique};
+pub use crate::common::fuse::{is_fuse_mounted, mount_entry, path_str, wait_until, which};
 
 /// How long a mount may take to show up, and a stopped vmback to exit.
 pub const MOUNT_WAIT: Duration = Duration::from_secs(10);
@@ -50,11 +50,6 @@ macro_rules! require_fuse {
             return;
         }
     };
-}
-
-pub fn which(cmd: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| p.is_file())
 }
 
 /// A temp dir readable by every user (tempfile makes them 0700), for tests where another
@@ -99,82 +94,15 @@ fn run_full(secs: u32, user: Option<u32>, cmd: &str, args: &[&str]) -> Output {
 
 /// Like [`run`], and fails the test unless the command succeeds; returns its stdout.
 pub fn run_ok(cmd: &str, args: &[&str]) -> String {
-    let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-pub fn path_str(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
-/// The mount (fs type and source) at exactly `mnt`, from /proc/self/mountinfo.
-pub fn mount_entry(mnt: &Path) -> Option<(String, String)> {
-    let mnt = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_owned());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    // Later lines are mounted over earlier ones; the last match is what is visible.
-    info.lines().rev().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let sep = fields.iter().position(|f| *f == "-")?;
-        let point = unescape(fields.get(4)?);
-        if Path::new(&point) != mnt {
-            return None;
-        }
-        Some((fields.get(sep + 1)?.to_string(), unescape(fields.get(sep + 2)?)))
-    })
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && let Some(v) = s.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Whether a FUSE filesystem is mounted at `mnt`.
-pub fn is_fuse_mounted(mnt: &Path) -> bool {
-    mount_entry(mnt).is_some_and(|(fstype, _)| fstype == "fuse" || fstype.starts_with("fuse."))
-}
-
-/// Polls `cond` every 20 ms until it holds or `limit` passes; returns whether it held.
-pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    stdout_of_success(cmd, args, run(cmd, args))
 }
 
 /// A running `vmback mount SOURCE MNT`. Dropping it unmounts and reaps, whatever state the
 /// test left it in: SIGTERM, then SIGKILL, then `fusermount3 -u`, then `umount -l`.
 pub struct VmbackMount {
-    child: Option<Child>,
+    vmback: Watched,
     pub mnt: PathBuf,
     log: PathBuf,
-    watchdog: Option<mpsc::Sender<()>>,
 }
 
 impl VmbackMount {
@@ -202,57 +130,17 @@ impl VmbackMount {
             extra.push("--overlay-dir".into());
             extra.push(overlay.into());
         }
-        let log_file = File::create(&log).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmback"));
-        // SAFETY: the closure runs in the child between fork and exec and only makes one
-        // async-signal-safe syscall. If the test process dies without running the guards
-        // (killed by the harness), vmback then gets SIGTERM and unmounts itself.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let child = cmd
-            .arg("mount")
-            .args(&extra)
-            .arg(source)
-            .arg(mnt)
-            .env("VMBACK_LOG", "info,fuser=warn")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log fd"))
-            .stderr(log_file)
-            .spawn()
-            .expect("spawning vmback");
-        let pid = Pid::from_raw(child.id() as i32);
-        let (tx, rx) = mpsc::channel::<()>();
-        thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(WATCHDOG) {
-                eprintln!("watchdog: vmback {pid} still running after {WATCHDOG:?}; killing it");
-                let _ = kill(pid, Signal::SIGKILL);
-            }
-        });
-        let mut m = VmbackMount { child: Some(child), mnt: mnt.to_owned(), log, watchdog: Some(tx) };
-        let mut exited = None;
-        let up = wait_until(MOUNT_WAIT, || {
-            if let Ok(Some(st)) = m.child.as_mut().expect("child").try_wait() {
-                exited = Some(st);
-                return true;
-            }
-            is_fuse_mounted(mnt)
-        });
-        match (up, exited) {
-            (true, None) => Ok(m),
-            (_, Some(st)) => Err(format!("vmback mount exited with {st}:\n{}", m.log())),
-            (false, None) => Err(format!("vmback did not mount within {MOUNT_WAIT:?}:\n{}", m.log())),
+        let vmback = Watched::spawn(source, mnt, &extra, &log, WATCHDOG);
+        let mut m = VmbackMount { vmback, mnt: mnt.to_owned(), log };
+        match m.vmback.wait_mounted(mnt, MOUNT_WAIT) {
+            Ok(()) => Ok(m),
+            Err(Some(st)) => Err(format!("vmback mount exited with {st}:\n{}", m.log())),
+            Err(None) => Err(format!("vmback did not mount within {MOUNT_WAIT:?}:\n{}", m.log())),
         }
     }
 
     pub fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.as_ref().expect("vmback was reaped").id() as i32)
+        Pid::from_raw(self.vmback.child.as_ref().expect("vmback was reaped").id() as i32)
     }
 
     pub fn signal(&self, sig: Signal) {
@@ -270,19 +158,19 @@ impl VmbackMount {
 
     /// Whether vmback is still running.
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+        matches!(self.vmback.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
     /// Waits (bounded) for vmback to exit and reaps it; `None` if it is still running.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
+        let child = self.vmback.child.as_mut()?;
         let mut status = None;
         wait_until(limit, || {
             status = child.try_wait().ok().flatten();
             status.is_some()
         });
         if status.is_some() {
-            self.child = None;
+            self.vmback.child = None;
         }
         status
     }
@@ -299,27 +187,9 @@ impl VmbackMount {
     }
 }
 
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
 impl Drop for VmbackMount {
     fn drop(&mut self) {
-        self.watchdog.take();
-        if let Some(mut child) = self.child.take() {
-            let pid = Pid::from_raw(child.id() as i32);
-            let mut gone = matches!(child.try_wait(), Ok(Some(_)));
-            if !gone {
-                let _ = kill(pid, Signal::SIGTERM);
-                gone = wait_until(Duration::from_secs(5), || matches!(child.try_wait(), Ok(Some(_))));
-            }
-            if !gone {
-                let _ = kill(pid, Signal::SIGKILL);
-                let _ = child.wait();
-            }
-        }
+        self.vmback.reap();
         force_unmount(&self.mnt);
         let _ = std::fs::remove_file(&self.log);
     }
@@ -373,11 +243,6 @@ impl LoopMount {
 
 impl Drop for LoopMount {
     fn drop(&mut self) {
-        if mount_entry(&self.dir).is_some() {
-            let _ = Command::new("umount").arg(&self.dir).stderr(Stdio::null()).status();
-        }
-        if mount_entry(&self.dir).is_some() {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).stderr(Stdio::null()).status();
-        }
+        umount_quietly(&self.dir);
     }
 }

@@ -2,8 +2,6 @@
 //! upstream tools, comparing images.
 
 use std::collections::BTreeSet;
-use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -13,87 +11,24 @@ use serde_json::Value;
 
 pub const VMBACK: &str = env!("CARGO_BIN_EXE_vmback");
 
-/// The corpus folder, or `None` (after saying so) when VMBACK_CORPUS is not set.
-pub fn corpus() -> Option<PathBuf> {
-    match std::env::var_os("VMBACK_CORPUS") {
-        Some(p) => Some(PathBuf::from(p)),
-        None => {
-            eprintln!("skipping: VMBACK_CORPUS is not set (contrib/test.sh sets it)");
-            None
-        }
-    }
-}
+pub use crate::common::corpus::{Row, corpus, manifest};
 
 /// A scratch folder, removed when dropped. Never inside the corpus.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("vmback-restore-test.").tempdir().expect("tempdir")
 }
 
-/// One manifest row.
-#[derive(Debug, Clone)]
-pub struct Row {
-    pub set: String,
-    pub level: String,
-    pub disk: String,
-    pub data_file: String,
-    pub truth: PathBuf,
-}
-
-pub fn manifest(corpus: &Path) -> Vec<Row> {
-    let text = std::fs::read_to_string(corpus.join("manifest.tsv")).expect("manifest.tsv");
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines.next().expect("header").split('\t').collect();
-    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("column {name}"));
-    let (set, level, disk, data, truth) =
-        (col("set"), col("level"), col("disk"), col("data_file"), col("truth"));
-    lines
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            Row {
-                set: f[set].into(),
-                level: f[level].into(),
-                disk: f[disk].into(),
-                data_file: f[data].into(),
-                truth: corpus.join(f[truth]),
-            }
-        })
-        .collect()
-}
-
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
-/// Runs `vmback ARGS`.
-pub fn vmback(args: &[&str]) -> Output {
-    Command::new(VMBACK).args(args).output().expect("run vmback")
-}
+pub use crate::common::cli::{run_ok, vmback};
 
 /// Runs `vmback ARGS` and insists on success.
 pub fn vmback_ok(args: &[&str]) -> Output {
     let out = vmback(args);
-    assert!(
-        out.status.success(),
-        "vmback {args:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::cli::assert_success("vmback", args, &out);
     out
-}
-
-/// Runs a command and insists on success; returns stdout.
-pub fn run_ok(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// `vmback ls --json SOURCE`.
@@ -179,30 +114,7 @@ pub fn points_reading(points: &[Point], file: &str) -> BTreeSet<String> {
         .collect()
 }
 
-/// Compares two files in 1 MiB chunks; returns the first differing offset.
-pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
-    let open = |p: &Path| File::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    let (mut fa, mut fb) = (open(a), open(b));
-    let len = |f: &File| f.metadata().expect("stat").len();
-    let (la, lb) = (len(&fa), len(&fb));
-    if la != lb {
-        return Some(la.min(lb));
-    }
-    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
-    let mut off = 0u64;
-    loop {
-        let n = fa.read(&mut ba).expect("read a");
-        if n == 0 {
-            return None;
-        }
-        fb.read_exact(&mut bb[..n]).expect("read b");
-        if ba[..n] != bb[..n] {
-            let i = (0..n).find(|&i| ba[i] != bb[i]).expect("a difference");
-            return Some(off + i as u64);
-        }
-        off += n as u64;
-    }
-}
+pub use crate::common::compare::first_difference;
 
 pub fn assert_same(image: &Path, truth: &Path, what: &str) {
     assert_eq!(

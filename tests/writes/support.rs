@@ -3,21 +3,22 @@
 //! library's stream writer.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, Whence, lseek};
 use vmback::chain::{MAX_REQUEST, StreamMeta, StreamWriter};
+
+use crate::common::fuse::{Watched, die_with_parent, mount_entry, stdout_of_success, umount_quietly, unique};
+pub use crate::common::fuse::{is_fuse_mounted, path_str, wait_until, which};
 
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
@@ -29,22 +30,9 @@ pub const MOUNT_WAIT: Duration = Duration::from_secs(15);
 /// with ENOTCONN instead of hanging the test run.
 const WATCHDOG: Duration = Duration::from_secs(150);
 
-/// splitmix64.
-pub struct Rng(pub u64);
+pub use crate::common::rng::Rng;
 
 impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next_u64() % n }
-    }
-
     pub fn bytes(&mut self, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         for c in v.chunks_mut(8) {
@@ -57,11 +45,6 @@ impl Rng {
 
 // ---------------------------------------------------------------------------------------
 // Environment and commands
-
-pub fn which(cmd: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(cmd)).find(|p| p.is_file())
-}
 
 /// Whether this machine can run the test; prints why not. `cmds` are extra commands it
 /// needs.
@@ -83,10 +66,6 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-pub fn path_str(p: &Path) -> &str {
-    p.to_str().expect("test paths are UTF-8")
-}
-
 /// Runs `cmd args` under `timeout 120` with the C locale.
 pub fn run(cmd: &str, args: &[&str]) -> Output {
     Command::new("timeout")
@@ -102,59 +81,12 @@ pub fn run(cmd: &str, args: &[&str]) -> Output {
 
 /// Like [`run`], failing the test unless it succeeds; returns stdout.
 pub fn run_ok(cmd: &str, args: &[&str]) -> String {
-    let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
+    stdout_of_success(cmd, args, run(cmd, args))
 }
 
 /// The fs type mounted at exactly `mnt`, if any (the last, visible, mount).
 pub fn mount_type(mnt: &Path) -> Option<String> {
-    let mnt = std::fs::canonicalize(mnt).unwrap_or_else(|_| mnt.to_owned());
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().rev().find_map(|line| {
-        let f: Vec<&str> = line.split(' ').collect();
-        let sep = f.iter().position(|x| *x == "-")?;
-        (Path::new(&f.get(4)?.replace("\\040", " ")) == mnt).then(|| f.get(sep + 1).map(|s| s.to_string()))?
-    })
-}
-
-pub fn is_fuse_mounted(mnt: &Path) -> bool {
-    mount_type(mnt).is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
-}
-
-/// Kills a child when the test process dies without running its guards.
-fn die_with_parent(cmd: &mut Command, sig: Signal) {
-    let sig = sig as i32;
-    // SAFETY: the closure runs in the child between fork and exec and makes one
-    // async-signal-safe syscall (prctl), touching no memory of the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, sig) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
+    mount_entry(mnt).map(|(fstype, _)| fstype)
 }
 
 fn read_text(path: &Path) -> String {
@@ -170,10 +102,9 @@ fn read_text(path: &Path) -> String {
 
 /// A running `vmback mount`; dropping it unmounts and reaps whatever state it is in.
 pub struct Vmback {
-    child: Option<Child>,
+    vmback: Watched,
     pub mnt: PathBuf,
     log: PathBuf,
-    watchdog: Option<mpsc::Sender<()>>,
 }
 
 impl Vmback {
@@ -193,50 +124,22 @@ impl Vmback {
     ) -> Result<Vmback, (Option<ExitStatus>, String)> {
         std::fs::create_dir_all(mnt).expect("mountpoint");
         let log = mnt.with_extension(format!("log{}", unique()));
-        let file = File::create(&log).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmback"));
-        die_with_parent(&mut cmd, Signal::SIGTERM);
-        let child = cmd
-            .arg("mount")
-            .args(extra)
-            .arg(source)
-            .arg(mnt)
-            .env("VMBACK_LOG", "info,fuser=warn")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log fd"))
-            .stderr(file)
-            .spawn()
-            .expect("spawning vmback");
-        let pid = Pid::from_raw(child.id() as i32);
-        let (tx, rx) = mpsc::channel::<()>();
-        thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(WATCHDOG) {
-                eprintln!("watchdog: vmback {pid} still running after {WATCHDOG:?}; killing it");
-                let _ = kill(pid, Signal::SIGKILL);
-            }
-        });
-        let mut m = Vmback { child: Some(child), mnt: mnt.to_owned(), log, watchdog: Some(tx) };
-        let mut exited = None;
-        let up = wait_until(MOUNT_WAIT, || {
-            if let Ok(Some(st)) = m.child.as_mut().expect("child").try_wait() {
-                exited = Some(st);
-                return true;
-            }
-            is_fuse_mounted(mnt)
-        });
-        match (up, exited) {
-            (true, None) => Ok(m),
-            (_, Some(st)) => {
-                m.child = None;
+        let extra: Vec<OsString> = extra.iter().map(Into::into).collect();
+        let vmback = Watched::spawn(source, mnt, &extra, &log, WATCHDOG);
+        let mut m = Vmback { vmback, mnt: mnt.to_owned(), log };
+        match m.vmback.wait_mounted(mnt, MOUNT_WAIT) {
+            Ok(()) => Ok(m),
+            Err(Some(st)) => {
+                m.vmback.child = None;
                 Err((Some(st), m.log()))
             }
-            (false, None) => Err((None, m.log())),
+            Err(None) => Err((None, m.log())),
         }
     }
 
     /// Peak resident memory of vmback so far (VmHWM), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let pid = self.child.as_ref().expect("vmback running").id();
+        let pid = self.vmback.child.as_ref().expect("vmback running").id();
         let status = read_text(Path::new(&format!("/proc/{pid}/status")));
         let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).expect("VmHWM");
         kib.trim().trim_end_matches("kB").trim().parse::<u64>().expect("VmHWM value") * 1024
@@ -256,7 +159,7 @@ impl Vmback {
     pub fn stop(&mut self) -> bool {
         let mnt = self.mnt.clone();
         let log_path = self.log.clone();
-        let child = self.child.as_mut().expect("vmback running");
+        let child = self.vmback.child.as_mut().expect("vmback running");
         kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("signalling vmback");
         let mut status = None;
         wait_until(MOUNT_WAIT, || {
@@ -274,12 +177,12 @@ impl Vmback {
                 );
                 let _ = child.kill();
                 let _ = child.wait();
-                self.child = None;
+                self.vmback.child = None;
                 return false;
             }
             panic!("vmback did not exit after SIGTERM:\n{log}\n{diag}");
         };
-        self.child = None;
+        self.vmback.child = None;
         assert!(status.success(), "vmback exited with {status}:\n{log}");
         assert!(!is_fuse_mounted(&self.mnt), "{} still mounted after vmback exited", self.mnt.display());
         true
@@ -287,7 +190,7 @@ impl Vmback {
 
     /// SIGKILL (no clean unmount, no overlay saved at exit), then clears the dead mount.
     pub fn kill_hard(&mut self) {
-        let mut child = self.child.take().expect("vmback running");
+        let mut child = self.vmback.child.take().expect("vmback running");
         let _ = child.kill();
         let _ = child.wait();
         let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).stderr(Stdio::null()).status();
@@ -348,27 +251,9 @@ fn foreign_copies(mnt: &Path) -> Vec<(String, String)> {
     out
 }
 
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
 impl Drop for Vmback {
     fn drop(&mut self) {
-        self.watchdog.take();
-        if let Some(mut child) = self.child.take() {
-            let pid = Pid::from_raw(child.id() as i32);
-            let mut gone = matches!(child.try_wait(), Ok(Some(_)));
-            if !gone {
-                let _ = kill(pid, Signal::SIGTERM);
-                gone = wait_until(Duration::from_secs(5), || matches!(child.try_wait(), Ok(Some(_))));
-            }
-            if !gone {
-                let _ = kill(pid, Signal::SIGKILL);
-                let _ = child.wait();
-            }
-        }
+        self.vmback.reap();
         for _ in 0..3 {
             if mount_type(&self.mnt).is_none() {
                 break;
@@ -424,12 +309,7 @@ impl LoopMount {
 
 impl Drop for LoopMount {
     fn drop(&mut self) {
-        if mount_type(&self.dir).is_some() {
-            let _ = Command::new("umount").arg(&self.dir).stderr(Stdio::null()).status();
-        }
-        if mount_type(&self.dir).is_some() {
-            let _ = Command::new("umount").arg("-l").arg(&self.dir).stderr(Stdio::null()).status();
-        }
+        umount_quietly(&self.dir);
         self.wait_detached();
     }
 }
@@ -542,18 +422,7 @@ pub fn read_range(path: &Path, off: u64, len: usize) -> Vec<u8> {
 }
 
 pub fn pread(f: &File, off: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        match f.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => panic!("pread {len} at {off}: {e}"),
-        }
-    }
-    buf.truncate(done);
-    buf
+    crate::common::files::pread(f, off, len).unwrap_or_else(|e| panic!("pread {len} at {off}: {e}"))
 }
 
 /// Fails with the first differing offset instead of printing megabytes.
@@ -573,9 +442,10 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
     );
 }
 
-/// sha256 of every regular file under `dir`, by path.
-pub fn sha256_tree(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let mut files = Vec::new();
+/// Every regular file under `dir` for which `keep` holds, sorted; symlinks (the `latest`
+/// links of a mount) are not followed.
+fn files_under(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
+    let mut out = Vec::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).expect("read_dir") {
@@ -583,12 +453,18 @@ pub fn sha256_tree(dir: &Path) -> BTreeMap<PathBuf, String> {
             let t = e.file_type().expect("file type");
             if t.is_dir() {
                 stack.push(e.path());
-            } else if t.is_file() {
-                files.push(e.path());
+            } else if t.is_file() && keep(&e.path()) {
+                out.push(e.path());
             }
         }
     }
-    files.sort();
+    out.sort();
+    out
+}
+
+/// sha256 of every regular file under `dir`, by path.
+pub fn sha256_tree(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let files = files_under(dir, |_| true);
     let mut out = BTreeMap::new();
     for chunk in files.chunks(64) {
         let args: Vec<&str> = chunk.iter().map(|p| path_str(p)).collect();
@@ -602,21 +478,7 @@ pub fn sha256_tree(dir: &Path) -> BTreeMap<PathBuf, String> {
 
 /// Every `*.raw` image under a mount, not following the `latest` links.
 pub fn images(mnt: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![mnt.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let e = e.expect("dir entry");
-            let t = e.file_type().expect("file type");
-            if t.is_dir() {
-                stack.push(e.path());
-            } else if t.is_file() && e.path().extension().is_some_and(|x| x == "raw") {
-                out.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    out
+    files_under(mnt, |p| p.extension().is_some_and(|x| x == "raw"))
 }
 
 /// The data extents of a sparse file (SEEK_DATA / SEEK_HOLE).
@@ -741,11 +603,6 @@ pub struct Unmount(pub PathBuf);
 
 impl Drop for Unmount {
     fn drop(&mut self) {
-        if mount_type(&self.0).is_some() {
-            let _ = Command::new("umount").arg(&self.0).stderr(Stdio::null()).status();
-        }
-        if mount_type(&self.0).is_some() {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).stderr(Stdio::null()).status();
-        }
+        umount_quietly(&self.0);
     }
 }
