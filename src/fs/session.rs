@@ -115,6 +115,9 @@ fn raise_readahead(mountpoint: &Path) {
     }
 }
 
+/// How long after an unmount to explain why the process is still running.
+const LINGER_NOTICE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Unmounts `path`: directly as root, through `fusermount3 -u` otherwise (what an
 /// unprivileged FUSE mount needs). A busy mount gives EBUSY.
 fn unmount(path: &Path) -> io::Result<()> {
@@ -162,7 +165,17 @@ pub fn mount(catalog: &Catalog, mountpoint: &Path, opts: &MountOptions) -> Resul
             let shown = path.display();
             info!("{sig}: unmounting {shown}");
             match unmount(&path) {
-                Ok(()) => break,
+                Ok(()) => {
+                    // The session ends (and this process with it) once the kernel lets go.
+                    // If it has not after a while, say why rather than hang silently.
+                    std::thread::sleep(LINGER_NOTICE);
+                    warn!(
+                        "{shown} is unmounted here but still held elsewhere: a process started \
+                         while it was mounted (a VM, a container) has its own copy of the mount; \
+                         vmback exits when that process does"
+                    );
+                    break;
+                }
                 // Someone still uses the mount (a VM with an image open, a shell inside):
                 // pulling it away would fail their I/O, so stay mounted and say so.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => warn!(
