@@ -149,6 +149,9 @@ pub fn write_stream(
                 }
             }
         });
+        // Owned here, so an early return (a write error) drops it: the reader's next send
+        // fails and it stops, instead of waiting for ever on a full channel.
+        let filled = filled;
         let mut nbd_err = None;
         for &(start, len, data) in extents {
             if data {
