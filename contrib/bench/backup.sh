@@ -30,23 +30,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-quick=0 keep=0 out="" reps=3
-while [ $# -gt 0 ]; do
-  case $1 in
-    --quick) quick=1 ;;
-    --keep) keep=1 ;;
-    --reps) reps=$2; shift ;;
-    --out) out=$2; shift ;;
-    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
-    *) echo "backup.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
-  esac
-  shift
-done
-if [ "$(id -u)" -ne 0 ]; then
-  echo "backup.sh: needs root (drop_caches, libvirtd)" >&2
-  exit 2
-fi
-[ "$reps" -ge 1 ] 2>/dev/null || { echo "backup.sh: --reps wants a number >= 1" >&2; exit 2; }
+. contrib/bench/common.sh
+bench_args backup.sh "drop_caches, libvirtd" "$@"
 
 MiB=1048576
 if [ $quick = 1 ]; then SIZE=$((256 * MiB)); else SIZE=$((1024 * MiB)); fi
@@ -70,8 +55,6 @@ log=$work/commands.log
 say() { echo "[$(date +%T)] $*" >&2; }
 die() { echo "backup.sh: $*" >&2; exit 1; }
 virsh_() { virsh -q -c "$uri" "$@"; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
 med() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 remove_domain() {

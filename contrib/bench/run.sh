@@ -24,6 +24,7 @@
 # needs about 6 GB there. See doc/BENCHMARKS.md for the method and the last results.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. contrib/bench/common.sh
 
 quick=0 keep=0 out="" vmback="" readahead=""
 while [ $# -gt 0 ]; do
@@ -77,12 +78,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log() { echo "[$(date +%T)] $*" >&2; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-# kv KEY LINE: the value of KEY in a `k=v k=v` line.
-kv() { sed -n "s/.*\(^\| \)$1=\([^ ]*\).*/\2/p" <<<"$2"; }
-# calc EXPR: awk arithmetic, 2 decimals unless the expression formats itself.
-calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
 max() { printf '%s\n' "$@" | sort -g | tail -1; }
 min() { printf '%s\n' "$@" | sort -g | head -1; }
 

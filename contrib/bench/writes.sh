@@ -25,6 +25,7 @@
 # /var/tmp/vmback-bench-writes.XXXXXX (about 2 x --size), removed unless --keep.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. contrib/bench/common.sh
 
 SIZE=1G OPS=20000 DIRTY=256M CACHE=256M keep=0
 while [ $# -gt 0 ]; do
@@ -64,10 +65,6 @@ cleanup() {
   if [ $keep = 0 ]; then rm -rf "$work"; else echo "writes.sh: work files kept in $work" >&2; fi
 }
 trap cleanup EXIT
-log() { echo "[$(date +%T)] $*" >&2; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-kv() { sed -n "s/.*\(^\| \)$1=\([^ ]*\).*/\2/p" <<<"$2"; }
-calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
 to_mib() { numfmt --from=iec "$1" | awk '{ printf "%d", $1 / 1048576 }'; }
 
 cat >"$work/io.py" <<'EOF'
