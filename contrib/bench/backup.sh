@@ -146,16 +146,6 @@ change() {
   done
 }
 
-# timed CMD...: drops the caches, runs CMD (output to the log), prints its wall time.
-timed() {
-  local t0 t1
-  drop_caches
-  t0=$EPOCHREALTIME
-  echo "+ $*" >>"$log"
-  "$@" >>"$log" 2>&1 || die "failed: $* (see $log)"
-  t1=$EPOCHREALTIME
-  calc "$t1 - $t0"
-}
 sync_time() { local t0=$EPOCHREALTIME; sync; calc "$EPOCHREALTIME - $t0"; }
 mib_of() { du -cb --apparent-size "$@" | tail -n 1 | awk '{ printf "%.1f", $1 / 1048576 }'; }
 

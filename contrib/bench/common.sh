@@ -9,6 +9,19 @@ kv() { sed -n "s/.*\(^\| \)$1=\([^ ]*\).*/\2/p" <<<"$2"; }
 # calc EXPR: awk arithmetic, 2 decimals.
 calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
 
+# timed CMD...: drops the caches, runs CMD with its output appended to the caller's $log
+# (failing through the caller's `die`), and prints its wall time in seconds.
+# shellcheck disable=SC2154  # log is the sourcing script's
+timed() {
+  local t0 t1
+  drop_caches
+  t0=$EPOCHREALTIME
+  echo "+ $*" >>"$log"
+  "$@" >>"$log" 2>&1 || die "failed: $* (see $log)"
+  t1=$EPOCHREALTIME
+  calc "$t1 - $t0"
+}
+
 # bench_args SCRIPT WHY_ROOT ARGS...: parses --quick, --keep, --reps N, --out FILE and
 # --help (the script's header comment) into quick, keep, reps and out, and refuses to run
 # without root (WHY_ROOT says what needs it).

@@ -47,18 +47,11 @@ say() { echo "[$(date +%T)] $*" >&2; }
 die() { echo "restore.sh: $*" >&2; exit 1; }
 med() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-# timed OUTDIR CMD...: removes OUTDIR, drops the caches, runs CMD (output to the log) and
-# prints its wall time in seconds.
-timed() {
-  local dir=$1 t0 t1
+# timed_into OUTDIR CMD...: removes OUTDIR, then `timed CMD...` (common.sh).
+timed_into() {
+  rm -rf -- "$1"
   shift
-  rm -rf -- "$dir"
-  drop_caches
-  t0=$EPOCHREALTIME
-  echo "+ $*" >>"$log"
-  "$@" >>"$log" 2>&1 || die "failed: $* (see $log)"
-  t1=$EPOCHREALTIME
-  calc "$t1 - $t0"
+  timed "$@"
 }
 
 # unlocked IMAGE: waits until the qemu-nbd that virtnbdrestore forked lets go of IMAGE.
@@ -110,19 +103,19 @@ for set in plain lz4; do
   say "$set: vmback restore raw, qcow2; cp --sparse=always; qemu-img convert (x$reps)"
   vr=() vq=() cpt=() qi=()
   for rep in $(seq 1 "$reps"); do
-    vr+=("$(timed "$o" "$vmback" restore -i "$src" -o "$o")")
+    vr+=("$(timed_into "$o" "$vmback" restore -i "$src" -o "$o")")
     if [ "$rep" = 1 ]; then
       cmp "$o/sda.raw" "$truth" || die "$set: vmback's raw image differs from the truth"
     fi
-    vq+=("$(timed "$o" "$vmback" restore -i "$src" -o "$o" --format qcow2)")
+    vq+=("$(timed_into "$o" "$vmback" restore -i "$src" -o "$o" --format qcow2)")
     if [ "$rep" = 1 ]; then
       qemu-img compare -q -f qcow2 -F raw "$o/sda.qcow2" "$truth" || die "$set: vmback's qcow2 differs from the truth"
     fi
-    cpt+=("$(timed "$o" cp_truth "$o")")
-    qi+=("$(timed "$o" convert_truth "$o")")
+    cpt+=("$(timed_into "$o" cp_truth "$o")")
+    qi+=("$(timed_into "$o" convert_truth "$o")")
   done
   say "$set: virtnbdrestore (once)"
-  T[$set,up]=$(timed "$o" virtnbdrestore -i "$src" -o "$o" -n -L "$work/virtnbdrestore.log")
+  T[$set,up]=$(timed_into "$o" virtnbdrestore -i "$src" -o "$o" -n -L "$work/virtnbdrestore.log")
   unlocked "$o/bench-vm-sda.qcow2"
   grep -q ' ERROR \| CRITICAL ' "$log" && die "$set: virtnbdrestore logged an error (see $log)"
   qemu-img compare -q -f qcow2 -F raw "$o/bench-vm-sda.qcow2" "$truth" || die "$set: virtnbdrestore's image differs from the truth"
