@@ -981,3 +981,54 @@ fn a_full_after_a_transient_domain_lost_its_checkpoints() {
     let step = dom.backup(Tool::Vmback, "full", &set, &[]);
     chain::check_vmback_restore(&[step]);
 }
+
+// ---------------------------------------------------------------------------------------
+// A living catalog: backups taken into a mounted folder show up in the mount.
+
+#[test]
+fn backups_taken_into_a_mounted_folder_show_up_in_it() {
+    if !stack() {
+        return;
+    }
+    let name = "vmback-t-live";
+    let mut dom = two_disk_dom(name);
+    let root = tempdir(name);
+    let set = root.path().join("set");
+    std::fs::create_dir_all(&set).expect("set folder");
+    // Mounted before the first backup exists: the mount takes no lock that would stop
+    // either tool from writing into SOURCE.
+    let m = support::mount(root.path());
+    let dom_dir = m.dir.path().join(name);
+    let runs =
+        [(Tool::Vmback, "full"), (Tool::Vmback, "inc"), (Tool::Virtnbdbackup, "inc"), (Tool::Vmback, "diff")];
+    for (i, (tool, level)) in runs.into_iter().enumerate() {
+        some_writes(&dom, i as u64);
+        let step = dom.backup(tool, level, &set, &[]);
+        let ended = std::time::Instant::now();
+        let point = if level == "diff" {
+            let named = support::point_name(&support::ls_json(root.path()), &step);
+            named.rsplit('/').next().unwrap_or_default().to_owned()
+        } else {
+            format!("virtnbdbackup.{i}")
+        };
+        while !dom_dir.join(&point).join("vda.raw").exists() {
+            assert!(
+                ended.elapsed() < std::time::Duration::from_secs(20),
+                "{point} never showed in the mount"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        println!(
+            "{point} ({tool:?} {level}) showed {} ms after the backup ended",
+            ended.elapsed().as_millis()
+        );
+        for (disk, truth) in &step.truth {
+            support::assert_same(&dom_dir.join(&point).join(format!("{disk}.raw")), truth, &point);
+        }
+        // `latest` follows (the kernel may trust the old link for up to a second).
+        while std::fs::read_link(dom_dir.join("latest")).ok() != Some(point.clone().into()) {
+            assert!(ended.elapsed() < std::time::Duration::from_secs(20), "latest never moved to {point}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

@@ -11,6 +11,8 @@ mod common {
     pub mod fuse;
     pub mod rng;
 }
+#[path = "mount/live.rs"]
+mod live;
 #[path = "mount/streams.rs"]
 mod streams;
 #[path = "mount/support.rs"]

@@ -13,6 +13,11 @@
 //! domain has several sets (rotation folders), each name except copies gets the set's
 //! start time as prefix (`20260601-000000.virtnbdbackup.0`), so names stay unique and sort
 //! in time order. Names depend only on the backup files, so they are stable across mounts.
+//!
+//! A mounted catalog is built again when SOURCE changes: [`Listing`] is one cheap walk
+//! (names and `lstat` stamps), and [`Catalog::build`] indexes only the stream files that
+//! are new or changed since the last build ([`Indexed`]); an unchanged file keeps its
+//! [`Layer`], id included, so everything built on it carries over.
 
 pub mod naming;
 pub mod set;
@@ -20,6 +25,7 @@ pub mod set;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::SystemTime;
 
 use thiserror::Error;
@@ -115,41 +121,187 @@ struct Folder {
     cpt: Option<String>,
 }
 
-impl Catalog {
-    /// Walks `root` and indexes every set in it.
-    pub fn discover(root: &Path) -> Result<Catalog, CatalogError> {
+/// What tells one version of a file from the next: a file replaced, rewritten, grown or
+/// truncated changes at least one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(meta: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+        FileStamp { dev: meta.dev(), ino: meta.ino(), len: meta.len(), mtime_ns }
+    }
+}
+
+/// What a file found in SOURCE is to the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum EntryKind {
+    Data,
+    Partial,
+    Config(String),
+    Cpt(String),
+    /// A symlink with a name the catalog would read: reported, never followed.
+    Symlink,
+}
+
+/// One walk of SOURCE: every file that matters, with its stamp. Two listings are equal
+/// exactly when the catalog built from them would be, so a refresh compares listings
+/// (a few `lstat`s per set) and only rebuilds when they differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    root: PathBuf,
+    entries: Vec<(PathBuf, EntryKind, Option<FileStamp>)>,
+    /// Entries the walk could not read.
+    unreadable: Vec<String>,
+}
+
+impl Listing {
+    /// Walks `root` without following symlinks.
+    pub fn walk(root: &Path) -> Result<Listing, CatalogError> {
         std::fs::read_dir(root).map_err(|source| CatalogError::Root { path: root.to_owned(), source })?;
-        let mut cat = Catalog::default();
-        let mut folders: BTreeMap<PathBuf, Folder> = BTreeMap::new();
+        let mut listing = Listing { root: root.to_owned(), entries: Vec::new(), unreadable: Vec::new() };
         let walk = walkdir::WalkDir::new(root).follow_links(false).max_depth(MAX_DEPTH).sort_by_file_name();
         for entry in walk {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
-                    cat.warn(format!("skipping unreadable entry: {e}"));
+                    listing.unreadable.push(e.to_string());
                     continue;
                 }
             };
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let dir = entry.path().parent().unwrap_or(root).to_owned();
-            if !entry.file_type().is_file() {
-                if entry.path_is_symlink() && (name.ends_with(".data") || name.ends_with(".xml")) {
-                    cat.warn(format!("{}: is a symlink; not followed", entry.path().display()));
-                }
-                continue;
-            }
-            if name.ends_with(".data.partial") {
-                cat.warn(format!("{}: backup in progress or aborted; skipped", entry.path().display()));
+            let name = entry.file_name().to_string_lossy();
+            let kind = if entry.path_is_symlink() {
+                (name.ends_with(".data") || name.ends_with(".xml")).then_some(EntryKind::Symlink)
+            } else if !entry.file_type().is_file() {
+                None
+            } else if name.ends_with(".data.partial") {
+                Some(EntryKind::Partial)
             } else if name.ends_with(".data") {
-                folders.entry(dir).or_default().data.push(entry.into_path());
+                Some(EntryKind::Data)
             } else if let Some(ident) = name.strip_prefix("vmconfig.").and_then(|n| n.strip_suffix(".xml")) {
-                folders.entry(dir).or_default().configs.insert(ident.to_owned(), entry.into_path());
-            } else if let Some(dom) = name.strip_suffix(".cpt") {
-                folders.entry(dir).or_default().cpt = Some(dom.to_owned());
+                Some(EntryKind::Config(ident.to_owned()))
+            } else {
+                name.strip_suffix(".cpt").map(|dom| EntryKind::Cpt(dom.to_owned()))
+            };
+            if let Some(kind) = kind {
+                // A backup in progress grows its `.partial` all the time; only its coming
+                // and going (renamed to `.data`) changes the catalog.
+                let stamp = match kind {
+                    EntryKind::Partial | EntryKind::Symlink => None,
+                    _ => entry.metadata().ok().map(|m| FileStamp::of(&m)),
+                };
+                listing.entries.push((entry.into_path(), kind, stamp));
             }
         }
-        let mut opened = index_all(folders.values().flat_map(|f| &f.data));
-        let mut next_id = 0u32;
+        Ok(listing)
+    }
+}
+
+/// Stream files indexed by earlier builds, reused while their stamp is the same, so a
+/// refresh indexes only new and changed files and an unchanged file keeps its layer id
+/// (and with it its decoded frames in the read cache, and the images built on it).
+#[derive(Default)]
+pub struct Indexed {
+    files: HashMap<PathBuf, (Option<FileStamp>, Result<Layer, String>)>,
+}
+
+/// A catalog kept in step with its SOURCE: [`Watched::poll`] walks SOURCE again and
+/// builds a new catalog when anything changed.
+pub struct Watched {
+    root: PathBuf,
+    listing: Listing,
+    known: Indexed,
+    /// Warnings already logged: a refresh logs only new ones.
+    warned: std::collections::HashSet<String>,
+}
+
+impl Watched {
+    /// The catalog of `root` now, with its warnings logged.
+    pub fn open(root: &Path) -> Result<(Watched, Catalog), CatalogError> {
+        let listing = Listing::walk(root)?;
+        let mut known = Indexed::default();
+        let cat = Catalog::build(&listing, &mut known);
+        let mut w = Watched { root: root.to_owned(), listing, known, warned: Default::default() };
+        w.log_new(&cat);
+        Ok((w, cat))
+    }
+
+    /// The new catalog if SOURCE changed since the last call, logging new warnings.
+    pub fn poll(&mut self) -> Result<Option<Catalog>, CatalogError> {
+        let listing = Listing::walk(&self.root)?;
+        if listing == self.listing {
+            return Ok(None);
+        }
+        let cat = Catalog::build(&listing, &mut self.known);
+        self.listing = listing;
+        self.log_new(&cat);
+        Ok(Some(cat))
+    }
+
+    fn log_new(&mut self, cat: &Catalog) {
+        for w in &cat.warnings {
+            if !self.warned.contains(w) {
+                warn!("{w}");
+            }
+        }
+        self.warned = cat.warnings.iter().cloned().collect();
+    }
+}
+
+/// Layer ids key decoded frames in the one read cache of a mount, so they are unique
+/// for the life of the process, across every catalog built in it.
+static NEXT_LAYER_ID: AtomicU32 = AtomicU32::new(1);
+
+impl Catalog {
+    /// Walks `root` and indexes every set in it.
+    /// Its warnings are logged.
+    pub fn discover(root: &Path) -> Result<Catalog, CatalogError> {
+        Ok(Watched::open(root)?.1)
+    }
+
+    /// The catalog of `listing`, indexing only the files `known` does not already hold
+    /// in the same version; `known` is left holding exactly the files of `listing`.
+    pub fn build(listing: &Listing, known: &mut Indexed) -> Catalog {
+        let mut cat = Catalog::default();
+        for e in &listing.unreadable {
+            cat.warn(format!("skipping unreadable entry: {e}"));
+        }
+        let mut folders: BTreeMap<PathBuf, Folder> = BTreeMap::new();
+        let mut stamps = HashMap::new();
+        for (path, kind, stamp) in &listing.entries {
+            let dir = path.parent().unwrap_or(&listing.root).to_owned();
+            match kind {
+                EntryKind::Symlink => cat.warn(format!("{}: is a symlink; not followed", path.display())),
+                EntryKind::Partial => {
+                    cat.warn(format!("{}: backup in progress or aborted; skipped", path.display()))
+                }
+                EntryKind::Data => {
+                    folders.entry(dir).or_default().data.push(path.clone());
+                    stamps.insert(path.clone(), *stamp);
+                }
+                EntryKind::Config(ident) => {
+                    folders.entry(dir).or_default().configs.insert(ident.clone(), path.clone());
+                }
+                EntryKind::Cpt(dom) => folders.entry(dir).or_default().cpt = Some(dom.clone()),
+            }
+        }
+        // A file whose stamp could not be read is indexed again every time.
+        known.files.retain(|path, (stamp, _)| stamp.is_some() && stamps.get(path) == Some(stamp));
+        let fresh =
+            index_all(folders.values().flat_map(|f| &f.data).filter(|p| !known.files.contains_key(*p)));
+        for (path, index) in fresh {
+            let layer = index
+                .map(|i| Layer { id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed), index: Arc::new(i) })
+                .map_err(|e| e.to_string());
+            let stamp = stamps.get(&path).copied().flatten();
+            known.files.insert(path, (stamp, layer));
+        }
         let mut domains: BTreeMap<String, Vec<(PathBuf, Vec<SetPoint>)>> = BTreeMap::new();
         for (dir, folder) in folders {
             if folder.data.is_empty() {
@@ -164,28 +316,26 @@ impl Catalog {
                     cat.warn(format!("{}: not a data file name vmback knows; skipped", path.display()));
                     continue;
                 };
-                let index = opened.remove(&path).unwrap_or_else(|| open_data_file(&path, &name));
-                let date = stream_date(index.as_ref().ok(), &path);
-                let index = match index {
-                    Ok(i) => {
-                        if let Some(d) = &i.damage {
+                let index = match known.files.get(&path) {
+                    Some((_, index)) => index.clone(),
+                    None => Err(format!("{}: vanished while indexing", path.display())),
+                };
+                match &index {
+                    Ok(l) => {
+                        if let Some(d) = &l.index.damage {
                             cat.warn(format!("damaged: {}", d.error));
                         }
-                        next_id += 1;
-                        Ok(Layer { id: next_id, index: Arc::new(i) })
                     }
-                    Err(e) => {
-                        cat.warn(format!("unreadable: {e}"));
-                        Err(e.to_string())
-                    }
-                };
+                    Err(e) => cat.warn(format!("unreadable: {e}")),
+                }
+                let date = stream_date(index.as_ref().ok().map(|l| &*l.index), &path);
                 found.push(Found { name, path, index, date });
             }
             let points = build_points(found, &folder.configs);
             domains.entry(domain).or_default().push((dir, points));
         }
         cat.domains = domains.into_iter().map(|(name, sets)| name_points(name, sets)).collect();
-        Ok(cat)
+        cat
     }
 
     /// The domain called `name`, or the only one when no name is given.
@@ -204,7 +354,6 @@ impl Catalog {
     }
 
     fn warn(&mut self, msg: String) {
-        warn!("{msg}");
         self.warnings.push(msg);
     }
 }

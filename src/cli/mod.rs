@@ -18,7 +18,7 @@ mod backup;
 mod ls;
 mod restore;
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Watched};
 use crate::fs::session::{MountOptions, mount};
 use crate::fs::{FsConfig, Writes};
 use crate::restore::{Format, Sparse};
@@ -64,6 +64,10 @@ pub enum Command {
         /// Threads serving requests [default: two per core, at most 16].
         #[arg(long)]
         threads: Option<usize>,
+        /// Look for new, changed and removed backups in SOURCE every SECONDS (0: never);
+        /// they show in the mount without a remount.
+        #[arg(long, value_name = "SECONDS", default_value = "1")]
+        rescan: f64,
     },
     /// List domains, restore points and disks found in SOURCE.
     Ls {
@@ -200,8 +204,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             overlay_dir,
             keep_overlay,
             threads,
+            rescan,
         } => {
-            let catalog = Catalog::discover(&source)?;
+            let (watched, catalog) = Watched::open(&source)?;
+            let every = std::time::Duration::try_from_secs_f64(rescan)
+                .map_err(|e| format!("--rescan {rescan}: {e}"))?;
+            let watch = (!every.is_zero()).then_some((watched, every));
             // The scratch folder lives until this arm ends, i.e. until unmount.
             let mut scratch = None;
             let writes = match (read_only, keep_overlay) {
@@ -226,7 +234,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 fs_name: source.display().to_string(),
                 fs: FsConfig { cache_size: usize::try_from(cache_size)?, dirty_size, writes },
             };
-            mount(&catalog, &mountpoint, &opts)?;
+            mount(&catalog, watch, &mountpoint, &opts)?;
             drop(scratch);
         }
         Command::Ls { source, json } => {

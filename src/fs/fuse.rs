@@ -14,10 +14,11 @@ use tracing::{debug, warn};
 
 use super::{Attr, FsError, ImageFs, Kind, Seek};
 
-/// How long the kernel may cache names and attributes. The tree does not change while
-/// mounted, and every write passes through this process (the kernel updates its cached
-/// pages and sizes on the way), so a long TTL only saves round trips.
-const TTL: Duration = Duration::from_secs(60);
+/// How long the kernel may cache names and attributes. The tree changes when SOURCE
+/// does (a new backup must show within 2 s, and `latest` move with it), so names are
+/// trusted for 1 s. Contents never go stale under a cached name: a node whose contents
+/// change gets a new inode number (see `inode`), and every write passes through here.
+const TTL: Duration = Duration::from_secs(1);
 
 /// The readahead asked for at INIT. The kernel caps it at what it offered (128 KiB on
 /// current kernels); `session` raises it through sysfs afterwards when it can.
@@ -25,7 +26,7 @@ const MAX_READAHEAD: u32 = 1 << 20;
 
 /// The core, plus what only the adapter needs.
 pub struct FuseAdapter {
-    pub fs: ImageFs,
+    pub fs: std::sync::Arc<ImageFs>,
     /// The mount's owner: every node shows this uid and gid.
     pub uid: u32,
     pub gid: u32,
@@ -93,8 +94,8 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
             Err(e) => reply.error(errno("getattr", &e)),
         }
@@ -110,8 +111,8 @@ impl Filesystem for FuseAdapter {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
         match self.fs.open(ino.0, write) {
-            Ok(true) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Ok(false) => reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO),
+            Ok((fh, true)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((fh, false)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(errno("open", &e)),
         }
     }
@@ -119,15 +120,15 @@ impl Filesystem for FuseAdapter {
     fn read(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        _ino: INodeNo,
+        fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(ino.0, offset, size) {
+        match self.fs.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno("read", &e)),
         }
@@ -150,8 +151,8 @@ impl Filesystem for FuseAdapter {
     fn lseek(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        _ino: INodeNo,
+        fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
@@ -162,7 +163,7 @@ impl Filesystem for FuseAdapter {
             other => return reply.error(errno("lseek", &FsError::BadWhence(other))),
         };
         let Ok(offset) = u64::try_from(offset) else { return reply.error(Errno::EINVAL) };
-        match self.fs.lseek(ino.0, offset, whence) {
+        match self.fs.lseek(fh.0, offset, whence) {
             Ok(pos) => reply.offset(pos as i64),
             Err(e) => reply.error(errno("lseek", &e)),
         }
@@ -171,16 +172,30 @@ impl Filesystem for FuseAdapter {
     fn flush(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        _ino: INodeNo,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
         // close(2) of a kept image saves its overlay, as fsync does.
-        match self.fs.sync(ino.0) {
+        match self.fs.sync(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("flush", &e)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
     }
 
     // The tree itself is fixed: only image contents change. Creating, removing or
@@ -272,8 +287,8 @@ impl Filesystem for FuseAdapter {
     fn write(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        _ino: INodeNo,
+        fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -281,7 +296,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(ino.0, offset, data) {
+        match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno("write", &e)),
         }
@@ -290,21 +305,21 @@ impl Filesystem for FuseAdapter {
     fn fallocate(
         &self,
         _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
+        _ino: INodeNo,
+        fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(ino.0, offset, length, mode) {
+        match self.fs.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fallocate", &e)),
         }
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.fs.sync(ino.0) {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        match self.fs.sync(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno("fsync", &e)),
         }
@@ -321,14 +336,14 @@ impl Filesystem for FuseAdapter {
         _atime: Option<TimeOrNow>,
         _mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.fs.setattr(ino.0, size) {
+        match self.fs.setattr(ino.0, fh.map(|f| f.0), size) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
             Err(e) => reply.error(errno("setattr", &e)),
         }

@@ -123,7 +123,7 @@ impl Image {
     ) -> Result<Image, KeepError> {
         let size = reader.size();
         let (overlay, kept) = match place {
-            OverlayPlace::None => (None, None),
+            OverlayPlace::None => return Ok(Image::read_only(reader)),
             OverlayPlace::Scratch(path) => (Some(Overlay::new(size, path, budget.clone())), None),
             OverlayPlace::Keep(dir) => {
                 let folder = dir.join(&identity.domain).join(&identity.point);
@@ -167,6 +167,11 @@ impl Image {
             }
         };
         Ok(Image { reader, overlay, kept, thin: parking_lot::Mutex::new(None) })
+    }
+
+    /// An image without overlay (EROFS on write).
+    pub fn read_only(reader: ImageReader) -> Image {
+        Image { reader, overlay: None, kept: None, thin: parking_lot::Mutex::new(None) }
     }
 
     pub fn size(&self) -> u64 {

@@ -1,4 +1,5 @@
-//! The mount's directory tree, built once from the catalog and never changed.
+//! The mount's directory tree, built from a catalog, and built again whenever SOURCE
+//! changes (a new backup, a set rotated away).
 //!
 //! ```text
 //! /.stats                              cache counters
@@ -6,30 +7,38 @@
 //! /<domain>/<point>/<disk>.raw         the disk image at that point
 //! /<domain>/<point>/vmconfig.xml       the domain XML saved with that backup
 //! ```
-//! Inode numbers are indexes into one `Vec` (root = 1), so lookups need no lock. Broken
-//! restore points are left out (`vmback ls` says why); damaged ones are shown.
+//! A tree is immutable; a refresh builds a new one and swaps it in. Inode numbers are
+//! stable across trees: a node keeps its number while its path and content stay the
+//! same (for an image: the same stream files, by layer id), and anything else gets a
+//! number never used before, so the kernel cannot serve pages or attributes it cached for
+//! other contents. An image that is the same in the new tree is the same [`Image`] (its
+//! overlay and cached frames carry over). Broken restore points are left out (`vmback
+//! ls` says why); damaged ones are shown.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::image::{ChainFile, Identity};
+use super::image::{ChainFile, Identity, Image};
 use crate::catalog::{Catalog, Status};
 use crate::chain::Layer;
 
-/// An inode number: index + 1 in the node table.
+/// An inode number.
 pub type Ino = u64;
 
 pub const ROOT: Ino = 1;
 
+/// The counters file has a fixed number: it never changes.
+const STATS_INO: Ino = 2;
+
 /// Name of the counters file at the mount root.
 pub const STATS_NAME: &str = ".stats";
 
-#[derive(Debug)]
 pub enum NodeKind {
     /// Children sorted by name.
     Dir(Vec<(String, Ino)>),
-    /// The disk image with this index in [`Tree::images`].
-    Image(usize),
+    Image(Arc<Image>),
     /// A file from the backup set, served as it is (bounded in size at build time).
     Config {
         path: PathBuf,
@@ -39,31 +48,66 @@ pub enum NodeKind {
     Stats,
 }
 
-#[derive(Debug)]
 pub struct Node {
+    pub ino: Ino,
     pub parent: Ino,
     pub kind: NodeKind,
     pub mtime: SystemTime,
 }
 
-/// An image in the tree: its chain and what it is.
+/// An image node to be made: its number, its chain and what it is.
 pub struct ImageSpec {
+    pub ino: Ino,
     pub layers: Vec<Layer>,
     pub identity: Identity,
 }
 
-/// The tree, plus the chains of the images in it.
+/// Inode numbers handed out so far, by what the node is; kept from one tree to the next.
+pub struct Inos {
+    by_key: HashMap<String, Ino>,
+    next: Ino,
+}
+
+impl Default for Inos {
+    fn default() -> Inos {
+        Inos { by_key: HashMap::new(), next: STATS_INO + 1 }
+    }
+}
+
+impl Inos {
+    fn get(&mut self, key: String) -> Ino {
+        *self.by_key.entry(key).or_insert_with(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+}
+
+/// A node before its image exists.
+enum Draft {
+    Done(NodeKind),
+    Image(ImageSpec),
+}
+
+/// See the module note.
+#[derive(Default)]
 pub struct Tree {
-    pub nodes: Vec<Node>,
-    pub images: Vec<ImageSpec>,
+    nodes: HashMap<Ino, Arc<Node>>,
 }
 
 impl Tree {
-    pub fn build(catalog: &Catalog, mounted_at: SystemTime) -> Tree {
-        let mut t = Tree { nodes: Vec::new(), images: Vec::new() };
-        let root = t.add(ROOT, NodeKind::Dir(Vec::new()), mounted_at);
-        let stats = t.add(root, NodeKind::Stats, mounted_at);
-        let mut root_children = vec![(STATS_NAME.to_owned(), stats)];
+    /// The tree of `catalog`, numbering nodes through `inos` (which then holds only this
+    /// tree's numbers). `images` makes the images of the specs given, in order; it is
+    /// called once, with all of them, so readers of one chain can share work.
+    pub fn build(
+        catalog: &Catalog,
+        inos: &mut Inos,
+        mounted_at: SystemTime,
+        images: impl FnOnce(Vec<ImageSpec>) -> Vec<Arc<Image>>,
+    ) -> Tree {
+        let mut b = Builder { inos, drafts: Vec::new(), used: HashSet::new() };
+        let mut root_children = vec![(STATS_NAME.to_owned(), STATS_INO)];
+        b.drafts.push((STATS_INO, ROOT, Draft::Done(NodeKind::Stats), mounted_at));
         for domain in &catalog.domains {
             let shown: Vec<_> =
                 domain.points.iter().filter(|p| !matches!(p.status(), Status::Broken(_))).collect();
@@ -71,66 +115,119 @@ impl Tree {
                 continue;
             }
             let newest = shown.iter().map(|p| p.date).max().unwrap_or(mounted_at);
-            let dom = t.add(root, NodeKind::Dir(Vec::new()), newest);
+            let dom = b.ino(format!("d:{}", domain.name));
             let mut dom_children = Vec::new();
             if let Some(latest) = domain.latest() {
-                let link = t.add(dom, NodeKind::Link(latest.name.clone()), latest.date);
+                let link = b.ino(format!("l:{}:{}", domain.name, latest.name));
+                b.drafts.push((link, dom, Draft::Done(NodeKind::Link(latest.name.clone())), latest.date));
                 dom_children.push(("latest".to_owned(), link));
             }
             for point in shown {
-                let dir = t.add(dom, NodeKind::Dir(Vec::new()), point.date);
+                let at = format!("{}/{}", domain.name, point.name);
+                let dir = b.ino(format!("p:{at}"));
                 let mut files = Vec::new();
                 for disk in &point.disks {
-                    let chain = disk
-                        .layers
-                        .iter()
-                        .map(|l| ChainFile {
-                            name: l.index.path.file_name().unwrap_or_default().to_string_lossy().into_owned(),
-                            size: l.index.file_len,
-                            date: l.index.meta.date.clone(),
-                            checkpoint: l.index.meta.checkpoint_name.clone(),
-                        })
-                        .collect();
+                    let ids: Vec<String> = disk.layers.iter().map(|l| l.id.to_string()).collect();
+                    let img = b.ino(format!("i:{at}/{}:{}", disk.disk, ids.join(",")));
                     let identity = Identity {
                         domain: domain.name.clone(),
                         point: point.name.clone(),
                         disk: disk.disk.clone(),
-                        chain,
+                        chain: disk.layers.iter().map(chain_file).collect(),
                     };
-                    t.images.push(ImageSpec { layers: disk.layers.clone(), identity });
-                    let img = t.add(dir, NodeKind::Image(t.images.len() - 1), point.date);
+                    let spec = ImageSpec { ino: img, layers: disk.layers.clone(), identity };
+                    b.drafts.push((img, dir, Draft::Image(spec), point.date));
                     files.push((format!("{}.raw", disk.disk), img));
                 }
                 if let Some(path) = &point.vmconfig
                     && let Ok(meta) = std::fs::symlink_metadata(path)
                     && meta.is_file()
                 {
-                    let cfg =
-                        t.add(dir, NodeKind::Config { path: path.clone(), size: meta.len() }, point.date);
+                    let size = meta.len();
+                    let cfg = b.ino(format!("c:{}:{size}", path.display()));
+                    b.drafts.push((
+                        cfg,
+                        dir,
+                        Draft::Done(NodeKind::Config { path: path.clone(), size }),
+                        point.date,
+                    ));
                     files.push(("vmconfig.xml".to_owned(), cfg));
                 }
-                t.set_children(dir, files);
+                b.dir(dir, dom, files, point.date);
                 dom_children.push((point.name.clone(), dir));
             }
-            t.set_children(dom, dom_children);
+            b.dir(dom, ROOT, dom_children, newest);
             root_children.push((domain.name.clone(), dom));
         }
-        t.set_children(root, root_children);
-        t
+        b.dir(ROOT, ROOT, root_children, mounted_at);
+        let Builder { inos, drafts, used } = b;
+        inos.by_key.retain(|key, _| used.contains(key));
+
+        let (mut specs, mut placed, mut done) = (Vec::new(), Vec::new(), Vec::new());
+        for (ino, parent, draft, mtime) in drafts {
+            match draft {
+                Draft::Done(kind) => done.push(Node { ino, parent, kind, mtime }),
+                Draft::Image(spec) => {
+                    specs.push(spec);
+                    placed.push((ino, parent, mtime));
+                }
+            }
+        }
+        let image_nodes = placed.into_iter().zip(images(specs)).map(|((ino, parent, mtime), img)| Node {
+            ino,
+            parent,
+            kind: NodeKind::Image(img),
+            mtime,
+        });
+        Tree { nodes: done.into_iter().chain(image_nodes).map(|n| (n.ino, Arc::new(n))).collect() }
     }
 
-    fn add(&mut self, parent: Ino, kind: NodeKind, mtime: SystemTime) -> Ino {
-        self.nodes.push(Node { parent, kind, mtime });
-        self.nodes.len() as Ino
+    pub fn get(&self, ino: Ino) -> Option<&Arc<Node>> {
+        self.nodes.get(&ino)
     }
 
-    fn set_children(&mut self, dir: Ino, mut children: Vec<(String, Ino)>) {
+    pub fn image(&self, ino: Ino) -> Option<&Arc<Image>> {
+        match &self.nodes.get(&ino)?.kind {
+            NodeKind::Image(img) => Some(img),
+            _ => None,
+        }
+    }
+
+    /// Every image of the tree.
+    pub fn images(&self) -> impl Iterator<Item = (Ino, &Arc<Image>)> {
+        self.nodes.values().filter_map(|n| match &n.kind {
+            NodeKind::Image(img) => Some((n.ino, img)),
+            _ => None,
+        })
+    }
+}
+
+/// What a kept overlay records of one stream file.
+fn chain_file(l: &Layer) -> ChainFile {
+    ChainFile {
+        name: l.index.path.file_name().unwrap_or_default().to_string_lossy().into_owned(),
+        size: l.index.file_len,
+        date: l.index.meta.date.clone(),
+        checkpoint: l.index.meta.checkpoint_name.clone(),
+    }
+}
+
+struct Builder<'a> {
+    inos: &'a mut Inos,
+    drafts: Vec<(Ino, Ino, Draft, SystemTime)>,
+    used: HashSet<String>,
+}
+
+impl Builder<'_> {
+    fn ino(&mut self, key: String) -> Ino {
+        let ino = self.inos.get(key.clone());
+        self.used.insert(key);
+        ino
+    }
+
+    fn dir(&mut self, ino: Ino, parent: Ino, mut children: Vec<(String, Ino)>, mtime: SystemTime) {
         children.sort();
         children.dedup_by(|a, b| a.0 == b.0);
-        self.nodes[(dir - 1) as usize].kind = NodeKind::Dir(children);
-    }
-
-    pub fn get(&self, ino: Ino) -> Option<&Node> {
-        ino.checked_sub(1).and_then(|i| self.nodes.get(i as usize))
+        self.drafts.push((ino, parent, Draft::Done(NodeKind::Dir(children)), mtime));
     }
 }

@@ -2,30 +2,38 @@
 //! can drive it without the kernel. [`fuse`] is the thin adapter that replies to the
 //! kernel; [`session`] mounts it.
 //!
-//! The tree and the chain readers are immutable after the mount. The only mutable state
-//! is each image's overlay (its own lock) and the read cache (its own lock). File handles
-//! carry no state: every handle of an image shares the image's one overlay, so two
-//! handles always see the same bytes, and a handle is just the inode.
+//! A tree is immutable; when SOURCE changes, [`ImageFs::refresh`] builds a new one and
+//! swaps it in (see [`inode`]). Requests by inode number (lookup, getattr, readdir, open)
+//! see the current tree; requests on an open file go through its handle, which holds the
+//! node it opened, so an open image keeps working after a refresh took it out of the
+//! tree. Every handle of one image shares the image's one overlay, so two handles always
+//! see the same bytes. The other mutable state is each overlay (its own lock) and the
+//! read cache (its own lock).
 
 pub mod fuse;
 pub mod image;
 pub mod inode;
+pub mod live;
 pub mod session;
 
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
+use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
+use tracing::warn;
 
 use crate::cache::{DirtyBudget, OverlayError, ReadCache};
 use crate::catalog::Catalog;
 use crate::chain::{ImageReader, scan::read_full};
 use image::{Image, KeepError, OverlayPlace};
-use inode::Tree;
 pub use inode::{Ino, NodeKind, ROOT};
+use inode::{Inos, Node, Tree};
 
 /// Why a filesystem request failed; [`FsError::errno`] says what the caller sees.
 #[derive(Debug, Error)]
@@ -46,6 +54,8 @@ pub enum FsError {
     NoData,
     #[error("unsupported whence {0}")]
     BadWhence(i32),
+    #[error("no such open file")]
+    BadHandle,
     #[error("unsupported fallocate mode {0:#x}")]
     BadFallocate(i32),
     #[error(transparent)]
@@ -72,6 +82,7 @@ impl FsError {
             FsError::FixedSize => libc::EPERM,
             FsError::NoData => libc::ENXIO,
             FsError::BadWhence(_) => libc::EINVAL,
+            FsError::BadHandle => libc::EBADF,
             FsError::BadFallocate(_) => libc::EOPNOTSUPP,
             FsError::Overlay(e) => e.errno(),
             FsError::Keep(KeepError::Overlay(e)) => e.errno(),
@@ -141,61 +152,131 @@ pub struct FsConfig {
 
 /// See the module note.
 pub struct ImageFs {
-    tree: Tree,
-    images: Vec<Image>,
+    tree: RwLock<Arc<Tree>>,
+    /// Held while a tree is built, so two refreshes never interleave.
+    inos: Mutex<Inos>,
+    /// Open files by handle: an open file stays readable and writable after a refresh
+    /// took it out of the tree (its set deleted or rotated away), until it is closed.
+    handles: Mutex<HashMap<u64, Arc<Node>>>,
+    next_fh: AtomicU64,
     cache: Arc<ReadCache>,
     budget: Arc<DirtyBudget>,
+    writes: Writes,
+    mounted_at: SystemTime,
 }
 
 impl ImageFs {
+    /// The filesystem of `catalog`. A kept overlay that cannot be used fails the mount.
     pub fn new(catalog: &Catalog, config: &FsConfig) -> Result<ImageFs> {
-        let cache = Arc::new(ReadCache::new(config.cache_size));
-        let budget = Arc::new(DirtyBudget::new(config.dirty_size));
-        let tree = Tree::build(catalog, SystemTime::now());
-        let chains: Vec<_> = tree.images.iter().map(|s| s.layers.clone()).collect();
-        let readers = ImageReader::many(&chains, &cache);
-        let mut images = Vec::with_capacity(tree.images.len());
-        for (i, (spec, reader)) in tree.images.iter().zip(readers).enumerate() {
-            let place = match &config.writes {
-                Writes::ReadOnly => OverlayPlace::None,
-                Writes::Scratch(dir) => OverlayPlace::Scratch(dir.join(format!("{i}.overlay"))),
-                Writes::Keep(dir) => OverlayPlace::Keep(dir),
-            };
-            images.push(Image::new(reader, spec.identity.clone(), place, &budget)?);
+        let mut fs = ImageFs {
+            tree: RwLock::new(Arc::new(Tree::default())),
+            inos: Mutex::new(Inos::default()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            cache: Arc::new(ReadCache::new(config.cache_size)),
+            budget: Arc::new(DirtyBudget::new(config.dirty_size)),
+            writes: config.writes.clone(),
+            mounted_at: SystemTime::now(),
+        };
+        let (tree, mut errors) = fs.build(catalog, None);
+        if !errors.is_empty() {
+            return Err(errors.swap_remove(0).into());
         }
-        Ok(ImageFs { tree, images, cache, budget })
+        fs.tree = RwLock::new(Arc::new(tree));
+        Ok(fs)
     }
 
-    fn node(&self, ino: Ino) -> Result<&inode::Node> {
-        self.tree.get(ino).ok_or(FsError::NotFound)
+    /// Swaps in the tree of `catalog` (SOURCE changed). Images that are the same carry
+    /// over; kept overlays of images that left the tree are saved. Returns the number
+    /// of images added and removed.
+    pub fn refresh(&self, catalog: &Catalog) -> (usize, usize) {
+        let old = self.tree.read().clone();
+        let (tree, errors) = self.build(catalog, Some(&old));
+        for e in errors {
+            warn!("{}; that image is shown read-only", crate::error_chain(&e));
+        }
+        let added = tree.images().filter(|(ino, _)| old.image(*ino).is_none()).count();
+        let gone: Vec<_> = old.images().filter(|(ino, _)| tree.image(*ino).is_none()).collect();
+        *self.tree.write() = Arc::new(tree);
+        for (_, img) in &gone {
+            if let Err(e) = img.sync() {
+                warn!("saving the kept overlay of an image that left the tree: {}", crate::error_chain(&e));
+            }
+        }
+        (added, gone.len())
     }
 
-    fn image(&self, ino: Ino) -> Result<&Image> {
-        match &self.node(ino)?.kind {
-            NodeKind::Image(i) => Ok(&self.images[*i]),
+    /// Builds the tree of `catalog`, taking the images still the same from `old`. An
+    /// image whose kept overlay cannot be used is made read-only; its error is returned.
+    fn build(&self, catalog: &Catalog, old: Option<&Tree>) -> (Tree, Vec<KeepError>) {
+        let mut errors = Vec::new();
+        let tree = Tree::build(catalog, &mut self.inos.lock(), self.mounted_at, |specs| {
+            let mut made: Vec<_> = specs.iter().map(|s| old.and_then(|t| t.image(s.ino)).cloned()).collect();
+            let todo: Vec<usize> = (0..specs.len()).filter(|&i| made[i].is_none()).collect();
+            let chains: Vec<_> = todo.iter().map(|&i| specs[i].layers.clone()).collect();
+            for (&i, reader) in todo.iter().zip(ImageReader::many(&chains, &self.cache)) {
+                let spec = &specs[i];
+                let place = match &self.writes {
+                    Writes::ReadOnly => OverlayPlace::None,
+                    Writes::Scratch(dir) => OverlayPlace::Scratch(dir.join(format!("{}.overlay", spec.ino))),
+                    Writes::Keep(dir) => OverlayPlace::Keep(dir),
+                };
+                let image =
+                    Image::new(reader, spec.identity.clone(), place, &self.budget).unwrap_or_else(|e| {
+                        errors.push(e);
+                        Image::read_only(ImageReader::new(spec.layers.clone(), self.cache.clone()))
+                    });
+                made[i] = Some(Arc::new(image));
+            }
+            made.into_iter().flatten().collect()
+        });
+        (tree, errors)
+    }
+
+    /// The node `ino` of the current tree.
+    fn node(&self, ino: Ino) -> Result<Arc<Node>> {
+        self.tree.read().get(ino).cloned().ok_or(FsError::NotFound)
+    }
+
+    /// The node open under `fh`.
+    fn handle(&self, fh: u64) -> Result<Arc<Node>> {
+        self.handles.lock().get(&fh).cloned().ok_or(FsError::BadHandle)
+    }
+
+    fn image(node: &Node) -> Result<&Arc<Image>> {
+        match &node.kind {
+            NodeKind::Image(img) => Ok(img),
             NodeKind::Dir(_) => Err(FsError::IsADirectory),
             _ => Err(FsError::ReadOnly),
         }
     }
 
     pub fn lookup(&self, parent: Ino, name: &str) -> Result<Attr> {
-        match &self.node(parent)?.kind {
+        let tree = self.tree.read().clone();
+        match &tree.get(parent).ok_or(FsError::NotFound)?.kind {
             NodeKind::Dir(children) => {
                 let i = children
                     .binary_search_by(|(n, _)| n.as_str().cmp(name))
                     .map_err(|_| FsError::NotFound)?;
-                self.getattr(children[i].1)
+                self.attr(tree.get(children[i].1).ok_or(FsError::NotFound)?)
             }
             _ => Err(FsError::NotADirectory),
         }
     }
 
-    pub fn getattr(&self, ino: Ino) -> Result<Attr> {
-        let node = self.node(ino)?;
+    /// `stat`: of the open file `fh` when given (it may have left the tree), else of the
+    /// node `ino` in the tree.
+    pub fn getattr(&self, ino: Ino, fh: Option<u64>) -> Result<Attr> {
+        match fh.and_then(|fh| self.handle(fh).ok()) {
+            Some(node) => self.attr(&node),
+            None => self.attr(&*self.node(ino)?),
+        }
+    }
+
+    fn attr(&self, node: &Node) -> Result<Attr> {
         let (kind, size, blocks, perm) = match &node.kind {
             NodeKind::Dir(_) => (Kind::Dir, 0, 0, 0o555),
-            NodeKind::Image(i) => {
-                let img = &self.images[*i];
+            NodeKind::Image(img) => {
                 let perm = if img.writable() { 0o644 } else { 0o444 };
                 (Kind::File, img.size(), img.data_bytes().div_ceil(512), perm)
             }
@@ -206,16 +287,20 @@ impl ImageFs {
                 (Kind::File, len, len.div_ceil(512), 0o444)
             }
         };
-        Ok(Attr { ino, kind, size, blocks, mtime: node.mtime, perm })
+        Ok(Attr { ino: node.ino, kind, size, blocks, mtime: node.mtime, perm })
     }
 
     /// `setattr`: the size of an image cannot change; other changes (times, modes) are
     /// accepted and ignored, so `touch` works.
-    pub fn setattr(&self, ino: Ino, size: Option<u64>) -> Result<Attr> {
-        let attr = self.getattr(ino)?;
+    pub fn setattr(&self, ino: Ino, fh: Option<u64>, size: Option<u64>) -> Result<Attr> {
+        let node = match fh.and_then(|fh| self.handle(fh).ok()) {
+            Some(node) => node,
+            None => self.node(ino)?,
+        };
+        let attr = self.attr(&node)?;
         match size {
             Some(s) if s != attr.size => {
-                self.image(ino)?;
+                Self::image(&node)?;
                 Err(FsError::FixedSize)
             }
             _ => Ok(attr),
@@ -224,13 +309,21 @@ impl ImageFs {
 
     /// Directory entries after `offset` (0 = from the start): `(ino, next offset, kind, name)`.
     pub fn readdir(&self, ino: Ino, offset: u64) -> Result<Vec<(Ino, u64, Kind, String)>> {
-        let node = self.node(ino)?;
+        let tree = self.tree.read().clone();
+        let node = tree.get(ino).ok_or(FsError::NotFound)?;
         let NodeKind::Dir(children) = &node.kind else { return Err(FsError::NotADirectory) };
         let dots = [(ino, ".".to_owned()), (node.parent, "..".to_owned())];
         let all = dots.into_iter().chain(children.iter().map(|(n, i)| (*i, n.clone())));
         all.enumerate()
             .skip(offset as usize)
-            .map(|(k, (child, name))| Ok((child, k as u64 + 1, self.getattr(child)?.kind, name)))
+            .filter_map(|(k, (child, name))| {
+                let kind = match &tree.get(child)?.kind {
+                    NodeKind::Dir(_) => Kind::Dir,
+                    NodeKind::Link(_) => Kind::Link,
+                    _ => Kind::File,
+                };
+                Some(Ok((child, k as u64 + 1, kind, name)))
+            })
             .collect()
     }
 
@@ -241,23 +334,33 @@ impl ImageFs {
         }
     }
 
-    /// Checks an open; `write` is whether the caller asked for write access.
-    /// Returns whether the kernel may keep cached pages across opens (all but `.stats`).
-    pub fn open(&self, ino: Ino, write: bool) -> Result<bool> {
-        match &self.node(ino)?.kind {
-            NodeKind::Dir(_) => Err(FsError::IsADirectory),
-            NodeKind::Image(i) if write && !self.images[*i].writable() => Err(FsError::ReadOnly),
-            NodeKind::Image(_) => Ok(true),
-            _ if write => Err(FsError::ReadOnly),
-            NodeKind::Stats => Ok(false),
-            _ => Ok(true),
-        }
+    /// Opens `ino`; `write` is whether the caller asked for write access. Returns the
+    /// file handle and whether the kernel may keep cached pages across opens (all but
+    /// `.stats`).
+    pub fn open(&self, ino: Ino, write: bool) -> Result<(u64, bool)> {
+        let node = self.node(ino)?;
+        let keep_cache = match &node.kind {
+            NodeKind::Dir(_) => return Err(FsError::IsADirectory),
+            NodeKind::Image(img) if write && !img.writable() => return Err(FsError::ReadOnly),
+            NodeKind::Image(_) => true,
+            _ if write => return Err(FsError::ReadOnly),
+            NodeKind::Stats => false,
+            _ => true,
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, node);
+        Ok((fh, keep_cache))
     }
 
-    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> Result<Vec<u8>> {
-        match &self.node(ino)?.kind {
-            NodeKind::Image(i) => {
-                let img = &self.images[*i];
+    /// The last close of `fh`.
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let node = self.handle(fh)?;
+        match &node.kind {
+            NodeKind::Image(img) => {
                 let len = img.size().saturating_sub(offset).min(size as u64) as usize;
                 let mut buf = vec![0u8; len];
                 let n = img.read_at(&mut buf, offset)?;
@@ -285,14 +388,15 @@ impl ImageFs {
         }
     }
 
-    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<usize> {
-        Ok(self.image(ino)?.write_at(data, offset).ok_or(FsError::ReadOnly)??)
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        Ok(Self::image(&*self.handle(fh)?)?.write_at(data, offset).ok_or(FsError::ReadOnly)??)
     }
 
     /// `fallocate`: punching a hole or zeroing a range (a guest's discard) makes it read
     /// as zeros; allocating inside the image is a no-op; nothing may change the size.
-    pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32) -> Result<()> {
-        let img = self.image(ino)?;
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let node = self.handle(fh)?;
+        let img = Self::image(&node)?;
         let inside = offset.checked_add(len).is_some_and(|e| e <= img.size());
         match mode & !falloc::KEEP_SIZE {
             0 if inside => Ok(()),
@@ -306,17 +410,21 @@ impl ImageFs {
 
     /// `fsync`/`flush`: a kept overlay is written out and its map saved; scratch overlays
     /// live only as long as the mount, so there is nothing more to make durable.
-    pub fn sync(&self, ino: Ino) -> Result<()> {
-        if let NodeKind::Image(i) = &self.node(ino)?.kind {
-            self.images[*i].sync()?;
+    pub fn sync(&self, fh: u64) -> Result<()> {
+        if let NodeKind::Image(img) = &self.handle(fh)?.kind {
+            img.sync()?;
         }
         Ok(())
     }
 
-    /// Saves every kept overlay (at unmount). Returns the first error after trying all.
+    /// Saves every kept overlay (at unmount): of the tree's images and of open ones that
+    /// left it. Returns the first error after trying all.
     pub fn sync_all(&self) -> Result<()> {
+        let tree = self.tree.read().clone();
+        let open: Vec<Arc<Node>> = self.handles.lock().values().cloned().collect();
+        let open_images = open.iter().filter_map(|n| Self::image(n).ok());
         let mut first = Ok(());
-        for img in &self.images {
+        for img in tree.images().map(|(_, img)| img).chain(open_images) {
             if let Err(e) = img.sync()
                 && first.is_ok()
             {
@@ -327,18 +435,19 @@ impl ImageFs {
     }
 
     /// SEEK_DATA / SEEK_HOLE on an image; other files are all data.
-    pub fn lseek(&self, ino: Ino, offset: u64, whence: Seek) -> Result<u64> {
-        // The size only: a full getattr would also compute the thin size.
-        let size = match &self.node(ino)?.kind {
-            NodeKind::Image(i) => self.images[*i].size(),
-            _ => self.getattr(ino)?.size,
+    pub fn lseek(&self, fh: u64, offset: u64, whence: Seek) -> Result<u64> {
+        let node = self.handle(fh)?;
+        // The size only: a full attr would also compute the thin size.
+        let size = match &node.kind {
+            NodeKind::Image(img) => img.size(),
+            _ => self.attr(&node)?.size,
         };
         if offset >= size {
             return Err(FsError::NoData);
         }
-        match (&self.node(ino)?.kind, whence) {
-            (NodeKind::Image(i), Seek::Data) => self.images[*i].seek_data(offset).ok_or(FsError::NoData),
-            (NodeKind::Image(i), Seek::Hole) => Ok(self.images[*i].seek_hole(offset)),
+        match (&node.kind, whence) {
+            (NodeKind::Image(img), Seek::Data) => img.seek_data(offset).ok_or(FsError::NoData),
+            (NodeKind::Image(img), Seek::Hole) => Ok(img.seek_hole(offset)),
             (_, Seek::Data) => Ok(offset),
             (_, Seek::Hole) => Ok(size),
         }

@@ -10,8 +10,9 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use super::fuse::FuseAdapter;
+use super::live::Refresher;
 use super::{FsConfig, FsError, ImageFs, Writes};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Watched};
 
 /// Why a mount failed.
 #[derive(Debug, Error)]
@@ -136,15 +137,22 @@ fn unmount(path: &Path) -> io::Result<()> {
 }
 
 /// Mounts `catalog` on `mountpoint` and serves it in the foreground until a signal or an
-/// outside unmount ends the session.
-pub fn mount(catalog: &Catalog, mountpoint: &Path, opts: &MountOptions) -> Result<(), SessionError> {
+/// outside unmount ends the session. With `watch`, the tree follows SOURCE, polled at
+/// that interval (see [`super::live`]).
+pub fn mount(
+    catalog: &Catalog,
+    watch: Option<(Watched, std::time::Duration)>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<(), SessionError> {
     check_mountpoint(mountpoint)?;
     let overlay_dir = match &opts.fs.writes {
         Writes::ReadOnly => None,
         Writes::Scratch(d) | Writes::Keep(d) => Some(d.clone()),
     };
+    let fs = std::sync::Arc::new(ImageFs::new(catalog, &opts.fs)?);
     let adapter = FuseAdapter {
-        fs: ImageFs::new(catalog, &opts.fs)?,
+        fs,
         uid: nix::unistd::getuid().as_raw(),
         gid: nix::unistd::getgid().as_raw(),
         overlay_dir,
@@ -156,6 +164,7 @@ pub fn mount(catalog: &Catalog, mountpoint: &Path, opts: &MountOptions) -> Resul
         stop.add(s);
     }
     stop.thread_block().map_err(|e| SessionError::Mount { path: mountpoint.to_owned(), source: e.into() })?;
+    let _refresher = watch.map(|(w, every)| Refresher::start(adapter.fs.clone(), w, every));
     let mount_err = |source| SessionError::Mount { path: mountpoint.to_owned(), source };
     let session = fuser::Session::new(adapter, mountpoint, &fuser_config(opts)).map_err(mount_err)?;
     raise_readahead(mountpoint);
