@@ -10,6 +10,7 @@
 pub mod fuse;
 pub mod image;
 pub mod inode;
+pub mod partition;
 pub mod session;
 
 use std::fs::OpenOptions;
