@@ -14,6 +14,7 @@
 //! start time as prefix (`20260601-000000.virtnbdbackup.0`), so names stay unique and sort
 //! in time order. Names depend only on the backup files, so they are stable across mounts.
 
+pub mod info;
 pub mod naming;
 pub mod set;
 
