@@ -19,6 +19,7 @@
 //! are new or changed since the last build ([`Indexed`]); an unchanged file keeps its
 //! [`Layer`], id included, so everything built on it carries over.
 
+pub mod info;
 pub mod naming;
 pub mod set;
 

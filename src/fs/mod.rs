@@ -14,6 +14,7 @@ pub mod fuse;
 pub mod image;
 pub mod inode;
 pub mod live;
+pub mod partition;
 pub mod session;
 
 use std::collections::HashMap;
