@@ -311,7 +311,14 @@ fn ls_shows_domains_points_latest_dates_and_sizes() {
         let files = ls_l(&dir, false);
         let cfg_len = std::fs::metadata(src.join(format!("vmconfig.{ident}.xml"))).expect("cfg").len();
         // Images are writable by default (writes go to overlays); the saved XML is not.
+        let info_len = std::fs::metadata(dir.join("info.json")).expect("info.json").len();
+        let info: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("info.json")).expect("read info.json"))
+                .expect("info.json is JSON");
+        assert_eq!(info["point"], *name, "{info}");
+        assert_eq!(info["status"], "complete", "{info}");
         let expect = [
+            ("info.json", info_len, "-r--r--r--"),
             ("sda.raw", 64 * MIB, "-rw-r--r--"),
             ("sdb.raw", 16 * MIB, "-rw-r--r--"),
             ("vmconfig.xml", cfg_len, "-r--r--r--"),

@@ -7,13 +7,15 @@
 //! its pages would be laid over the wrong disk contents.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::partition::{self, Partition};
 use crate::cache::{DirtyBudget, Overlay, OverlayError, Run, SavedMap};
 use crate::chain::ImageReader;
+use tracing::warn;
 
 /// The unit of SEEK_DATA / SEEK_HOLE answers. Tools such as `qemu-img convert` copy whole
 /// 512-byte sectors between the offsets lseek gives them, so an extent edge inside a
@@ -102,6 +104,10 @@ pub struct Image {
     /// `(overlay version, data bytes)`: the thin size is a walk over the image, so it is
     /// computed once per change, not once per `stat`.
     thin: parking_lot::Mutex<Option<(u64, u64)>>,
+    /// `domain/point/disk`, for log lines.
+    label: String,
+    /// The partition table, read on first use.
+    partitions: OnceLock<Vec<Partition>>,
 }
 
 /// Where an image's overlay goes.
@@ -123,7 +129,7 @@ impl Image {
     ) -> Result<Image, KeepError> {
         let size = reader.size();
         let (overlay, kept) = match place {
-            OverlayPlace::None => return Ok(Image::read_only(reader)),
+            OverlayPlace::None => return Ok(Image::read_only(reader, &identity)),
             OverlayPlace::Scratch(path) => (Some(Overlay::new(size, path, budget.clone())), None),
             OverlayPlace::Keep(dir) => {
                 let folder = dir.join(&identity.domain).join(&identity.point);
@@ -162,16 +168,40 @@ impl Image {
                     }
                     Err(source) => return Err(KeepError::Io { path: map_path, source }),
                 };
-                let kept = Kept { map_path, identity, _lock: lock, saved: parking_lot::Mutex::new(0) };
+                let kept = Kept {
+                    map_path,
+                    identity: identity.clone(),
+                    _lock: lock,
+                    saved: parking_lot::Mutex::new(0),
+                };
                 (Some(overlay), Some(kept))
             }
         };
-        Ok(Image { reader, overlay, kept, thin: parking_lot::Mutex::new(None) })
+        Ok(Image { overlay, kept, ..Image::read_only(reader, &identity) })
     }
 
     /// An image without overlay (EROFS on write).
-    pub fn read_only(reader: ImageReader) -> Image {
-        Image { reader, overlay: None, kept: None, thin: parking_lot::Mutex::new(None) }
+    pub fn read_only(reader: ImageReader, identity: &Identity) -> Image {
+        Image {
+            reader,
+            overlay: None,
+            kept: None,
+            thin: parking_lot::Mutex::new(None),
+            label: format!("{}/{}/{}", identity.domain, identity.point, identity.disk),
+            partitions: OnceLock::new(),
+        }
+    }
+
+    /// The partitions of the image's MBR or GPT, read (through the overlay) on first use;
+    /// none when there is no table, or when it cannot be read (logged).
+    pub fn partitions(&self) -> &[Partition] {
+        self.partitions.get_or_init(|| {
+            let mut read = |buf: &mut [u8], off: u64| self.read_at(buf, off).map_err(std::io::Error::other);
+            partition::read_table(self.size(), &mut read).unwrap_or_else(|e| {
+                warn!("{}: no partition files: {}", self.label, crate::error_chain(&e));
+                Vec::new()
+            })
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -261,6 +291,20 @@ impl Image {
         }
     }
 
+    /// Bytes in data runs between `from` and `to`.
+    pub fn data_bytes_in(&self, from: u64, to: u64) -> u64 {
+        let (mut pos, mut total) = (from, 0);
+        while pos < to.min(self.size()) {
+            let (run, end) = self.run_at(pos);
+            let end = end.min(to);
+            if run == Run::Data {
+                total += end - pos;
+            }
+            pos = end;
+        }
+        total
+    }
+
     /// Bytes in data runs: what `du` shows.
     pub fn data_bytes(&self) -> u64 {
         match &self.overlay {
@@ -272,14 +316,7 @@ impl Image {
                 {
                     return bytes;
                 }
-                let (mut pos, mut total) = (0, 0);
-                while pos < self.size() {
-                    let (run, end) = o.run_at(&self.reader, pos);
-                    if run == Run::Data {
-                        total += end - pos;
-                    }
-                    pos = end;
-                }
+                let total = self.data_bytes_in(0, self.size());
                 *thin = Some((version, total));
                 total
             }

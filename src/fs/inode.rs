@@ -5,8 +5,12 @@
 //! /.stats                              cache counters
 //! /<domain>/latest -> <newest point>
 //! /<domain>/<point>/<disk>.raw         the disk image at that point
+//! /<domain>/<point>/<disk>.p<N>.raw    partition N of that image (MBR or GPT)
 //! /<domain>/<point>/vmconfig.xml       the domain XML saved with that backup
+//! /<domain>/<point>/info.json          which stream files make the point, and its status
 //! ```
+//! Partition files are not stored in the tree: finding them reads the image's partition
+//! table, which waits until someone looks into the point's folder.
 //! A tree is immutable; a refresh builds a new one and swaps it in. Inode numbers are
 //! stable across trees: a node keeps its number while its path and content stay the
 //! same (for an image: the same stream files, by layer id), and anything else gets a
@@ -35,6 +39,9 @@ const STATS_INO: Ino = 2;
 /// Name of the counters file at the mount root.
 pub const STATS_NAME: &str = ".stats";
 
+/// Name of the file in each restore point folder that says what the point is made of.
+pub const INFO_NAME: &str = "info.json";
+
 pub enum NodeKind {
     /// Children sorted by name.
     Dir(Vec<(String, Ino)>),
@@ -46,6 +53,15 @@ pub enum NodeKind {
     },
     Link(String),
     Stats,
+    /// A file made by vmback (`info.json`).
+    Text(Vec<u8>),
+    /// A partition of an image: `len` bytes from `start`. Not in the tree: made when
+    /// looked up or listed (see `ImageFs`), from the image's partition table.
+    Part {
+        image: Arc<Image>,
+        start: u64,
+        len: u64,
+    },
 }
 
 pub struct Node {
@@ -139,6 +155,12 @@ impl Tree {
                     b.drafts.push((img, dir, Draft::Image(spec), point.date));
                     files.push((format!("{}.raw", disk.disk), img));
                 }
+                let all_ids: Vec<String> =
+                    point.disks.iter().flat_map(|d| d.layers.iter().map(|l| l.id.to_string())).collect();
+                let info = b.ino(format!("n:{at}:{}", all_ids.join(",")));
+                let text = crate::catalog::info::point_info(domain, point).to_bytes();
+                b.drafts.push((info, dir, Draft::Done(NodeKind::Text(text)), point.date));
+                files.push((INFO_NAME.to_owned(), info));
                 if let Some(path) = &point.vmconfig
                     && let Ok(meta) = std::fs::symlink_metadata(path)
                     && meta.is_file()

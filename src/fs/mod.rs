@@ -151,6 +151,12 @@ pub struct FsConfig {
     pub writes: Writes,
 }
 
+/// Partition files are numbered with this bit, the image's number shifted left by 8 and
+/// the partition number: no counter-made number comes near 2^54, and Linux numbers at
+/// most 255 partitions per disk ([`PART_MAX`]).
+const PART_BIT: Ino = 1 << 62;
+const PART_MAX: Ino = 0xff;
+
 /// See the module note.
 pub struct ImageFs {
     tree: RwLock<Arc<Tree>>,
@@ -225,7 +231,10 @@ impl ImageFs {
                 let image =
                     Image::new(reader, spec.identity.clone(), place, &self.budget).unwrap_or_else(|e| {
                         errors.push(e);
-                        Image::read_only(ImageReader::new(spec.layers.clone(), self.cache.clone()))
+                        Image::read_only(
+                            ImageReader::new(spec.layers.clone(), self.cache.clone()),
+                            &spec.identity,
+                        )
                     });
                 made[i] = Some(Arc::new(image));
             }
@@ -236,7 +245,8 @@ impl ImageFs {
 
     /// The node `ino` of the current tree.
     fn node(&self, ino: Ino) -> Result<Arc<Node>> {
-        self.tree.read().get(ino).cloned().ok_or(FsError::NotFound)
+        let tree = self.tree.read().clone();
+        Self::node_in(&tree, ino).ok_or(FsError::NotFound)
     }
 
     /// The node open under `fh`.
@@ -244,22 +254,60 @@ impl ImageFs {
         self.handles.lock().get(&fh).cloned().ok_or(FsError::BadHandle)
     }
 
-    fn image(node: &Node) -> Result<&Arc<Image>> {
+    /// The image bytes a file shows: `(image, start, len)`, the whole image or the window
+    /// of one of its partitions.
+    fn window(node: &Node) -> Result<(&Arc<Image>, u64, u64)> {
         match &node.kind {
-            NodeKind::Image(img) => Ok(img),
+            NodeKind::Image(img) => Ok((img, 0, img.size())),
+            NodeKind::Part { image, start, len } => Ok((image, *start, *len)),
             NodeKind::Dir(_) => Err(FsError::IsADirectory),
             _ => Err(FsError::ReadOnly),
         }
+    }
+
+    /// The partition files of the image node `img`, by partition number.
+    fn partitions(img: &Node) -> Vec<(u32, Arc<Node>)> {
+        let NodeKind::Image(image) = &img.kind else { return Vec::new() };
+        let numbered = image.partitions().iter().filter(|p| Ino::from(p.number) <= PART_MAX);
+        numbered
+            .map(|p| {
+                let kind = NodeKind::Part { image: image.clone(), start: p.start, len: p.len };
+                let ino = PART_BIT | img.ino << 8 | Ino::from(p.number);
+                (p.number, Arc::new(Node { ino, parent: img.parent, kind, mtime: img.mtime }))
+            })
+            .collect()
+    }
+
+    /// The node `ino` of the current tree, or the partition file it numbers.
+    fn node_in(tree: &Tree, ino: Ino) -> Option<Arc<Node>> {
+        if ino & PART_BIT == 0 {
+            return tree.get(ino).cloned();
+        }
+        let img = tree.get((ino & !PART_BIT) >> 8)?;
+        Self::partitions(img).into_iter().find(|(n, _)| Ino::from(*n) == ino & PART_MAX).map(|(_, node)| node)
     }
 
     pub fn lookup(&self, parent: Ino, name: &str) -> Result<Attr> {
         let tree = self.tree.read().clone();
         match &tree.get(parent).ok_or(FsError::NotFound)?.kind {
             NodeKind::Dir(children) => {
-                let i = children
-                    .binary_search_by(|(n, _)| n.as_str().cmp(name))
-                    .map_err(|_| FsError::NotFound)?;
-                self.attr(tree.get(children[i].1).ok_or(FsError::NotFound)?)
+                let find = |name: &str| {
+                    let i = children.binary_search_by(|(n, _)| n.as_str().cmp(name)).ok()?;
+                    tree.get(children[i].1)
+                };
+                if let Some(node) = find(name) {
+                    return self.attr(node);
+                }
+                // `<disk>.p<N>.raw`: partition N of `<disk>.raw`.
+                let (stem, n) = name
+                    .strip_suffix(".raw")
+                    .and_then(|s| s.rsplit_once(".p"))
+                    .and_then(|(stem, n)| Some((stem, n.parse::<u32>().ok()?)))
+                    .ok_or(FsError::NotFound)?;
+                let img = find(&format!("{stem}.raw")).ok_or(FsError::NotFound)?;
+                let (_, part) =
+                    Self::partitions(img).into_iter().find(|(k, _)| *k == n).ok_or(FsError::NotFound)?;
+                self.attr(&part)
             }
             _ => Err(FsError::NotADirectory),
         }
@@ -282,6 +330,11 @@ impl ImageFs {
                 (Kind::File, img.size(), img.data_bytes().div_ceil(512), perm)
             }
             NodeKind::Config { size, .. } => (Kind::File, *size, size.div_ceil(512), 0o444),
+            NodeKind::Part { image, start, len } => {
+                let perm = if image.writable() { 0o644 } else { 0o444 };
+                (Kind::File, *len, image.data_bytes_in(*start, start + len).div_ceil(512), perm)
+            }
+            NodeKind::Text(t) => (Kind::File, t.len() as u64, (t.len() as u64).div_ceil(512), 0o444),
             NodeKind::Link(target) => (Kind::Link, target.len() as u64, 0, 0o777),
             NodeKind::Stats => {
                 let len = self.stats().len() as u64;
@@ -301,7 +354,7 @@ impl ImageFs {
         let attr = self.attr(&node)?;
         match size {
             Some(s) if s != attr.size => {
-                Self::image(&node)?;
+                Self::window(&node)?;
                 Err(FsError::FixedSize)
             }
             _ => Ok(attr),
@@ -314,18 +367,21 @@ impl ImageFs {
         let node = tree.get(ino).ok_or(FsError::NotFound)?;
         let NodeKind::Dir(children) = &node.kind else { return Err(FsError::NotADirectory) };
         let dots = [(ino, ".".to_owned()), (node.parent, "..".to_owned())];
-        let all = dots.into_iter().chain(children.iter().map(|(n, i)| (*i, n.clone())));
-        all.enumerate()
-            .skip(offset as usize)
-            .filter_map(|(k, (child, name))| {
-                let kind = match &tree.get(child)?.kind {
-                    NodeKind::Dir(_) => Kind::Dir,
-                    NodeKind::Link(_) => Kind::Link,
-                    _ => Kind::File,
-                };
-                Some(Ok((child, k as u64 + 1, kind, name)))
-            })
-            .collect()
+        let mut all: Vec<(Ino, String)> = dots.into_iter().collect();
+        all.extend(children.iter().map(|(n, i)| (*i, n.clone())));
+        for (name, child) in children {
+            if let (Some(stem), Some(img)) = (name.strip_suffix(".raw"), tree.get(*child)) {
+                let parts = Self::partitions(img);
+                all.extend(parts.into_iter().map(|(n, part)| (part.ino, format!("{stem}.p{n}.raw"))));
+            }
+        }
+        let kind = |child: Ino| match tree.get(child).map(|n| &n.kind) {
+            Some(NodeKind::Dir(_)) => Kind::Dir,
+            Some(NodeKind::Link(_)) => Kind::Link,
+            _ => Kind::File,
+        };
+        let listed = all.into_iter().enumerate().skip(offset as usize);
+        Ok(listed.map(|(k, (child, name))| (child, k as u64 + 1, kind(child), name)).collect())
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<String> {
@@ -342,8 +398,10 @@ impl ImageFs {
         let node = self.node(ino)?;
         let keep_cache = match &node.kind {
             NodeKind::Dir(_) => return Err(FsError::IsADirectory),
-            NodeKind::Image(img) if write && !img.writable() => return Err(FsError::ReadOnly),
-            NodeKind::Image(_) => true,
+            NodeKind::Image(img) | NodeKind::Part { image: img, .. } if write && !img.writable() => {
+                return Err(FsError::ReadOnly);
+            }
+            NodeKind::Image(_) | NodeKind::Part { .. } => true,
             _ if write => return Err(FsError::ReadOnly),
             NodeKind::Stats => false,
             _ => true,
@@ -361,12 +419,17 @@ impl ImageFs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
         let node = self.handle(fh)?;
         match &node.kind {
-            NodeKind::Image(img) => {
-                let len = img.size().saturating_sub(offset).min(size as u64) as usize;
+            NodeKind::Image(_) | NodeKind::Part { .. } => {
+                let (img, start, end) = Self::window(&node)?;
+                let len = end.saturating_sub(offset).min(size as u64) as usize;
                 let mut buf = vec![0u8; len];
-                let n = img.read_at(&mut buf, offset)?;
+                let n = img.read_at(&mut buf, start + offset)?;
                 buf.truncate(n);
                 Ok(buf)
+            }
+            NodeKind::Text(t) => {
+                let from = (offset as usize).min(t.len());
+                Ok(t[from..t.len().min(from + size as usize)].to_vec())
             }
             NodeKind::Config { path, size: known } => {
                 let io = |source| FsError::Io { path: path.clone(), source };
@@ -389,21 +452,29 @@ impl ImageFs {
         }
     }
 
+    /// Writes into the image's overlay; a partition's writes stop at its end.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        Ok(Self::image(&*self.handle(fh)?)?.write_at(data, offset).ok_or(FsError::ReadOnly)??)
+        let node = self.handle(fh)?;
+        let (img, start, len) = Self::window(&node)?;
+        if offset >= len && !data.is_empty() {
+            return Err(FsError::FixedSize);
+        }
+        let data = &data[..data.len().min((len - offset.min(len)) as usize)];
+        Ok(img.write_at(data, start + offset).ok_or(FsError::ReadOnly)??)
     }
 
     /// `fallocate`: punching a hole or zeroing a range (a guest's discard) makes it read
     /// as zeros; allocating inside the image is a no-op; nothing may change the size.
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         let node = self.handle(fh)?;
-        let img = Self::image(&node)?;
-        let inside = offset.checked_add(len).is_some_and(|e| e <= img.size());
+        let (img, start, size) = Self::window(&node)?;
+        let inside = offset.checked_add(len).is_some_and(|e| e <= size);
         match mode & !falloc::KEEP_SIZE {
             0 if inside => Ok(()),
             0 => Err(FsError::FixedSize),
             falloc::PUNCH_HOLE | falloc::ZERO_RANGE => {
-                Ok(img.punch(offset, len).ok_or(FsError::ReadOnly)??)
+                let len = len.min(size.saturating_sub(offset));
+                Ok(img.punch(start + offset, len).ok_or(FsError::ReadOnly)??)
             }
             _ => Err(FsError::BadFallocate(mode)),
         }
@@ -412,7 +483,7 @@ impl ImageFs {
     /// `fsync`/`flush`: a kept overlay is written out and its map saved; scratch overlays
     /// live only as long as the mount, so there is nothing more to make durable.
     pub fn sync(&self, fh: u64) -> Result<()> {
-        if let NodeKind::Image(img) = &self.handle(fh)?.kind {
+        if let Ok((img, _, _)) = Self::window(&*self.handle(fh)?) {
             img.sync()?;
         }
         Ok(())
@@ -423,7 +494,7 @@ impl ImageFs {
     pub fn sync_all(&self) -> Result<()> {
         let tree = self.tree.read().clone();
         let open: Vec<Arc<Node>> = self.handles.lock().values().cloned().collect();
-        let open_images = open.iter().filter_map(|n| Self::image(n).ok());
+        let open_images = open.iter().filter_map(|n| Some(Self::window(n).ok()?.0));
         let mut first = Ok(());
         for img in tree.images().map(|(_, img)| img).chain(open_images) {
             if let Err(e) = img.sync()
@@ -438,19 +509,24 @@ impl ImageFs {
     /// SEEK_DATA / SEEK_HOLE on an image; other files are all data.
     pub fn lseek(&self, fh: u64, offset: u64, whence: Seek) -> Result<u64> {
         let node = self.handle(fh)?;
-        // The size only: a full attr would also compute the thin size.
-        let size = match &node.kind {
-            NodeKind::Image(img) => img.size(),
-            _ => self.attr(&node)?.size,
+        let Ok((img, start, len)) = Self::window(&node) else {
+            // Other files are all data.
+            let size = self.attr(&node)?.size;
+            return match whence {
+                _ if offset >= size => Err(FsError::NoData),
+                Seek::Data => Ok(offset),
+                Seek::Hole => Ok(size),
+            };
         };
-        if offset >= size {
+        if offset >= len {
             return Err(FsError::NoData);
         }
-        match (&node.kind, whence) {
-            (NodeKind::Image(img), Seek::Data) => img.seek_data(offset).ok_or(FsError::NoData),
-            (NodeKind::Image(img), Seek::Hole) => Ok(img.seek_hole(offset)),
-            (_, Seek::Data) => Ok(offset),
-            (_, Seek::Hole) => Ok(size),
+        let end = start + len;
+        match whence {
+            Seek::Data => {
+                img.seek_data(start + offset).filter(|&d| d < end).map(|d| d - start).ok_or(FsError::NoData)
+            }
+            Seek::Hole => Ok(img.seek_hole(start + offset).min(end) - start),
         }
     }
 
