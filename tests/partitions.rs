@@ -244,6 +244,32 @@ fn gpt_disk_partitions_show_as_files_after_full_and_inc() {
     let m = mount(&set);
     check_mounted(m.dir.path(), &full_point, &[&full], &layout, &before);
     check_mounted(m.dir.path(), &inc_point, &[&full, &inc], &layout, &after);
+    check_partition_writes(&m.dir.path().join(&inc_point), &layout[1]);
+}
+
+/// A partition file is a window on its image: the same bytes, and writes through it (an
+/// ext4 mounted read-write from `vda.p<N>.raw`) land in the image at the partition's
+/// offset, in the overlay.
+fn check_partition_writes(point: &Path, part: &Partition) {
+    let file = point.join(format!("vda.p{}.raw", part.number));
+    let image = File::open(point.join("vda.raw")).expect("open image");
+    let window = |what: &str| {
+        let mut buf = vec![0u8; part.len as usize];
+        image.read_exact_at(&mut buf, part.start).expect("read the image's window");
+        assert!(buf == std::fs::read(&file).expect("read partition file"), "{what}: window differs");
+    };
+    window("before writes");
+    let dir = tempdir("rw");
+    run_ok("mount", &["-o", "loop", path_str(&file), path_str(dir.path())]);
+    std::fs::write(dir.path().join("written.txt"), "written through the partition file\n").expect("write");
+    run_ok("umount", &[path_str(dir.path())]);
+    window("after writes");
+    let m = LoopMount::new(&point.join("vda.raw"), Some(part));
+    check_fs(
+        &m,
+        "the image, at the partition's offset",
+        &[("written.txt", Some("written through the partition file\n"))],
+    );
 }
 
 #[test]

@@ -291,6 +291,11 @@ impl Image {
         }
     }
 
+    /// The partitions, if they were read already.
+    pub fn known_partitions(&self) -> &[Partition] {
+        self.partitions.get().map_or(&[], |p| p)
+    }
+
     /// Bytes in data runs between `from` and `to`.
     pub fn data_bytes_in(&self, from: u64, to: u64) -> u64 {
         let (mut pos, mut total) = (from, 0);

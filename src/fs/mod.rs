@@ -21,8 +21,8 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use parking_lot::{Mutex, RwLock};
@@ -170,7 +170,14 @@ pub struct ImageFs {
     budget: Arc<DirtyBudget>,
     writes: Writes,
     mounted_at: SystemTime,
+    /// Told `(ino, offset, len)` when a write through one file changed bytes another file
+    /// shows (an image and its partition files), so the adapter can drop the kernel's
+    /// cached pages of that other file.
+    alias_hook: OnceLock<AliasHook>,
 }
+
+/// See [`ImageFs::on_alias_change`].
+pub type AliasHook = Box<dyn Fn(Ino, u64, u64) + Send + Sync>;
 
 impl ImageFs {
     /// The filesystem of `catalog`. A kept overlay that cannot be used fails the mount.
@@ -184,6 +191,7 @@ impl ImageFs {
             budget: Arc::new(DirtyBudget::new(config.dirty_size)),
             writes: config.writes.clone(),
             mounted_at: SystemTime::now(),
+            alias_hook: OnceLock::new(),
         };
         let (tree, mut errors) = fs.build(catalog, None);
         if !errors.is_empty() {
@@ -241,6 +249,29 @@ impl ImageFs {
             made.into_iter().flatten().collect()
         });
         (tree, errors)
+    }
+
+    /// Sets the hook told of bytes changed under another file (see `alias_hook`).
+    pub fn on_alias_change(&self, hook: AliasHook) {
+        let _ = self.alias_hook.set(hook);
+    }
+
+    /// After `node` changed `len` bytes at `off` (of the file), tells the hook which
+    /// other files show them: the image of a partition, or the partitions of an image.
+    fn aliases_changed(&self, node: &Node, off: u64, len: u64) {
+        let Some(hook) = self.alias_hook.get() else { return };
+        match &node.kind {
+            NodeKind::Part { start, .. } => hook((node.ino & !PART_BIT) >> 8, start + off, len),
+            NodeKind::Image(img) => {
+                for p in img.known_partitions().iter().filter(|p| Ino::from(p.number) <= PART_MAX) {
+                    let (from, to) = (off.max(p.start), (off + len).min(p.start + p.len));
+                    if from < to {
+                        hook(PART_BIT | node.ino << 8 | Ino::from(p.number), from - p.start, to - from);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 
     /// The node `ino` of the current tree.
@@ -457,10 +488,13 @@ impl ImageFs {
         let node = self.handle(fh)?;
         let (img, start, len) = Self::window(&node)?;
         if offset >= len && !data.is_empty() {
-            return Err(FsError::FixedSize);
+            // As on a block device: no space past the end.
+            return Err(OverlayError::PastEnd { offset, size: len }.into());
         }
         let data = &data[..data.len().min((len - offset.min(len)) as usize)];
-        Ok(img.write_at(data, start + offset).ok_or(FsError::ReadOnly)??)
+        let n = img.write_at(data, start + offset).ok_or(FsError::ReadOnly)??;
+        self.aliases_changed(&node, offset, n as u64);
+        Ok(n)
     }
 
     /// `fallocate`: punching a hole or zeroing a range (a guest's discard) makes it read
@@ -474,7 +508,9 @@ impl ImageFs {
             0 => Err(FsError::FixedSize),
             falloc::PUNCH_HOLE | falloc::ZERO_RANGE => {
                 let len = len.min(size.saturating_sub(offset));
-                Ok(img.punch(start + offset, len).ok_or(FsError::ReadOnly)??)
+                img.punch(start + offset, len).ok_or(FsError::ReadOnly)??;
+                self.aliases_changed(&node, offset, len);
+                Ok(())
             }
             _ => Err(FsError::BadFallocate(mode)),
         }

@@ -166,7 +166,22 @@ pub fn mount(
     stop.thread_block().map_err(|e| SessionError::Mount { path: mountpoint.to_owned(), source: e.into() })?;
     let _refresher = watch.map(|(w, every)| Refresher::start(adapter.fs.clone(), w, every));
     let mount_err = |source| SessionError::Mount { path: mountpoint.to_owned(), source };
+    let (changed, aliases) = std::sync::mpsc::channel::<(u64, u64, u64)>();
+    adapter.fs.on_alias_change(Box::new(move |ino, off, len| {
+        let _ = changed.send((ino, off, len));
+    }));
     let session = fuser::Session::new(adapter, mountpoint, &fuser_config(opts)).map_err(mount_err)?;
+    // Dropping the kernel's pages of a file whose bytes changed under another (an image
+    // and its partition files) is done from a thread of its own: the kernel may wait on
+    // page locks held by reads that need a worker of this session to finish.
+    let notifier = session.notifier();
+    std::thread::spawn(move || {
+        for (ino, off, len) in aliases {
+            let (off, len) = (i64::try_from(off).unwrap_or(i64::MAX), i64::try_from(len).unwrap_or(i64::MAX));
+            // ENOENT: the kernel holds nothing of that file, so there is nothing to drop.
+            let _ = notifier.inval_inode(fuser::INodeNo(ino), off, len);
+        }
+    });
     raise_readahead(mountpoint);
     let path = mountpoint.to_owned();
     std::thread::spawn(move || {
