@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use super::naming::{Level, parse_stream_name};
 use super::set::stream_date;
-use super::{Domain, PointKey, RestorePoint, Status};
+use super::{PointKey, RestorePoint, Status};
 use crate::chain::{Format, Layer};
 
 /// The whole document.
@@ -82,10 +82,10 @@ impl PointInfo {
 }
 
 /// The `info.json` of `point`, a restore point of `domain`.
-pub fn point_info(domain: &Domain, point: &RestorePoint) -> PointInfo {
+pub fn point_info(domain: &str, point: &RestorePoint) -> PointInfo {
     let (status, reason) = status_fields(&point.status());
     PointInfo {
-        domain: domain.name.clone(),
+        domain: domain.to_owned(),
         point: point.name.clone(),
         kind: match point.key {
             PointKey::Checkpoint(_) => "checkpoint",
@@ -170,7 +170,7 @@ mod tests {
         let dom = cat.domain(None).expect("one domain");
         dom.points
             .iter()
-            .map(|p| serde_json::from_slice(&point_info(dom, p).to_bytes()).expect("valid JSON"))
+            .map(|p| serde_json::from_slice(&point_info(&dom.name, p).to_bytes()).expect("valid JSON"))
             .collect()
     }
 

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use super::image::{ChainFile, Identity, Image};
-use crate::catalog::{Catalog, Status};
+use crate::catalog::{Catalog, RestorePoint, Status};
 use crate::chain::Layer;
 
 /// An inode number.
@@ -53,8 +53,9 @@ pub enum NodeKind {
     },
     Link(String),
     Stats,
-    /// A file made by vmback (`info.json`).
-    Text(Vec<u8>),
+    /// `info.json` of a restore point (domain name, point), written out when read: for a
+    /// long chain it lists hundreds of files, and most are never read.
+    Info(Arc<(String, RestorePoint)>),
     /// A partition of an image: `len` bytes from `start`. Not in the tree: made when
     /// looked up or listed (see `ImageFs`), from the image's partition table.
     Part {
@@ -158,8 +159,8 @@ impl Tree {
                 let all_ids: Vec<String> =
                     point.disks.iter().flat_map(|d| d.layers.iter().map(|l| l.id.to_string())).collect();
                 let info = b.ino(format!("n:{at}:{}", all_ids.join(",")));
-                let text = crate::catalog::info::point_info(domain, point).to_bytes();
-                b.drafts.push((info, dir, Draft::Done(NodeKind::Text(text)), point.date));
+                let of = Arc::new((domain.name.clone(), point.clone()));
+                b.drafts.push((info, dir, Draft::Done(NodeKind::Info(of)), point.date));
                 files.push((INFO_NAME.to_owned(), info));
                 if let Some(path) = &point.vmconfig
                     && let Ok(meta) = std::fs::symlink_metadata(path)

@@ -151,6 +151,11 @@ pub struct FsConfig {
     pub writes: Writes,
 }
 
+/// The text of an `info.json` (the same every time: the catalog behind it does not change).
+fn info_text(of: &(String, crate::catalog::RestorePoint)) -> Vec<u8> {
+    crate::catalog::info::point_info(&of.0, &of.1).to_bytes()
+}
+
 /// Partition files are numbered with this bit, the image's number shifted left by 8 and
 /// the partition number: no counter-made number comes near 2^54, and Linux numbers at
 /// most 255 partitions per disk ([`PART_MAX`]).
@@ -365,7 +370,10 @@ impl ImageFs {
                 let perm = if image.writable() { 0o644 } else { 0o444 };
                 (Kind::File, *len, image.data_bytes_in(*start, start + len).div_ceil(512), perm)
             }
-            NodeKind::Text(t) => (Kind::File, t.len() as u64, (t.len() as u64).div_ceil(512), 0o444),
+            NodeKind::Info(of) => {
+                let len = info_text(of).len() as u64;
+                (Kind::File, len, len.div_ceil(512), 0o444)
+            }
             NodeKind::Link(target) => (Kind::Link, target.len() as u64, 0, 0o777),
             NodeKind::Stats => {
                 let len = self.stats().len() as u64;
@@ -458,7 +466,8 @@ impl ImageFs {
                 buf.truncate(n);
                 Ok(buf)
             }
-            NodeKind::Text(t) => {
+            NodeKind::Info(of) => {
+                let t = info_text(of);
                 let from = (offset as usize).min(t.len());
                 Ok(t[from..t.len().min(from + size as usize)].to_vec())
             }
