@@ -169,14 +169,15 @@ impl Catalog {
                 let index = match index {
                     Ok(i) => {
                         if let Some(d) = &i.damage {
-                            cat.warn(format!("damaged: {}", d.error));
+                            cat.warn(format!("damaged: {}", crate::error_chain(&d.error)));
                         }
                         next_id += 1;
                         Ok(Layer { id: next_id, index: Arc::new(i) })
                     }
                     Err(e) => {
+                        let e = crate::error_chain(&e);
                         cat.warn(format!("unreadable: {e}"));
-                        Err(e.to_string())
+                        Err(e)
                     }
                 };
                 found.push(Found { name, path, index, date });

@@ -18,6 +18,10 @@ pub const MAX_META_LEN: u64 = 1 << 20;
 /// real disk, while still refusing a length field that points at garbage.
 pub const MAX_TRAILER_LEN: u64 = 256 << 20;
 
+/// Largest virtual size accepted: the largest file size Linux can represent (`loff_t` is
+/// signed), so the image can be shown as a file at all.
+pub const MAX_VIRTUAL_SIZE: u64 = i64::MAX as u64;
+
 /// What a metadata or trailer document got wrong.
 #[derive(Debug, Error)]
 pub enum MetaError {
@@ -29,6 +33,8 @@ pub enum MetaError {
     Missing(&'static str),
     #[error("metadata field {0:?} has the wrong type")]
     WrongType(&'static str),
+    #[error("metadata field {0:?} is {1}, more than a file can hold")]
+    TooLarge(&'static str, u64),
     #[error("unsupported stream version {0}")]
     Version(u64),
     #[error("trailer is not a JSON list of frame sizes")]
@@ -79,8 +85,12 @@ impl StreamMeta {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err(MetaError::WrongType("parentCheckpoint")),
         };
+        let virtual_size = req_u64(obj, "virtualSize")?;
+        if virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(MetaError::TooLarge("virtualSize", virtual_size));
+        }
         Ok(StreamMeta {
-            virtual_size: req_u64(obj, "virtualSize")?,
+            virtual_size,
             data_size: req_u64(obj, "dataSize")?,
             date: opt_str(obj, "date")?.unwrap_or_default(),
             disk_name: opt_str(obj, "diskName")?.ok_or(MetaError::Missing("diskName"))?,
@@ -256,6 +266,10 @@ mod tests {
         assert!(matches!(
             StreamMeta::parse(br#"{"virtualSize": 1, "dataSize": 0, "diskName": "a", "streamVersion": 3}"#),
             Err(MetaError::Version(3))
+        ));
+        assert!(matches!(
+            StreamMeta::parse(br#"{"virtualSize": 9223372036854775808, "dataSize": 0, "diskName": "a", "streamVersion": 2}"#),
+            Err(MetaError::TooLarge("virtualSize", 0x8000_0000_0000_0000))
         ));
     }
 
