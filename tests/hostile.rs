@@ -411,6 +411,29 @@ fn deeply_nested_json() {
     assert!(image == good_image());
 }
 
+/// A trailer listing four million lz4 frames in a file with room for none: refused while
+/// it is read (it once cost 65 bytes of memory per byte of trailer).
+#[test]
+fn a_trailer_listing_millions_of_frames() {
+    /// Entries in the trailer: 8 MB of `1,`, which as a JSON tree took over 500 MB.
+    const ENTRIES: usize = 4 << 20;
+    let source = tempfile::tempdir().expect("source");
+    write_good(source.path());
+    let json =
+        r#"{"virtualSize": 4096, "dataSize": 0, "diskName": "sda", "compressed": 2, "streamVersion": 2}"#;
+    let mut bytes = stream_with_meta(json, &encode_header(FrameKind::Stop, 0, 0));
+    let trailer_at = bytes.len() as u64;
+    let trailer = format!("[{}1]", "1,".repeat(ENTRIES));
+    bytes.extend_from_slice(trailer.as_bytes());
+    bytes.extend_from_slice(b"\r\n");
+    bytes.extend_from_slice(&encode_header(FrameKind::Comp, 0, trailer.len() as u64));
+    let path = write_named_set(source.path(), "many", "many", &bytes);
+    let listed = ls(source.path());
+    assert_warned(&listed, &path, Some(trailer_at), "more lz4 frames than the file has room for");
+    assert!(ls_peak_rss_kib(source.path(), "a trailer of 4 million frames") < MAX_LS_RSS_KIB);
+    mount_and_check_good(source.path());
+}
+
 // ---------------------------------------------------------------------------------------
 // Symlinks
 

@@ -728,7 +728,7 @@ fn trailer_length_pointing_outside_the_file() {
     }
     // Pointing inside the file but at the wrong place: the JSON is cut.
     let bytes = patch(compressed(), comp_len_at, b"0000000000000003");
-    let (_dir, index) = assert_damaged(&bytes, 4096, C_STOP_END + 1, "not valid JSON");
+    let (_dir, index) = assert_damaged(&bytes, 4096, C_STOP_END + 1, "not a JSON list of frame sizes");
     assert_readable_until(&index, 4096);
 }
 

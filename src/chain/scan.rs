@@ -15,7 +15,7 @@
 //! Only a stream whose metadata cannot be read at all is an error.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -389,13 +389,17 @@ fn read_trailer(index: &StreamIndex) -> Result<(Vec<Vec<u64>>, u64), ScanError> 
     }
     let json_at = comp_at - 2 - comp.length;
     expect_crlf(path, &index.file, comp_at - 2)?;
-    let mut json = vec![0u8; comp.length as usize];
-    read_exact(path, &index.file, &mut json, json_at)?;
-    let trailer = parse_trailer(&json).map_err(|source| ScanError::BadTrailer {
+    // Streamed from the file: its memory grows with the frames it lists, and those must
+    // fit in the bytes before it.
+    let mut file = &index.file;
+    file.seek(io::SeekFrom::Start(json_at)).map_err(|source| ScanError::Io {
         path: path.clone(),
         offset: json_at,
         source,
     })?;
+    let json = io::BufReader::new(file.take(comp.length));
+    let trailer = parse_trailer(json, json_at / lz4::MIN_FRAME_LEN)
+        .map_err(|source| ScanError::BadTrailer { path: path.clone(), offset: json_at, source })?;
     Ok((trailer, json_at))
 }
 
