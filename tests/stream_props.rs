@@ -131,17 +131,25 @@ fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
         let mut probes: Vec<u64> = index.extents.iter().map(|e| e.start).collect();
         probes.extend(index.damage.as_ref().map(|d| d.from));
         probes.push(0);
-        let reader = ImageReader::new(
-            vec![Layer { id: 1, index: Arc::new(index) }],
-            Arc::new(ReadCache::new(1 << 20)),
-        );
+        let top = Layer { id: 2, index: Arc::new(index) };
+        // Alone, and laid over a valid full backup (an incremental's gaps show the base).
+        let chains = [vec![top.clone()], vec![Layer { id: 1, index: Arc::new(base(dir.path())) }, top]];
         let mut buf = vec![0u8; PROBE];
-        for off in probes {
-            // Errors are fine (damage); a panic fails the test.
-            let _ = reader.read_at(&mut buf, off);
+        for reader in ImageReader::many(&chains, &Arc::new(ReadCache::new(1 << 20))) {
+            for &off in &probes {
+                // Errors are fine (damage); a panic fails the test.
+                let _ = reader.read_at(&mut buf, off);
+            }
         }
     }
     Ok(())
+}
+
+/// A valid full backup of the whole disk, as the base of a chain.
+fn base(dir: &std::path::Path) -> StreamIndex {
+    let path = dir.join("sda.base.data");
+    std::fs::write(&path, valid_stream(&[(0, MAX_VSIZE, true)], true, 4096, false)).expect("write");
+    StreamIndex::open_stream(&path).expect("a valid stream")
 }
 
 fn extents() -> impl Strategy<Value = Vec<(u64, u64, bool)>> {
