@@ -14,3 +14,6 @@ cargo clippy --all-targets -- -D warnings
 corpus=${VMBACK_CORPUS:-/var/tmp/vmback-corpus}
 bash contrib/realstack/make-corpus.sh "$corpus"
 VMBACK_CORPUS="$corpus" cargo test --all-targets
+# The fuzz targets (fuzz/, run on nightly by contrib/fuzz.sh) must keep building: stable, no
+# sanitizer, sharing this target dir so only libFuzzer and the targets are compiled.
+CARGO_TARGET_DIR=target cargo build --manifest-path fuzz/Cargo.toml

@@ -728,7 +728,7 @@ fn trailer_length_pointing_outside_the_file() {
     }
     // Pointing inside the file but at the wrong place: the JSON is cut.
     let bytes = patch(compressed(), comp_len_at, b"0000000000000003");
-    let (_dir, index) = assert_damaged(&bytes, 4096, C_STOP_END + 1, "not valid JSON");
+    let (_dir, index) = assert_damaged(&bytes, 4096, C_STOP_END + 1, "not a JSON list of frame sizes");
     assert_readable_until(&index, 4096);
 }
 
@@ -967,24 +967,34 @@ fn lz4_content_size_out_of_range_in_a_split_extent() {
 
 #[test]
 fn huge_virtual_size_and_zero_frames_need_no_memory() {
+    // The largest size a file can have (`loff_t` is signed).
+    let max = i64::MAX as u64;
     let json = META_JSON
-        .replace("\"virtualSize\": 4096", &format!("\"virtualSize\": {}", u64::MAX))
+        .replace("\"virtualSize\": 4096", &format!("\"virtualSize\": {max}"))
         .replace("\"dataSize\": 8", "\"dataSize\": 0");
-    let body = [hdr("zero", 0, u64::MAX), hdr("stop", 0, 0)].concat();
+    let body = [hdr("zero", 0, max), hdr("stop", 0, 0)].concat();
     let (_dir, _path, index) = open(&stream(&json, &body)).index();
     assert!(index.damage.is_none());
     let r = reader(&index);
-    assert_eq!(r.size(), u64::MAX);
-    assert_eq!(read(&r, u64::MAX - 10, 100).unwrap(), [0; 10]);
-    assert_eq!(read(&r, 1 << 63, 16).unwrap(), [0; 16]);
+    assert_eq!(r.size(), max);
+    assert_eq!(read(&r, max - 10, 100).unwrap(), [0; 10]);
+    assert_eq!(read(&r, 1 << 62, 16).unwrap(), [0; 16]);
     assert_eq!(r.map().seek_data(0), None);
     assert_eq!(r.map().data_bytes(), 0);
 }
 
 #[test]
+fn virtual_sizes_no_file_can_hold_are_refused() {
+    for size in [1u64 << 63, u64::MAX] {
+        let json = META_JSON.replace("\"virtualSize\": 4096", &format!("\"virtualSize\": {size}"));
+        assert_open_fails(&stream(&json, &hdr("stop", 0, 0)), 40, "more than a file can hold");
+    }
+}
+
+#[test]
 fn huge_data_frames_are_truncation_not_allocation() {
     let json = META_JSON
-        .replace("\"virtualSize\": 4096", &format!("\"virtualSize\": {}", 1u64 << 63))
+        .replace("\"virtualSize\": 4096", &format!("\"virtualSize\": {}", i64::MAX))
         .replace("\"dataSize\": 8", &format!("\"dataSize\": {}", 1u64 << 62));
     let body = [hdr("data", 0, 1 << 62), b"ABCDEFGH\r\n".to_vec(), hdr("stop", 0, 0)].concat();
     let bytes = stream(&json, &body);

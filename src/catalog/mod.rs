@@ -299,7 +299,7 @@ impl Catalog {
         for (path, index) in fresh {
             let layer = index
                 .map(|i| Layer { id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed), index: Arc::new(i) })
-                .map_err(|e| e.to_string());
+                .map_err(|e| crate::error_chain(&e));
             let stamp = stamps.get(&path).copied().flatten();
             known.files.insert(path, (stamp, layer));
         }
@@ -324,7 +324,7 @@ impl Catalog {
                 match &index {
                     Ok(l) => {
                         if let Some(d) = &l.index.damage {
-                            cat.warn(format!("damaged: {}", d.error));
+                            cat.warn(format!("damaged: {}", crate::error_chain(&d.error)));
                         }
                     }
                     Err(e) => cat.warn(format!("unreadable: {e}")),

@@ -23,7 +23,9 @@ pub struct StreamName {
 pub fn parse_stream_name(name: &str) -> Option<StreamName> {
     let stem = name.strip_suffix(".data")?;
     let (disk, rest) = stem.split_once('.')?;
-    if disk.is_empty() {
+    // The disk names a file in the mount: a name that is not already one safe path
+    // component (control characters, an absurd length) is no libvirt target.
+    if disk.is_empty() || safe_component(disk) != disk {
         return None;
     }
     let level = match rest.split_once('.') {
@@ -93,6 +95,7 @@ mod tests {
             "sda.weird.data",
             "vmconfig.virtnbdbackup.0.xml",
             "sda.full.data.chksum",
+            "a\nb.full.data",
         ] {
             assert_eq!(parse_stream_name(bad), None, "{bad}");
         }

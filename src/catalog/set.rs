@@ -201,7 +201,7 @@ fn chain_point(disk: &str, chain: &Result<Vec<Layer>, String>) -> DiskChain {
 /// Damaged when any layer is; the first damage names the file and offset.
 fn status_of(layers: &[Layer]) -> Status {
     match layers.iter().find_map(|l| l.index.damage.as_ref()) {
-        Some(d) => Status::Damaged(d.error.to_string()),
+        Some(d) => Status::Damaged(crate::error_chain(&d.error)),
         None => Status::Complete,
     }
 }

@@ -19,6 +19,8 @@ const FLG_CONTENT_CHECKSUM: u8 = 0x04;
 const FLG_DICT_ID: u8 = 0x01;
 /// The size word's high bit marks a block stored uncompressed.
 const STORED: u32 = 0x8000_0000;
+/// The smallest lz4 frame: magic, FLG, BD and header checksum bytes, and the end mark.
+pub const MIN_FRAME_LEN: u64 = 4 + 3 + 4;
 /// The largest block the format allows (BD code 7).
 const MAX_BLOCK: u64 = 4 << 20;
 

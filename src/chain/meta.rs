@@ -18,6 +18,10 @@ pub const MAX_META_LEN: u64 = 1 << 20;
 /// real disk, while still refusing a length field that points at garbage.
 pub const MAX_TRAILER_LEN: u64 = 256 << 20;
 
+/// Largest virtual size accepted: the largest file size Linux can represent (`loff_t` is
+/// signed), so the image can be shown as a file at all.
+pub const MAX_VIRTUAL_SIZE: u64 = i64::MAX as u64;
+
 /// What a metadata or trailer document got wrong.
 #[derive(Debug, Error)]
 pub enum MetaError {
@@ -29,10 +33,12 @@ pub enum MetaError {
     Missing(&'static str),
     #[error("metadata field {0:?} has the wrong type")]
     WrongType(&'static str),
+    #[error("metadata field {0:?} is {1}, more than a file can hold")]
+    TooLarge(&'static str, u64),
     #[error("unsupported stream version {0}")]
     Version(u64),
-    #[error("trailer is not a JSON list of frame sizes")]
-    BadTrailer,
+    #[error("trailer is not a JSON list of frame sizes: {0}")]
+    BadTrailer(String),
 }
 
 /// The metadata of one stream file.
@@ -79,8 +85,12 @@ impl StreamMeta {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err(MetaError::WrongType("parentCheckpoint")),
         };
+        let virtual_size = req_u64(obj, "virtualSize")?;
+        if virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(MetaError::TooLarge("virtualSize", virtual_size));
+        }
         Ok(StreamMeta {
-            virtual_size: req_u64(obj, "virtualSize")?,
+            virtual_size,
             data_size: req_u64(obj, "dataSize")?,
             date: opt_str(obj, "date")?.unwrap_or_default(),
             disk_name: opt_str(obj, "diskName")?.ok_or(MetaError::Missing("diskName"))?,
@@ -154,30 +164,125 @@ fn opt_str(obj: &Map<String, Value>, key: &'static str) -> Result<Option<String>
 pub type TrailerEntry = Vec<u64>;
 
 /// Parses the trailer list: an int is one lz4 frame; `{"<sum>": [sizes]}` is several,
-/// and the key must equal the sum of the list.
-pub fn parse_trailer(json: &[u8]) -> Result<Vec<TrailerEntry>, MetaError> {
-    let value: Value = serde_json::from_slice(json)?;
-    let list = value.as_array().ok_or(MetaError::BadTrailer)?;
-    list.iter()
-        .map(|entry| match entry {
-            Value::Number(n) => n.as_u64().map(|n| vec![n]).ok_or(MetaError::BadTrailer),
-            Value::Object(o) if o.len() == 1 => {
-                let (key, sizes) = o.iter().next().expect("one entry");
-                let sizes: Vec<u64> = sizes
-                    .as_array()
-                    .ok_or(MetaError::BadTrailer)?
-                    .iter()
-                    .map(|s| s.as_u64().ok_or(MetaError::BadTrailer))
-                    .collect::<Result<_, _>>()?;
-                let total = sizes.iter().try_fold(0u64, |a, &s| a.checked_add(s));
-                if sizes.is_empty() || key.parse::<u64>().ok() != total {
-                    return Err(MetaError::BadTrailer);
-                }
-                Ok(sizes)
+/// and the key must equal the sum of the list. At most `max_frames` lz4 frames in all:
+/// the caller knows how many the file has room for, so a trailer listing more is refused
+/// while it is read, before it costs memory (the document is streamed, never held whole
+/// as a JSON tree: a 200 MB hostile trailer of `1,1,1,...` took 13 GB that way).
+pub fn parse_trailer(json: impl std::io::Read, max_frames: u64) -> Result<Vec<TrailerEntry>, MetaError> {
+    use serde::de::Deserializer as _;
+    let mut de = serde_json::Deserializer::from_reader(json);
+    let entries = de
+        .deserialize_seq(trailer::ListVisitor { budget: max_frames })
+        .and_then(|entries| de.end().map(|()| entries))
+        .map_err(|e| MetaError::BadTrailer(e.to_string()))?;
+    Ok(entries)
+}
+
+/// The serde visitors of [`parse_trailer`]: each lz4 frame size is pushed straight into
+/// its entry, counted against the budget as it arrives.
+mod trailer {
+    use std::fmt;
+
+    use serde::de::{DeserializeSeed, Deserializer, Error, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+    use super::TrailerEntry;
+
+    /// The whole list.
+    pub(super) struct ListVisitor {
+        pub(super) budget: u64,
+    }
+
+    impl<'de> Visitor<'de> for ListVisitor {
+        type Value = Vec<TrailerEntry>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of lz4 frame sizes")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(entry) = seq.next_element_seed(Entry { budget: &mut self.budget })? {
+                out.push(entry);
             }
-            _ => Err(MetaError::BadTrailer),
-        })
-        .collect()
+            Ok(out)
+        }
+    }
+
+    /// Counts one lz4 frame against the budget.
+    fn spend<E: Error>(budget: &mut u64) -> Result<(), E> {
+        *budget =
+            budget.checked_sub(1).ok_or_else(|| E::custom("more lz4 frames than the file has room for"))?;
+        Ok(())
+    }
+
+    /// One entry: an int, or `{"<sum>": [sizes]}`.
+    struct Entry<'b> {
+        budget: &'b mut u64,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Entry<'_> {
+        type Value = TrailerEntry;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<TrailerEntry, D::Error> {
+            de.deserialize_any(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Entry<'_> {
+        type Value = TrailerEntry;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(r#"a frame size or {"<sum>": [sizes]}"#)
+        }
+
+        fn visit_u64<E: Error>(self, n: u64) -> Result<TrailerEntry, E> {
+            spend(self.budget)?;
+            Ok(vec![n])
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TrailerEntry, A::Error> {
+            let key: String = map.next_key()?.ok_or_else(|| A::Error::custom("empty object"))?;
+            let sizes = map.next_value_seed(Sizes { budget: self.budget })?;
+            if map.next_key::<IgnoredAny>()?.is_some() {
+                return Err(A::Error::custom("object with more than one key"));
+            }
+            let total = sizes.iter().try_fold(0u64, |a, &s| a.checked_add(s));
+            if sizes.is_empty() || key.parse::<u64>().ok() != total {
+                return Err(A::Error::custom(format!("key {key:?} is not the sum of its sizes")));
+            }
+            Ok(sizes)
+        }
+    }
+
+    /// The size list of an object entry.
+    struct Sizes<'b> {
+        budget: &'b mut u64,
+    }
+
+    impl<'de> DeserializeSeed<'de> for Sizes<'_> {
+        type Value = TrailerEntry;
+
+        fn deserialize<D: Deserializer<'de>>(self, de: D) -> Result<TrailerEntry, D::Error> {
+            de.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Sizes<'_> {
+        type Value = TrailerEntry;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a list of lz4 frame sizes")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TrailerEntry, A::Error> {
+            let mut out = Vec::new();
+            while let Some(size) = seq.next_element::<u64>()? {
+                spend(self.budget)?;
+                out.push(size);
+            }
+            Ok(out)
+        }
+    }
 }
 
 /// Serializes a trailer as upstream does: `json.dumps(list)` with default separators.
@@ -257,6 +362,10 @@ mod tests {
             StreamMeta::parse(br#"{"virtualSize": 1, "dataSize": 0, "diskName": "a", "streamVersion": 3}"#),
             Err(MetaError::Version(3))
         ));
+        assert!(matches!(
+            StreamMeta::parse(br#"{"virtualSize": 9223372036854775808, "dataSize": 0, "diskName": "a", "streamVersion": 2}"#),
+            Err(MetaError::TooLarge("virtualSize", 0x8000_0000_0000_0000))
+        ));
     }
 
     #[test]
@@ -266,14 +375,19 @@ mod tests {
 
     #[test]
     fn trailer_forms() {
-        assert_eq!(parse_trailer(b"[39]").unwrap(), vec![vec![39]]);
+        assert_eq!(parse_trailer(&b"[39]"[..], 10).unwrap(), vec![vec![39]]);
         let t = br#"[{"133": [47, 47, 39]}, {"42": [42]}]"#;
-        assert_eq!(parse_trailer(t).unwrap(), vec![vec![47, 47, 39], vec![42]]);
+        assert_eq!(parse_trailer(&t[..], 10).unwrap(), vec![vec![47, 47, 39], vec![42]]);
         assert_eq!(trailer_json(&[(true, vec![47, 47, 39]), (true, vec![42])]).as_bytes(), t);
         assert_eq!(trailer_json(&[(false, vec![39])]), "[39]");
-        assert!(parse_trailer(b"[]").unwrap().is_empty());
-        assert!(matches!(parse_trailer(br#"[{"100": [47]}]"#), Err(MetaError::BadTrailer)));
-        assert!(matches!(parse_trailer(b"[-1]"), Err(MetaError::BadTrailer)));
-        assert!(matches!(parse_trailer(b"{}"), Err(MetaError::BadTrailer)));
+        assert!(parse_trailer(&b"[]"[..], 10).unwrap().is_empty());
+        for bad in
+            [&br#"[{"100": [47]}]"#[..], b"[-1]", b"{}", br#"[{"1": [1], "2": [2]}]"#, b"[1] x", b"[[1]]"]
+        {
+            assert!(matches!(parse_trailer(bad, 10), Err(MetaError::BadTrailer(_))), "{bad:?}");
+        }
+        // The budget counts lz4 frames, in ints and in lists alike.
+        assert_eq!(parse_trailer(&br#"[1, {"5": [2, 3]}]"#[..], 3).unwrap(), vec![vec![1], vec![2, 3]]);
+        assert!(matches!(parse_trailer(&br#"[1, {"5": [2, 3]}]"#[..], 2), Err(MetaError::BadTrailer(_))));
     }
 }
