@@ -43,6 +43,10 @@ fn init_logging(flag: Option<&str>) -> Result<(), String> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
+        // The server of a `mount --background` logs into a pipe whose reader leaves once
+        // the mount is up: a failed write must drop the line, not report (and panic) on
+        // the same stderr.
+        .log_internal_errors(false)
         .init();
     Ok(())
 }
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
     };
     if let Err(e) = init_logging(cli.log_level.as_deref()) {
         eprintln!("vmback: {e}");
+        // 2: clap's exit code for a bad command line, which a bad filter is.
         return ExitCode::from(2);
     }
     match run(cli) {

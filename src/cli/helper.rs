@@ -126,3 +126,54 @@ pub fn parse(args: Vec<OsString>) -> Result<Option<Cli>, clap::Error> {
     global.extend(flags);
     Cli::try_parse_from(global).map(Some)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Command;
+
+    fn helper(args: &[&str]) -> Result<Option<Cli>, clap::Error> {
+        parse(std::iter::once(NAME).chain(args.iter().copied()).map(OsString::from).collect())
+    }
+
+    #[test]
+    fn options_become_mount_flags() {
+        let opts =
+            "ro,allow_other,cache_size=1G,threads=3,log_level=debug,nofail,_netdev,x-systemd.automount,user";
+        let cli =
+            helper(&["/backup", "/mnt/vmback", "-o", opts, "-t", "fuse.vmback", "-n"]).unwrap().unwrap();
+        assert_eq!(cli.log_level.as_deref(), Some("debug"));
+        let Command::Mount {
+            source,
+            mountpoint,
+            read_only,
+            allow_other,
+            cache_size,
+            threads,
+            background,
+            ..
+        } = cli.command
+        else {
+            panic!("not a mount: {:?}", cli.command)
+        };
+        assert_eq!((source.to_str(), mountpoint.to_str()), (Some("/backup"), Some("/mnt/vmback")));
+        assert!(read_only && allow_other && background);
+        assert_eq!((cache_size, threads), (1 << 30, Some(3)));
+    }
+
+    #[test]
+    fn unknown_options_are_refused_unless_sloppy() {
+        let err = helper(&["/b", "/m", "-o", "ro,frobnicate"]).unwrap_err().to_string();
+        assert!(err.contains("`frobnicate`"), "{err}");
+        assert!(helper(&["/b", "/m", "-s", "-o", "ro,frobnicate"]).unwrap().is_some());
+        let err = helper(&["/b", "/m", "-o", "cache_size=lots"]).unwrap_err().to_string();
+        assert!(err.contains("lots"), "{err}");
+        assert!(helper(&["/b", "/m", "-t", "fuse.sshfs"]).is_err());
+        assert!(helper(&["/b", "/m", "-N", "1234"]).is_err());
+    }
+
+    #[test]
+    fn fake_mount_does_nothing() {
+        assert!(helper(&["/b", "/m", "-f", "-o", "ro"]).unwrap().is_none());
+    }
+}

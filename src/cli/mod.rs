@@ -92,8 +92,8 @@ pub enum Command {
     /// mount left stale by a killed vmback.
     Umount {
         mountpoint: PathBuf,
-        /// Detach it even while in use: it disappears now, and reads of files still open
-        /// there fail.
+        /// Detach it even while in use: it leaves the tree now; files still open there keep
+        /// working, and vmback exits when the last one is closed.
         #[arg(long, short = 'l')]
         lazy: bool,
     },
@@ -336,7 +336,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 Unmounted::Stale => {
                     tracing::info!("{shown} was stale (its server was killed); detached it");
                 }
-                Unmounted::Lazy => tracing::info!("detached {shown}; it ends when its last user lets go"),
+                Unmounted::Lazy => {
+                    tracing::info!("detached {shown}; it ends when its last open file is closed")
+                }
             }
         }
         Command::Completions { shell } => {

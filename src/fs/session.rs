@@ -36,7 +36,8 @@ pub enum SessionError {
     NotFuse { path: PathBuf, fs_type: String },
     #[error(
         "{path}: busy, still used by {holders}; close those (or leave the folder), or detach \
-         it now with `vmback umount --lazy {path}` (their reads then fail)"
+         it now with `vmback umount --lazy {path}` (it leaves the tree at once; vmback serves \
+         the files still open and exits when the last is closed)"
     )]
     Busy { path: PathBuf, holders: String },
     #[error("unmounting {path} failed")]
@@ -85,24 +86,33 @@ impl MountOptions {
     }
 }
 
+/// Whether `path` is a FUSE mount whose server is gone (the kernel answers ENOTCONN).
+/// `statfs` always reaches the server, where `stat` may be answered from cached
+/// attributes.
+fn is_dead(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).err() == Some(nix::errno::Errno::ENOTCONN)
+}
+
 /// Refuses a missing or non-directory mountpoint. A stale FUSE mount there (its server was
 /// killed) is detached first, with a log line; if that fails, the error says how to clear it.
 pub fn check_mountpoint(path: &Path) -> Result<(), SessionError> {
-    match std::fs::metadata(path) {
+    let probe = std::fs::metadata(path);
+    let dead = probe.as_ref().map_or_else(|e| e.raw_os_error() == Some(libc::ENOTCONN), |_| is_dead(path));
+    if dead {
+        let stale = || SessionError::Stale(path.to_owned());
+        if !mount_at(path)?.is_some_and(|m| m.is_fuse()) {
+            return Err(stale());
+        }
+        unmount(path, true).map_err(|e| {
+            warn!("{}: clearing the stale FUSE mount: {e}", path.display());
+            stale()
+        })?;
+        warn!("{}: was a stale FUSE mount (its server was killed); unmounted it", path.display());
+        return check_mountpoint(path);
+    }
+    match probe {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(SessionError::NotADirectory(path.to_owned())),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            let stale = || SessionError::Stale(path.to_owned());
-            if !mount_at(path)?.is_some_and(|m| m.is_fuse()) {
-                return Err(stale());
-            }
-            unmount(path, true).map_err(|e| {
-                warn!("{}: clearing the stale FUSE mount: {e}", path.display());
-                stale()
-            })?;
-            warn!("{}: was a stale FUSE mount (its server was killed); unmounted it", path.display());
-            check_mountpoint(path)
-        }
         Err(source) => Err(SessionError::Mountpoint { path: path.to_owned(), source }),
     }
 }
@@ -208,7 +218,8 @@ pub enum Unmounted {
     Live,
     /// A stale mount (its server was killed), detached lazily.
     Stale,
-    /// Detached lazily as asked: gone from the tree, ends when the last user lets go.
+    /// Detached lazily as asked: gone from the tree; files still open keep working and
+    /// the server ends when the last one is closed.
     Lazy,
 }
 
@@ -364,4 +375,15 @@ pub fn mount(catalog: &Catalog, mountpoint: &Path, opts: &MountOptions) -> Resul
     session.run().map_err(mount_err)?;
     info!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape(r"/mnt/my\040backups\134x"), PathBuf::from(r"/mnt/my backups\x"));
+        assert_eq!(unescape(r"/plain\09"), PathBuf::from(r"/plain\09"));
+    }
 }
