@@ -15,6 +15,7 @@ mod common {
     pub mod files;
     pub mod fuse;
     pub mod rng;
+    pub mod sample;
 }
 
 use std::ffi::OsString;
@@ -33,6 +34,7 @@ use common::fuse::{
     Watched, is_fuse_mounted, mount_entry, path_str, stdout_of_success, umount_quietly, wait_until, which,
 };
 use common::rng::Rng;
+use common::sample::{sample, sample_image as image};
 use nix::errno::Errno;
 use nix::sys::statfs::statfs;
 use tempfile::TempDir;
@@ -66,17 +68,6 @@ fn is_root() -> bool {
 
 fn tmp() -> TempDir {
     tempfile::Builder::new().prefix("vmback-integ.").tempdir().expect("temp dir")
-}
-
-/// The sample set (`sample-vm`: sda 64 MiB plain, sdb 16 MiB lz4) in `dir/set`.
-fn sample(dir: &Path) -> PathBuf {
-    let src = dir.join("set");
-    vmback::sample::write_sample(&src).expect("sample set");
-    src
-}
-
-fn image(mnt: &Path, point: &str, disk: &str) -> PathBuf {
-    mnt.join("sample-vm").join(point).join(format!("{disk}.raw"))
 }
 
 fn text(out: &Output) -> String {

@@ -364,8 +364,9 @@ pub fn mount(catalog: &Catalog, mountpoint: &Path, opts: &MountOptions) -> Resul
                 // Someone still uses the mount (a VM with an image open, a shell inside):
                 // pulling it away would fail their I/O, so stay mounted and say so.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => warn!(
-                    "{shown} is busy: a process has a file open there or works inside it; \
-                     close it and send {sig} again, or detach it now with `vmback umount --lazy {shown}`"
+                    "{shown} is busy: a process has a file open there or works inside it ({}); \
+                     close it and send {sig} again, or detach it now with `vmback umount --lazy {shown}`",
+                    holders(&path).join(", ")
                 ),
                 Err(e) => tracing::error!("unmounting {shown}: {e}"),
             }
