@@ -124,7 +124,6 @@ pub struct MountEntry {
     pub id: i32,
     /// `fuse.vmback` for a vmback mount (`fuse` for a FUSE mount without a subtype).
     pub fs_type: String,
-    pub source: Option<String>,
     /// `major:minor` of the mount's device.
     pub dev: String,
 }
@@ -137,7 +136,7 @@ impl MountEntry {
 
 /// `path` made absolute with its symlinks resolved, as the mount table shows it. The last
 /// component is taken as is when it cannot be resolved (a stale mountpoint fails `stat`).
-pub fn table_path(path: &Path) -> PathBuf {
+fn table_path(path: &Path) -> PathBuf {
     if let Ok(p) = std::fs::canonicalize(path) {
         return p;
     }
@@ -178,7 +177,7 @@ pub fn mount_at(path: &Path) -> Result<Option<MountEntry>, SessionError> {
         .into_iter()
         .rev()
         .find(|m| unescape(&m.mount_point.to_string_lossy()) == want)
-        .map(|m| MountEntry { id: m.mnt_id, fs_type: m.fs_type, source: m.mount_source, dev: m.majmin }))
+        .map(|m| MountEntry { id: m.mnt_id, fs_type: m.fs_type, dev: m.majmin }))
 }
 
 /// The processes that keep `mount` busy, as `PID (name: what)` items: working or root
