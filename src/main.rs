@@ -27,10 +27,12 @@ fn pin_malloc_threshold() {
 /// lines (one per session event) are noise to a user.
 const DEFAULT_LOG: &str = "info,fuser=warn";
 
-/// Logs through tracing to stderr, filtered by `--log-level` if given, else by the
-/// `VMBACK_LOG` environment variable, else [`DEFAULT_LOG`]. A bad filter is an error.
-fn init_logging(flag: Option<&str>) -> Result<(), String> {
+/// Logs through tracing to stderr (or appends to `--log-file`), filtered by `--log-level`
+/// if given, else by the `VMBACK_LOG` environment variable, else [`DEFAULT_LOG`]. A bad
+/// filter or a log file that cannot be opened is an error.
+fn init_logging(flag: Option<&str>, file: Option<&std::path::Path>) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     let filter = match (flag, std::env::var("VMBACK_LOG")) {
         (Some(f), _) => EnvFilter::try_new(f).map_err(|e| format!("--log-level {f}: {e}"))?,
         (None, Ok(f)) if !f.is_empty() => {
@@ -38,10 +40,21 @@ fn init_logging(flag: Option<&str>) -> Result<(), String> {
         }
         (None, _) => EnvFilter::new(DEFAULT_LOG),
     };
+    let (writer, ansi) = match file {
+        Some(path) => {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
+            (BoxMakeWriter::new(std::sync::Mutex::new(f)), false)
+        }
+        None => (BoxMakeWriter::new(std::io::stderr), std::io::IsTerminal::is_terminal(&std::io::stderr())),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer)
+        .with_ansi(ansi)
         .with_target(false)
         // The server of a `mount --background` logs into a pipe whose reader leaves once
         // the mount is up: a failed write must drop the line, not report (and panic) on
@@ -58,9 +71,9 @@ fn main() -> ExitCode {
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => e.exit(),
     };
-    if let Err(e) = init_logging(cli.log_level.as_deref()) {
+    if let Err(e) = init_logging(cli.log_level.as_deref(), cli.log_file.as_deref()) {
         eprintln!("vmback: {e}");
-        // 2: clap's exit code for a bad command line, which a bad filter is.
+        // 2: clap's exit code for a bad command line, which a bad filter or log file is.
         return ExitCode::from(2);
     }
     match run(cli) {

@@ -225,10 +225,11 @@ impl Readers {
             .iter()
             .enumerate()
             .map(|(i, path)| {
-                let (stop, reads, path) = (stop.clone(), reads.clone(), path.clone());
+                let (stop, reads) = (stop.clone(), reads.clone());
+                // Opened here, so every reader holds its file before the kill.
+                let f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let size = f.metadata().expect("stat").len();
                 thread::spawn(move || {
-                    let f = File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                    let size = f.metadata().expect("stat").len();
                     let mut rng = Rng(0x7e4d + i as u64);
                     let mut failed = false;
                     while !stop.load(Ordering::Relaxed) {
@@ -283,7 +284,8 @@ fn read_at(img: &Path, off: u64, len: usize) -> Vec<u8> {
 /// Kills vmback (SIGKILL) while readers run on every image, and checks what that leaves:
 /// a dead FUSE mount (ENOTCONN), readers stopped by errors but still holding files there.
 fn kill_under_load(m: &mut Mounted, images: &[PathBuf]) -> Readers {
-    assert!(statfs(&m.mnt).is_ok(), "the mount died before the kill:\n{}", m.log());
+    let up = statfs(&m.mnt).is_ok() && is_fuse_mounted(&m.mnt);
+    assert!(up, "the mount went away before the kill:\n{}", m.log());
     let readers = Readers::start(images);
     readers.wait_reads(200);
     m.kill_hard();
@@ -502,9 +504,12 @@ fn mount_t_fuse_vmback_and_an_fstab_line() {
     m.wait_server_gone();
     drop(m);
 
-    // Writable with keep_overlay=: written data survives `umount` and a new mount.
+    // Writable with keep_overlay=: written data survives `umount` and a new mount; the
+    // detached server's log goes on in log_file= after mount(8) has returned.
     let keep = t.path().join("keep");
-    let rw = format!("keep_overlay={},dirty_size=1M", keep.display());
+    let log = t.path().join("vmback.log");
+    let rw =
+        format!("keep_overlay={},dirty_size=1M,log_file={},log_level=debug", keep.display(), log.display());
     let args = ["-t", "fuse.vmback", path_str(&src), path_str(&mnt), "-o", rw.as_str()];
     let m = SysMount::mount(&args, &mnt);
     write_synced(&image(&mnt, "latest", "sdb"), 7 * MIB, b"through mount -t");
@@ -517,6 +522,9 @@ fn mount_t_fuse_vmback_and_an_fstab_line() {
     assert!(out.status.success(), "{}", text(&out));
     m.wait_server_gone();
     drop(m);
+    let logged = std::fs::read_to_string(&log).expect("log_file written");
+    let ends = logged.lines().filter(|l| l.contains(&format!("unmounted {}", mnt.display()))).count();
+    assert_eq!(ends, 2, "both sessions logged their end in {}:\n{logged}", log.display());
 
     // Refusals: an unknown option is named; a bad SOURCE shows the server's error.
     let out = Command::new("mount")

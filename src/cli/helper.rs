@@ -47,13 +47,14 @@ struct HelperArgs {
 }
 
 /// Options that take a value, and the `vmback mount` flag each one becomes.
-const VALUED: [(&str, &str); 6] = [
+const VALUED: [(&str, &str); 7] = [
     ("cache_size", "--cache-size"),
     ("dirty_size", "--dirty-size"),
     ("overlay_dir", "--overlay-dir"),
     ("keep_overlay", "--keep-overlay"),
     ("threads", "--threads"),
     ("log_level", "--log-level"),
+    ("log_file", "--log-file"),
 ];
 
 /// Generic options mount(8) hands to every helper, meaningless here.
@@ -97,16 +98,15 @@ pub fn parse(args: Vec<OsString>) -> Result<Option<Cli>, clap::Error> {
     if h.fake {
         return Ok(None);
     }
-    let mut global: Vec<OsString> = vec!["vmback".into()];
-    let mut flags: Vec<OsString> = vec!["mount".into(), "--background".into()];
+    // The global flags (--log-level, --log-file) may follow the subcommand too.
+    let mut flags: Vec<OsString> = vec!["vmback".into(), "mount".into(), "--background".into()];
     if h.verbose {
-        global.extend(["--log-level".into(), "debug".into()]);
+        flags.extend(["--log-level".into(), "debug".into()]);
     }
     for opt in h.options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
         let (key, value) = opt.split_once('=').map_or((opt, None), |(k, v)| (k, Some(v)));
         if let (Some(value), Some((_, flag))) = (value, VALUED.iter().find(|(k, _)| *k == key)) {
-            let to = if key == "log_level" { &mut global } else { &mut flags };
-            to.extend([(*flag).into(), value.into()]);
+            flags.extend([(*flag).into(), value.into()]);
             continue;
         }
         match (key, value) {
@@ -123,8 +123,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Option<Cli>, clap::Error> {
         }
     }
     flags.extend(["--".into(), h.source, h.mountpoint]);
-    global.extend(flags);
-    Cli::try_parse_from(global).map(Some)
+    Cli::try_parse_from(flags).map(Some)
 }
 
 #[cfg(test)]
@@ -138,11 +137,11 @@ mod tests {
 
     #[test]
     fn options_become_mount_flags() {
-        let opts =
-            "ro,allow_other,cache_size=1G,threads=3,log_level=debug,nofail,_netdev,x-systemd.automount,user";
+        let opts = "ro,allow_other,cache_size=1G,threads=3,log_level=debug,log_file=/var/log/v.log,nofail,_netdev,x-systemd.automount,user";
         let cli =
             helper(&["/backup", "/mnt/vmback", "-o", opts, "-t", "fuse.vmback", "-n"]).unwrap().unwrap();
         assert_eq!(cli.log_level.as_deref(), Some("debug"));
+        assert_eq!(cli.log_file.as_deref(), Some(std::path::Path::new("/var/log/v.log")));
         let Command::Mount {
             source,
             mountpoint,

@@ -38,6 +38,10 @@ pub struct Cli {
     /// the VMBACK_LOG environment variable [default: info].
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Append the log to FILE instead of writing it to stderr (e.g. for a mount made by
+    /// mount(8), whose log otherwise ends with its start-up).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
