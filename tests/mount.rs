@@ -1109,7 +1109,7 @@ fn sigterm_after_a_busy_unmount_still_works() {
 // 9. A stale mountpoint.
 
 #[test]
-fn stale_mountpoint_is_refused_with_a_fix() {
+fn stale_mountpoint_is_cleared_by_vmback_umount() {
     require_fuse!();
     let td = support::tempdir();
     let (mnt, mut m) = sample_mount(td.path());
@@ -1120,15 +1120,9 @@ fn stale_mountpoint_is_refused_with_a_fix() {
     let err = std::fs::metadata(&mnt).expect_err("stat of a stale mount");
     assert_eq!(errno_of(&err), Some(Errno::ENOTCONN), "{err}");
 
-    let out =
-        support::run_timeout(20, env!("CARGO_BIN_EXE_vmback"), &["mount", path_str(&src), path_str(&mnt)]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "vmback mounted over a stale mount: {stderr}");
-    assert_ne!(out.status.code(), Some(124), "vmback mount hung on a stale mountpoint: {stderr}");
-    assert!(stderr.contains("stale"), "{stderr}");
-    assert!(stderr.contains(&format!("fusermount3 -u {}", mnt.display())), "{stderr}");
-
-    run_ok("fusermount3", &["-u", path_str(&mnt)]);
+    // `vmback mount` on it recovers too (tests/integration.rs covers both under load).
+    let out = support::run_timeout(20, env!("CARGO_BIN_EXE_vmback"), &["umount", path_str(&mnt)]);
+    assert!(out.status.success(), "vmback umount of a stale mount: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!support::is_fuse_mounted(&mnt));
     let mut again = VmbackMount::start(&src, &mnt, &[]);
     let cfg = std::fs::read(mnt.join("sample-vm/virtnbdbackup.0/vmconfig.xml")).expect("read after remount");

@@ -13,14 +13,16 @@ mod common {
     pub mod files;
     pub mod fuse;
     pub mod rng;
+    pub mod sample;
 }
 #[path = "writes/support.rs"]
 mod support;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::sample::{sample, sample_image};
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};
@@ -34,17 +36,6 @@ const DATE: &str = "2026-06-01T08:00:00.000001";
 
 fn tmp() -> TempDir {
     tempfile::Builder::new().prefix("vmback-writes.").tempdir().expect("temp dir")
-}
-
-/// The sample set (`sample-vm`: sda 64 MiB plain, sdb 16 MiB lz4) in `dir/set`.
-fn sample(dir: &Path) -> PathBuf {
-    let src = dir.join("set");
-    vmback::sample::write_sample(&src).expect("sample set");
-    src
-}
-
-fn sample_image(mnt: &Path, point: &str, disk: &str) -> PathBuf {
-    mnt.join("sample-vm").join(point).join(format!("{disk}.raw"))
 }
 
 fn rw(path: &Path) -> File {

@@ -1,10 +1,12 @@
 //! The command line: clap definitions, and each command turned into a call of the library.
-//! The output of `ls` lives in [`ls`], of `restore`, `dump` and `verify` in [`restore`].
+//! The output of `ls` lives in [`ls`], of `restore`, `dump` and `verify` in [`restore`];
+//! `mount -t fuse.vmback` (the `mount.fuse.vmback` helper name) in [`helper`], and the
+//! detached server of `mount --background` in [`background`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// `println!` for command output: a reader that went away (`vmback ls | head`) ends the
 /// output quietly instead of panicking; other write errors are logged.
@@ -14,12 +16,14 @@ macro_rules! outln {
     };
 }
 
+mod background;
 mod backup;
+mod helper;
 mod ls;
 mod restore;
 
 use crate::catalog::{Catalog, Watched};
-use crate::fs::session::{MountOptions, mount};
+use crate::fs::session::{MountOptions, Unmounted, mount, umount};
 use crate::fs::{FsConfig, Writes};
 use crate::restore::{Format, Sparse};
 
@@ -30,8 +34,27 @@ use crate::restore::{Format, Sparse};
     about = "Mount, back up and restore libvirt/KVM backups (virtnbdbackup format)"
 )]
 pub struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or tracing's filter syntax); wins over
+    /// the VMBACK_LOG environment variable [default: info].
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Append the log to FILE instead of writing it to stderr (e.g. for a mount made by
+    /// mount(8), whose log otherwise ends with its start-up).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Parses the command line `args` (with the program name first). Called as
+/// `mount.fuse.vmback` (mount(8)'s helper for `-t fuse.vmback`), it takes mount(8)'s
+/// helper arguments instead; `None` then means there is nothing to do (`-f`, a fake mount).
+pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Option<Cli>, clap::Error> {
+    let name = args.first().map(Path::new).and_then(Path::file_name);
+    if name.is_some_and(|n| n == helper::NAME) {
+        return helper::parse(args);
+    }
+    Cli::try_parse_from(args).map(Some)
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,6 +91,19 @@ pub enum Command {
         /// they show in the mount without a remount.
         #[arg(long, value_name = "SECONDS", default_value = "1")]
         rescan: f64,
+        /// Return once the mount is up, serving it from a detached process (what
+        /// `mount -t fuse.vmback` does); stop it with `vmback umount MOUNTPOINT`.
+        #[arg(long)]
+        background: bool,
+    },
+    /// Unmount a vmback (or other FUSE) mount, as `fusermount3 -u` does; also clears a
+    /// mount left stale by a killed vmback.
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach it even while in use: it leaves the tree now; files still open there keep
+        /// working, and vmback exits when the last one is closed.
+        #[arg(long, short = 'l')]
+        lazy: bool,
     },
     /// List domains, restore points and disks found in SOURCE.
     Ls {
@@ -170,6 +206,12 @@ pub enum Command {
     },
     /// Write a small sample backup set (two disks, full + 2 incrementals + a diff) to DIR.
     Sample { dir: PathBuf },
+    /// Print a shell completion script (for the set-up; e.g. `vmback completions bash`).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (vmback.1 and one per command) into DIR (for the set-up).
+    #[command(hide = true)]
+    Man { dir: PathBuf },
 }
 
 fn parse_bytes(s: &str) -> Result<u64, String> {
@@ -205,7 +247,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             keep_overlay,
             threads,
             rescan,
+            background,
         } => {
+            if background && !background::is_child() {
+                return background::serve_detached(&mountpoint);
+            }
             let (watched, catalog) = Watched::open(&source)?;
             let every = std::time::Duration::try_from_secs_f64(rescan)
                 .map_err(|e| format!("--rescan {rescan}: {e}"))?;
@@ -231,7 +277,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let opts = MountOptions {
                 allow_other,
                 threads: threads.unwrap_or_else(MountOptions::default_threads),
-                fs_name: source.display().to_string(),
+                fs_name: std::fs::canonicalize(&source)
+                    .unwrap_or_else(|_| source.clone())
+                    .display()
+                    .to_string(),
                 fs: FsConfig { cache_size: usize::try_from(cache_size)?, dirty_size, writes },
             };
             mount(&catalog, watch, &mountpoint, &opts)?;
@@ -291,6 +340,24 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Dump { input } => return restore::dump(&input),
         Command::Verify { source, json, threads } => {
             return restore::verify(&source, json, threads.unwrap_or_else(cores));
+        }
+        Command::Umount { mountpoint, lazy } => {
+            let shown = mountpoint.display();
+            match umount(&mountpoint, lazy)? {
+                Unmounted::Live => tracing::info!("unmounted {shown}"),
+                Unmounted::Stale => {
+                    tracing::info!("{shown} was stale (its server was killed); detached it");
+                }
+                Unmounted::Lazy => {
+                    tracing::info!("detached {shown}; it ends when its last open file is closed")
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "vmback", &mut std::io::stdout());
+        }
+        Command::Man { dir } => {
+            clap_mangen::generate_to(Cli::command(), &dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         Command::Sample { dir } => {
             crate::sample::write_sample(&dir)?;

@@ -1,5 +1,13 @@
-//! Mounting: options, the stale-mountpoint check, and a clean unmount on Ctrl-C,
-//! SIGTERM or SIGHUP (as well as on `fusermount3 -u` from outside).
+//! Mounting: options, the mount table, a clean unmount on Ctrl-C, SIGTERM or SIGHUP (as
+//! well as on `fusermount3 -u` or `vmback umount` from outside), and recovery of a stale
+//! mountpoint.
+//!
+//! A FUSE mount whose server died (SIGKILL, a crash) stays in the mount table and every
+//! access to it fails with ENOTCONN. Such a mount has nothing left to lose: `vmback
+//! umount` and `vmback mount` detach it lazily (so readers that still hold files there do
+//! not keep it), but only after /proc/self/mountinfo confirms it is a FUSE mount; nothing
+//! else is ever unmounted implicitly. A live mount is only unmounted when asked, and a busy
+//! one is left mounted with the processes that hold it named.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -18,10 +26,29 @@ use crate::catalog::{Catalog, Watched};
 #[derive(Debug, Error)]
 pub enum SessionError {
     #[error(
-        "{0}: mountpoint is a stale FUSE mount (a vmback or other FUSE process was killed); \
-         clear it with `fusermount3 -u {0}` (or `umount -l {0}` as root) and mount again"
+        "{0}: mountpoint is a stale FUSE mount (a vmback or other FUSE process was killed) \
+         that could not be cleared; clear it with `vmback umount {0}` (or `umount -l {0}` as \
+         root) and mount again"
     )]
     Stale(PathBuf),
+    #[error("{0}: not a mountpoint")]
+    NotMounted(PathBuf),
+    #[error("{path}: is a {fs_type} mount, not a FUSE one; vmback only unmounts FUSE mounts (use umount(8))")]
+    NotFuse { path: PathBuf, fs_type: String },
+    #[error(
+        "{path}: busy, still used by {holders}; close those (or leave the folder), or detach \
+         it now with `vmback umount --lazy {path}` (it leaves the tree at once; vmback serves \
+         the files still open and exits when the last is closed)"
+    )]
+    Busy { path: PathBuf, holders: String },
+    #[error("unmounting {path} failed")]
+    Unmount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("reading /proc/self/mountinfo")]
+    MountTable(#[source] procfs::ProcError),
     #[error("{0}: mountpoint is not a directory")]
     NotADirectory(PathBuf),
     #[error("{path}: cannot use as mountpoint")]
@@ -60,14 +87,170 @@ impl MountOptions {
     }
 }
 
-/// Refuses a missing, non-directory, or stale mountpoint, with a message that says how
-/// to fix it.
+/// Whether `path` is a FUSE mount whose server is gone (the kernel answers ENOTCONN).
+/// `statfs` always reaches the server, where `stat` may be answered from cached
+/// attributes.
+fn is_dead(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).err() == Some(nix::errno::Errno::ENOTCONN)
+}
+
+/// Refuses a missing or non-directory mountpoint. A stale FUSE mount there (its server was
+/// killed) is detached first, with a log line; if that fails, the error says how to clear it.
 pub fn check_mountpoint(path: &Path) -> Result<(), SessionError> {
-    match std::fs::metadata(path) {
+    let probe = std::fs::metadata(path);
+    let dead = probe.as_ref().map_or_else(|e| e.raw_os_error() == Some(libc::ENOTCONN), |_| is_dead(path));
+    if dead {
+        let stale = || SessionError::Stale(path.to_owned());
+        if !mount_at(path)?.is_some_and(|m| m.is_fuse()) {
+            return Err(stale());
+        }
+        unmount(path, true).map_err(|e| {
+            warn!("{}: clearing the stale FUSE mount: {e}", path.display());
+            stale()
+        })?;
+        warn!("{}: was a stale FUSE mount (its server was killed); unmounted it", path.display());
+        return check_mountpoint(path);
+    }
+    match probe {
         Ok(m) if m.is_dir() => Ok(()),
         Ok(_) => Err(SessionError::NotADirectory(path.to_owned())),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Err(SessionError::Stale(path.to_owned())),
         Err(source) => Err(SessionError::Mountpoint { path: path.to_owned(), source }),
+    }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// The mount's id (unique while it is mounted).
+    pub id: i32,
+    /// `fuse.vmback` for a vmback mount (`fuse` for a FUSE mount without a subtype).
+    pub fs_type: String,
+    /// `major:minor` of the mount's device.
+    pub dev: String,
+}
+
+impl MountEntry {
+    pub fn is_fuse(&self) -> bool {
+        self.fs_type == "fuse" || self.fs_type.starts_with("fuse.")
+    }
+}
+
+/// `path` made absolute with its symlinks resolved, as the mount table shows it. The last
+/// component is taken as is when it cannot be resolved (a stale mountpoint fails `stat`).
+fn table_path(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    match (abs.parent().map(std::fs::canonicalize), abs.file_name()) {
+        (Some(Ok(parent)), Some(name)) => parent.join(name),
+        _ => abs,
+    }
+}
+
+/// Undoes the kernel's octal escapes in mountinfo paths (`\040` for a space).
+fn unescape(s: &str) -> PathBuf {
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match s.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok()) {
+            Some(v) if b[i] == b'\\' => {
+                out.push(v);
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// The mount visible at `path` (the one mounted last there), if any.
+pub fn mount_at(path: &Path) -> Result<Option<MountEntry>, SessionError> {
+    let want = table_path(path);
+    let table =
+        procfs::process::Process::myself().and_then(|p| p.mountinfo()).map_err(SessionError::MountTable)?;
+    Ok(table
+        .into_iter()
+        .rev()
+        .find(|m| unescape(&m.mount_point.to_string_lossy()) == want)
+        .map(|m| MountEntry { id: m.mnt_id, fs_type: m.fs_type, dev: m.majmin }))
+}
+
+/// The processes that keep `mount` busy, as `PID (name: what)` items: working or root
+/// directories and open files under it. Processes that cannot be inspected are skipped.
+pub fn holders(mount: &Path) -> Vec<String> {
+    use procfs::process::FDTarget;
+    let mount = table_path(mount);
+    let Ok(all) = procfs::process::all_processes() else { return Vec::new() };
+    let mut found = Vec::new();
+    for p in all.flatten() {
+        let mut what = Vec::new();
+        if p.cwd().is_ok_and(|d| d.starts_with(&mount)) {
+            what.push("working directory".to_owned());
+        }
+        if p.root().is_ok_and(|d| d.starts_with(&mount)) {
+            what.push("root directory".to_owned());
+        }
+        for fd in p.fd().into_iter().flatten().flatten() {
+            if let FDTarget::Path(f) = fd.target
+                && f.starts_with(&mount)
+            {
+                what.push(format!("open file {}", f.display()));
+            }
+        }
+        if !what.is_empty() {
+            let name = p.stat().map_or_else(|_| "?".to_owned(), |s| s.comm);
+            found.push(format!("PID {} ({name}: {})", p.pid, what.join(", ")));
+        }
+    }
+    found
+}
+
+/// How `vmback umount` left things.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmounted {
+    /// A mount with a live server: its server ends by itself now.
+    Live,
+    /// A stale mount (its server was killed), detached lazily.
+    Stale,
+    /// Detached lazily as asked: gone from the tree; files still open keep working and
+    /// the server ends when the last one is closed.
+    Lazy,
+}
+
+/// `vmback umount`: unmounts the FUSE mount at `path` (refusing any other kind). A busy
+/// live mount stays mounted unless `lazy`; the error names what holds it. A stale mount
+/// is always detached lazily, since its server is gone.
+pub fn umount(path: &Path, lazy: bool) -> Result<Unmounted, SessionError> {
+    let Some(entry) = mount_at(path)? else { return Err(SessionError::NotMounted(path.to_owned())) };
+    if !entry.is_fuse() {
+        return Err(SessionError::NotFuse { path: path.to_owned(), fs_type: entry.fs_type });
+    }
+    let failed = |source| SessionError::Unmount { path: path.to_owned(), source };
+    if lazy {
+        return unmount(path, true).map(|()| Unmounted::Lazy).map_err(failed);
+    }
+    match unmount(path, false) {
+        Ok(()) => Ok(Unmounted::Live),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            let stale = std::fs::metadata(path).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+            if stale {
+                return unmount(path, true).map(|()| Unmounted::Stale).map_err(failed);
+            }
+            let held = holders(path);
+            let holders = if held.is_empty() {
+                "a process (none found here: perhaps one in another mount namespace)".to_owned()
+            } else {
+                held.join(", ")
+            };
+            Err(SessionError::Busy { path: path.to_owned(), holders })
+        }
+        Err(e) => Err(failed(e)),
     }
 }
 
@@ -80,6 +263,12 @@ pub fn fuser_config(opts: &MountOptions) -> Config {
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
+    // fuser mounts as root with the type `fuse` and leaves the subtype to fusermount3
+    // (unprivileged mounts); the kernel takes it as an option, so the mount shows as
+    // `fuse.vmback` either way.
+    if nix::unistd::geteuid().is_root() {
+        cfg.mount_options.push(MountOption::CUSTOM("subtype=vmback".into()));
+    }
     if matches!(opts.fs.writes, Writes::ReadOnly) {
         cfg.mount_options.push(MountOption::RO);
     }
@@ -101,31 +290,26 @@ const READAHEAD_KB: &str = "1024";
 /// device comes from /proc/self/mountinfo: a `stat` of the mountpoint would wait on this
 /// very session, which is not serving yet.
 fn raise_readahead(mountpoint: &Path) {
-    let want = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_owned());
-    let want = want.to_string_lossy();
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
-    // mountinfo fields: id, parent, major:minor, root, mount point, ...; the newest last.
-    let dev = info.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        (f.len() > 4 && f[4] == want).then(|| f[2].to_owned())
-    });
-    if let Some(dev) = dev
-        && let Err(e) = std::fs::write(format!("/sys/class/bdi/{dev}/read_ahead_kb"), READAHEAD_KB)
+    if let Ok(Some(m)) = mount_at(mountpoint)
+        && let Err(e) = std::fs::write(format!("/sys/class/bdi/{}/read_ahead_kb", m.dev), READAHEAD_KB)
     {
-        tracing::debug!("readahead of {want} stays at the kernel's default: {e}");
+        tracing::debug!("readahead of {} stays at the kernel's default: {e}", mountpoint.display());
     }
 }
 
 /// How long after an unmount to explain why the process is still running.
 const LINGER_NOTICE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Unmounts `path`: directly as root, through `fusermount3 -u` otherwise (what an
-/// unprivileged FUSE mount needs). A busy mount gives EBUSY.
-fn unmount(path: &Path) -> io::Result<()> {
+/// Unmounts `path` (`lazy`: detaches it at once, it ends when its last user lets go):
+/// directly as root, through `fusermount3 -u` otherwise (what an unprivileged FUSE mount
+/// needs). A busy mount gives EBUSY.
+fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
     if nix::unistd::geteuid().is_root() {
-        return nix::mount::umount(path).map_err(io::Error::from);
+        let flags = if lazy { nix::mount::MntFlags::MNT_DETACH } else { nix::mount::MntFlags::empty() };
+        return nix::mount::umount2(path, flags).map_err(io::Error::from);
     }
-    let out = std::process::Command::new("fusermount3").arg("-u").arg(path).output()?;
+    let flag = if lazy { "-uz" } else { "-u" };
+    let out = std::process::Command::new("fusermount3").arg(flag).arg(path).output()?;
     if out.status.success() {
         return Ok(());
     }
@@ -188,7 +372,7 @@ pub fn mount(
         while let Ok(sig) = stop.wait() {
             let shown = path.display();
             info!("{sig}: unmounting {shown}");
-            match unmount(&path) {
+            match unmount(&path, false) {
                 Ok(()) => {
                     // The session ends (and this process with it) once the kernel lets go.
                     // If it has not after a while, say why rather than hang silently.
@@ -203,8 +387,9 @@ pub fn mount(
                 // Someone still uses the mount (a VM with an image open, a shell inside):
                 // pulling it away would fail their I/O, so stay mounted and say so.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => warn!(
-                    "{shown} is busy: a process has a file open there or works inside it; \
-                     close it and send {sig} again, or detach it now with `fusermount3 -uz {shown}`"
+                    "{shown} is busy: a process has a file open there or works inside it ({}); \
+                     close it and send {sig} again, or detach it now with `vmback umount --lazy {shown}`",
+                    holders(&path).join(", ")
                 ),
                 Err(e) => tracing::error!("unmounting {shown}: {e}"),
             }
@@ -214,4 +399,15 @@ pub fn mount(
     session.run().map_err(mount_err)?;
     info!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape(r"/mnt/my\040backups\134x"), PathBuf::from(r"/mnt/my backups\x"));
+        assert_eq!(unescape(r"/plain\09"), PathBuf::from(r"/plain\09"));
+    }
 }
