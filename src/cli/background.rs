@@ -5,8 +5,7 @@
 //! stdin and stdout on /dev/null. The parent relays the child's log until the mount shows
 //! in /proc/self/mountinfo, or until the child exits, whose error is then already shown
 //! and whose failure the parent returns. Past that point the server's log goes nowhere
-//! (the pipe is closed): run `vmback mount` in the foreground, or under the systemd unit,
-//! to keep it.
+//! (the pipe is closed; a failed write drops the line) unless `--log-file` names a file.
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
