@@ -732,6 +732,18 @@ fn trailer_length_pointing_outside_the_file() {
     assert_readable_until(&index, 4096);
 }
 
+/// A trailer listing more lz4 frames than the bytes before it can hold (each takes at
+/// least 11) is refused as it is read, before it costs memory; the frames are walked.
+#[test]
+fn trailer_listing_more_frames_than_the_file_holds() {
+    let room = C_STOP_END / 11;
+    let json = format!("[39{}]", ", 1".repeat(room as usize));
+    let bytes = with_trailer(&compressed_body(), &json);
+    let (_dir, index) =
+        assert_damaged(&bytes, 4096, C_STOP_END, "more lz4 frames than the file has room for");
+    assert_readable_until(&index, 4096);
+}
+
 #[test]
 fn missing_crlf_before_the_comp_frame() {
     let bytes = patch(compressed(), C_COMP_HDR - 2, b"\n\n");
