@@ -354,8 +354,17 @@ impl Catalog {
         }
     }
 
+    /// Records a warning. Control characters (a newline in a file name) are escaped, so
+    /// a name in SOURCE cannot fake a line of the log or of `vmback ls`.
     fn warn(&mut self, msg: String) {
-        self.warnings.push(msg);
+        let safe = if msg.contains(char::is_control) {
+            msg.chars()
+                .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+                .collect()
+        } else {
+            msg
+        };
+        self.warnings.push(safe);
     }
 }
 
