@@ -22,7 +22,7 @@ use thiserror::Error;
 
 use crate::cache::{DirtyBudget, OverlayError, ReadCache};
 use crate::catalog::Catalog;
-use crate::chain::{ImageReader, scan::read_full};
+use crate::chain::{ImageReader, StreamRead, scan::read_full};
 use image::{Image, KeepError, OverlayPlace};
 use inode::Tree;
 pub use inode::{Ino, NodeKind, ROOT};
@@ -164,6 +164,12 @@ impl ImageFs {
             images.push(Image::new(reader, spec.identity.clone(), place, &budget)?);
         }
         Ok(ImageFs { tree, images, cache, budget })
+    }
+
+    /// Reads every image's stream files through `io` from now on (a test's failing disk;
+    /// the mount reads the files themselves).
+    pub fn set_stream_io(&mut self, io: Arc<dyn StreamRead>) {
+        self.images.iter_mut().for_each(|img| img.reader.set_io(io.clone()));
     }
 
     fn node(&self, ino: Ino) -> Result<&inode::Node> {
