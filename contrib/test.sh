@@ -14,3 +14,4 @@ cargo clippy --all-targets -- -D warnings
 corpus=${VMBACK_CORPUS:-/var/tmp/vmback-corpus}
 bash contrib/realstack/make-corpus.sh "$corpus"
 VMBACK_CORPUS="$corpus" cargo test --all-targets
+VMBACK_CORPUS="$corpus" bash contrib/soak.sh 60
