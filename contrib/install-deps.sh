@@ -6,7 +6,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 pkgs=(fuse3 libfuse3-dev pkg-config e2fsprogs util-linux
       libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
-      virtnbdbackup libnbd-bin libnbd-dev nbdkit python3-libnbd)
+      virtnbdbackup libnbd-bin libnbd-dev nbdkit python3-libnbd dmsetup)
 
 missing=()
 for p in "${pkgs[@]}"; do
