@@ -7,10 +7,12 @@
 #
 # Load (contrib/soak-load.py): 8 readers (random and sequential) across the images, 2
 # writers into overlays (each checking its own writes read back), an `ls -lR` loop, and a
-# backup landing in SOURCE a third of the way in: a copy of the corpus's `plain` set, each
-# file first written as `NAME.partial` and then renamed, as virtnbdbackup does. The new
-# points appear in the mount only with live catalog refresh; without --expect-refresh their
-# absence is reported, with it the run fails unless they appear within REFRESH_WAIT s.
+# backup landing in SOURCE a third of the way in: the corpus's `plain` set copied in as the
+# backups of another domain (its saved domain XML and .cpt renamed, so no point the load
+# reads is renamed), each file first written as `NAME.partial` and then renamed, as
+# virtnbdbackup does. Its points appear in the mount only with live catalog refresh (and
+# the readers then read them too); without --expect-refresh their absence is reported,
+# with it the run fails unless they appear within REFRESH_WAIT s.
 #
 # Records the mount's RSS and open fds every SAMPLE_EVERY s (CSV), prints a summary and
 # exits non-zero on any mismatch, error, panic, or fd leak.
@@ -32,8 +34,9 @@ SAMPLE_EVERY=5
 # Seconds to wait for the landed backup's points to appear (a refresh by inotify or a
 # periodic rescan is expected well within this).
 REFRESH_WAIT=60
-# The domain of the corpus (make-corpus.sh), whose points the landed set adds to.
+# The domain of the corpus (make-corpus.sh), and the one the landed backup is of.
 DOMAIN=vmback-test
+LANDED=vmback-landed
 
 [[ -f $corpus/manifest.tsv ]] || {
   echo "no corpus at $corpus: run contrib/realstack/make-corpus.sh $corpus" >&2
@@ -73,7 +76,6 @@ mountpoint -q "$mnt" || { echo "the mount did not come up" >&2; exit 1; }
 fds() { ls "/proc/$mount_pid/fd" | wc -l; }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$mount_pid/status"; }
 fds_before=$(fds)
-points_before=$(ls "$mnt/$DOMAIN" | wc -l)
 
 echo "seconds,rss_kib,fds" >"$out/soak.csv"
 start=$(date +%s)
@@ -97,27 +99,34 @@ bg_pids+=($!)
 ls_pid=$!
 
 python3 contrib/soak-load.py --mnt "$mnt" --source "$work/source" --corpus "$corpus" --vmback "$bin" \
-  --seconds "$duration" --remap "$work/remap" --alias landed-plain:plain >"$out/load.json" &
+  --seconds "$duration" --remap "$work/remap" --alias "$LANDED:plain" >"$out/load.json" &
 load_pid=$!
 
 # The backup landing, a third of the way in.
 sleep $((duration / 3))
-land=$work/source/landed-plain
+land=$work/source/$LANDED
 mkdir "$land"
 for f in "$corpus/sets/plain"/*; do
   name=$(basename "$f")
   if [[ -d $f ]]; then
     cp -a "$f" "$land/$name"
+    continue
+  fi
+  case $name in
+    *.cpt) name=$LANDED.cpt ;;
+  esac
+  if [[ $name == vmconfig.*.xml ]]; then
+    sed "s|<name>$DOMAIN</name>|<name>$LANDED</name>|" "$f" >"$land/$name.partial"
   else
     cp "$f" "$land/$name.partial"
-    mv "$land/$name.partial" "$land/$name"
   fi
+  mv "$land/$name.partial" "$land/$name"
 done
 touch "$work/remap"
 landed_at=$(($(date +%s) - start))
 new_points=no
 for _ in $(seq $((REFRESH_WAIT * 5))); do
-  if (($(ls "$mnt/$DOMAIN" | wc -l) > points_before)); then
+  if [[ -d $mnt/$LANDED ]]; then
     new_points=yes
     touch "$work/remap"
     break
@@ -129,7 +138,7 @@ done
 wait "$load_pid" || true
 wait "$ls_pid" || true
 fds_after=$(fds)
-points_after=$(ls "$mnt/$DOMAIN" | wc -l)
+points_after=$(ls "$mnt/$LANDED" 2>/dev/null | grep -vc '^latest$' || true)
 rss_end=$(rss_kib)
 kill -TERM "$mount_pid"
 mount_status=0
@@ -140,7 +149,7 @@ bg_pids=()
 
 read -r ls_runs ls_bad <"$work/ls.count"
 panics=$(grep -c -i 'panicked' "$out/mount.log" || true)
-export ls_runs ls_bad fds_before fds_after points_before points_after landed_at new_points \
+export ls_runs ls_bad fds_before fds_after points_after LANDED landed_at new_points \
   expect_refresh mount_status panics rss_end duration out mnt
 fail=0
 python3 - <<'EOF' | tee "$out/summary.txt" || fail=1
@@ -158,7 +167,7 @@ print(f"  mismatches      {load['mismatches']}")
 print(f"  errors          {load['errors']} (workers that died: {load['crashed_workers']}); ls -lR runs {e['ls_runs']}, failed {e['ls_bad']}")
 print(f"  RSS             min {mib(min(rss))}, max {mib(max(rss))}; mean of first quarter {mib(sum(rss[:q]) / q)}, of last quarter {mib(sum(rss[-q:]) / q)}; at the end {mib(int(e['rss_end']))}")
 print(f"  open fds        before load {e['fds_before']}, after load {e['fds_after']} (max during {max(fds)})")
-print(f"  landed backup   at {e['landed_at']} s; points {e['points_before']} -> {e['points_after']} (new points seen: {e['new_points']})")
+print(f"  landed backup   at {e['landed_at']} s; its points in the mount: {e['points_after']} under {e['LANDED']}/ (seen: {e['new_points']}, required: {e['expect_refresh']})")
 print(f"  mount           exit status {e['mount_status']}, panics in its log {e['panics']}")
 for p in load["problems"]:
     print("  problem:", p)
