@@ -3,7 +3,7 @@
 # under load for DURATION_SECONDS, checking every byte read against the corpus's truth
 # images. Issue 7, part 5.
 #
-#   contrib/soak.sh DURATION_SECONDS [--expect-refresh]
+#   contrib/soak.sh DURATION_SECONDS [--expect-refresh|--no-expect-refresh]
 #
 # Load (contrib/soak-load.py): 8 readers (random and sequential) across the images, 2
 # writers into overlays (each checking its own writes read back), an `ls -lR` loop, and a
@@ -11,8 +11,8 @@
 # backups of another domain (its saved domain XML and .cpt renamed, so no point the load
 # reads is renamed), each file first written as `NAME.partial` and then renamed, as
 # virtnbdbackup does. Its points appear in the mount only with live catalog refresh (and
-# the readers then read them too); without --expect-refresh their absence is reported,
-# with it the run fails unless they appear within REFRESH_WAIT s.
+# the readers then read them too). The run fails unless they appear within REFRESH_WAIT s
+# when refresh is expected: by default when `vmback mount --help` offers `--rescan`.
 #
 # Records the mount's RSS and open fds every SAMPLE_EVERY s (CSV), prints a summary and
 # exits non-zero on any mismatch, error, panic, or fd leak.
@@ -23,9 +23,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=${1:?usage: contrib/soak.sh DURATION_SECONDS [--expect-refresh]}
-expect_refresh=no
-[[ ${2:-} == --expect-refresh ]] && expect_refresh=yes
+duration=${1:?usage: contrib/soak.sh DURATION_SECONDS [--expect-refresh|--no-expect-refresh]}
+expect_refresh=auto
+case ${2:-} in
+  --expect-refresh) expect_refresh=yes ;;
+  --no-expect-refresh) expect_refresh=no ;;
+esac
 corpus=${VMBACK_CORPUS:-/var/tmp/vmback-corpus}
 bin=${VMBACK_BIN:-target/debug/vmback}
 out=${SOAK_OUT:-/var/tmp/vmback-soak-results}
@@ -44,6 +47,10 @@ LANDED=vmback-landed
 }
 [[ -x $bin ]] || cargo build --quiet
 bin=$(realpath "$bin")
+if [[ $expect_refresh == auto ]]; then
+  expect_refresh=no
+  "$bin" mount --help | grep -q -- --rescan && expect_refresh=yes
+fi
 mkdir -p "$out"
 work=$(mktemp -d /var/tmp/vmback-soak.XXXXXX)
 mnt=$work/mnt

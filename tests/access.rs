@@ -188,28 +188,30 @@ fn allow_other_honours_the_file_modes() {
         let opts = mount_options(&mnt);
         assert!(opts.contains("allow_other") && opts.contains("default_permissions"), "{what}: {opts}");
 
-        // The modes and owner of every node, as the other user sees them.
-        let listing = user.run_ok("find", &[path_str(&mnt), "-mindepth", "1", "-printf", "%M %u %P\n"]);
+        // The type, mode and owner of every node, as the other user sees them: folders
+        // and links open to all, images by the mount's mode, every other file read-only.
+        let listing = user.run_ok("find", &[path_str(&mnt), "-mindepth", "1", "-printf", "%y %M %u %P\n"]);
         let image_mode = if read_only { "-r--r--r--" } else { "-rw-r--r--" };
-        let mut seen = 0;
+        let mut paths = Vec::new();
         for line in listing.lines() {
-            let mut f = line.splitn(3, ' ');
-            let (mode, owner, path) = (f.next().unwrap(), f.next().unwrap(), f.next().unwrap());
+            let f: Vec<&str> = line.splitn(4, ' ').collect();
+            let (kind, mode, owner, path) = (f[0], f[1], f[2], f[3]);
             assert_eq!(owner, "root", "{what}: {line}");
-            let want = if path.ends_with(".raw") {
-                image_mode
-            } else if path.ends_with("latest") {
-                "lrwxrwxrwx"
-            } else if path.ends_with(".xml") || path == ".stats" {
-                "-r--r--r--"
-            } else {
-                "dr-xr-xr-x"
+            let want = match kind {
+                "d" => "dr-xr-xr-x",
+                "l" => "lrwxrwxrwx",
+                _ if path.ends_with(".raw") => image_mode,
+                _ => "-r--r--r--",
             };
             assert_eq!(mode, want, "{what}: {line}");
-            seen += 1;
+            paths.push(path);
         }
-        // .stats, the domain, latest, 4 points with 2 images and a vmconfig.xml each.
-        assert_eq!(seen, 3 + 4 * 4, "{what}: {listing}");
+        for p in [".stats", "sample-vm", "sample-vm/latest", "sample-vm/virtnbdbackup.0/sda.raw"] {
+            assert!(paths.contains(&p), "{what}: {p} not listed: {listing}");
+        }
+        for p in ["virtnbdbackup.2/sdb.raw", "virtnbdbackup.2/vmconfig.xml"] {
+            assert!(paths.contains(&format!("sample-vm/{p}").as_str()), "{what}: {p} not listed: {listing}");
+        }
 
         // A read-only mount refuses every change before the modes are looked at.
         let (denied, not_owner) = if read_only {

@@ -294,7 +294,12 @@ fn disk_read_error_fails_only_the_requests_that_need_the_bad_bytes() {
     let catalog = Catalog::discover(&src).expect("catalog");
     let scratch = t.path().join("scratch");
     std::fs::create_dir_all(&scratch).expect("scratch");
-    let config = FsConfig { cache_size: 0, dirty_size: 64 * KIB, writes: Writes::Scratch(scratch.clone()) };
+    let config = FsConfig {
+        cache_size: 0,
+        dirty_size: 64 * KIB,
+        writes: Writes::Scratch(scratch.clone()),
+        io: Arc::new(Direct),
+    };
     let good = ImageFs::new(&catalog, &config).expect("fs");
     for (name, disk) in [("sda.full.data", "sda"), ("sdb.full.data", "sdb")] {
         let stored = stored_range(&src.join(name), 8 * MIB);
@@ -305,9 +310,12 @@ fn disk_read_error_fails_only_the_requests_that_need_the_bad_bytes() {
             _ => (stored.start + stored.end) / 2..(stored.start + stored.end) / 2 + 1,
         };
         std::fs::create_dir_all(scratch.join(disk)).expect("scratch");
-        let config = FsConfig { writes: Writes::Scratch(scratch.join(disk)), ..config.clone() };
-        let mut fs = ImageFs::new(&catalog, &config).expect("fs");
-        fs.set_stream_io(Arc::new(FailingDisk { name, bad: bad.clone() }));
+        let config = FsConfig {
+            writes: Writes::Scratch(scratch.join(disk)),
+            io: Arc::new(FailingDisk { name, bad: bad.clone() }),
+            ..config.clone()
+        };
+        let fs = ImageFs::new(&catalog, &config).expect("fs");
         let path = format!("sample-vm/virtnbdbackup.0/{disk}.raw");
         let ino = ino_of(&fs, &path);
         let want = |off: u64, len: u32| good.read(ino_of(&good, &path), off, len).expect("good read");

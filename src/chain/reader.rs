@@ -165,11 +165,6 @@ impl ImageReader {
         ImageReader { io, ..self }
     }
 
-    /// Reads stream files through `io` from now on.
-    pub fn set_io(&mut self, io: Arc<dyn StreamRead>) {
-        self.io = io;
-    }
-
     /// Readers for many chains, sharing work: a chain that is another one plus a layer
     /// (the next restore point) extends that one's map instead of rebuilding it.
     pub fn many(chains: &[Vec<Layer>], cache: &Arc<ReadCache>) -> Vec<ImageReader> {

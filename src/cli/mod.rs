@@ -224,7 +224,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 allow_other,
                 threads: threads.unwrap_or_else(MountOptions::default_threads),
                 fs_name: source.display().to_string(),
-                fs: FsConfig { cache_size: usize::try_from(cache_size)?, dirty_size, writes },
+                fs: FsConfig {
+                    cache_size: usize::try_from(cache_size)?,
+                    dirty_size,
+                    writes,
+                    io: std::sync::Arc::new(crate::chain::Direct),
+                },
             };
             mount(&catalog, &mountpoint, &opts)?;
             drop(scratch);

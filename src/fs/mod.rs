@@ -137,6 +137,9 @@ pub struct FsConfig {
     /// Bytes of written pages kept in memory before they go to overlay files.
     pub dirty_size: u64,
     pub writes: Writes,
+    /// How stream files are read: [`crate::chain::Direct`] in the mount; tests put a
+    /// failing disk here.
+    pub io: Arc<dyn StreamRead>,
 }
 
 /// See the module note.
@@ -161,15 +164,14 @@ impl ImageFs {
                 Writes::Scratch(dir) => OverlayPlace::Scratch(dir.join(format!("{i}.overlay"))),
                 Writes::Keep(dir) => OverlayPlace::Keep(dir),
             };
-            images.push(Image::new(reader, spec.identity.clone(), place, &budget)?);
+            images.push(Image::new(
+                reader.with_io(config.io.clone()),
+                spec.identity.clone(),
+                place,
+                &budget,
+            )?);
         }
         Ok(ImageFs { tree, images, cache, budget })
-    }
-
-    /// Reads every image's stream files through `io` from now on (a test's failing disk;
-    /// the mount reads the files themselves).
-    pub fn set_stream_io(&mut self, io: Arc<dyn StreamRead>) {
-        self.images.iter_mut().for_each(|img| img.reader.set_io(io.clone()));
     }
 
     fn node(&self, ino: Ino) -> Result<&inode::Node> {
