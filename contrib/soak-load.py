@@ -82,7 +82,7 @@ def pread_full(fd, length, offset):
 class Tally:
     def __init__(self, name):
         self.s = {"worker": name, "ops": 0, "bytes_checked": 0, "bytes_written": 0, "mismatches": 0,
-                  "errors": 0, "remaps": 0, "problems": []}
+                  "errors": 0, "remaps": 0, "images_read": 0, "problems": []}
 
     def problem(self, kind, text):
         self.s[kind] += 1
@@ -107,6 +107,7 @@ def reader(args, kind, seed, exclude, out):
             stamp = now
             mapping = {p: tr for p, tr in images(args).items() if p not in exclude}
             t.s["remaps"] += 1
+            t.s["images_read"] = max(t.s["images_read"], len(mapping))
             if not mapping:
                 t.problem("errors", "no image with a truth in the mount")
                 time.sleep(1)
@@ -241,6 +242,8 @@ def main():
         p.join()
     total = {k: sum(r[k] for r in results) for k in ("ops", "bytes_checked", "bytes_written", "mismatches", "errors")}
     total["images"] = len(found)
+    # Readers re-read the image list when a backup landed: this counts the ones it added.
+    total["images_at_end"] = max((r["images_read"] for r in results), default=0) + len(targets)
     total["writer_images"] = targets
     total["crashed_workers"] = sum(1 for p in procs if p.exitcode != 0)
     total["problems"] = [x for r in results for x in r["problems"]][:MAX_PROBLEMS]

@@ -168,7 +168,7 @@ rss = [int(r["rss_kib"]) for r in rows if r["rss_kib"]]
 fds = [int(r["fds"]) for r in rows if r["fds"]]
 q = len(rss) // 4 or 1
 mib = lambda k: f"{k / 1024:.1f} MiB"
-print(f"soak: {e['duration']} s, {load['images']} images, writers on {', '.join(os.path.relpath(p, e['mnt']) for p in load['writer_images'])}")
+print(f"soak: {e['duration']} s, {load['images']} images at the start, {load['images_at_end']} at the end, writers on {', '.join(os.path.relpath(p, e['mnt']) for p in load['writer_images'])}")
 print(f"  bytes checked   {load['bytes_checked']:,} ({load['ops']:,} operations), bytes written {load['bytes_written']:,}")
 print(f"  mismatches      {load['mismatches']}")
 print(f"  errors          {load['errors']} (workers that died: {load['crashed_workers']}); ls -lR runs {e['ls_runs']}, failed {e['ls_bad']}")
