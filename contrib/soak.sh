@@ -156,8 +156,9 @@ bg_pids=()
 
 read -r ls_runs ls_bad <"$work/ls.count"
 panics=$(grep -c -i 'panicked' "$out/mount.log" || true)
+warnings=$(grep -c -E ' (WARN|ERROR) ' "$out/mount.log" || true)
 export ls_runs ls_bad fds_before fds_after points_after LANDED landed_at new_points \
-  expect_refresh mount_status panics rss_end duration out mnt
+  expect_refresh mount_status panics warnings rss_end duration out mnt
 fail=0
 python3 - <<'EOF' | tee "$out/summary.txt" || fail=1
 import csv, json, os
@@ -175,7 +176,7 @@ print(f"  errors          {load['errors']} (workers that died: {load['crashed_wo
 print(f"  RSS             min {mib(min(rss))}, max {mib(max(rss))}; mean of first quarter {mib(sum(rss[:q]) / q)}, of last quarter {mib(sum(rss[-q:]) / q)}; at the end {mib(int(e['rss_end']))}")
 print(f"  open fds        before load {e['fds_before']}, after load {e['fds_after']} (max during {max(fds)})")
 print(f"  landed backup   at {e['landed_at']} s; its points in the mount: {e['points_after']} under {e['LANDED']}/ (seen: {e['new_points']}, required: {e['expect_refresh']})")
-print(f"  mount           exit status {e['mount_status']}, panics in its log {e['panics']}")
+print(f"  mount           exit status {e['mount_status']}, panics in its log {e['panics']}, warnings and errors {e['warnings']}")
 for p in load["problems"]:
     print("  problem:", p)
 print(f"  files           {e['out']}/soak.csv, load.json, mount.log")
