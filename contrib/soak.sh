@@ -174,6 +174,9 @@ print(f"  bytes checked   {load['bytes_checked']:,} ({load['ops']:,} operations)
 print(f"  mismatches      {load['mismatches']}")
 print(f"  errors          {load['errors']} (workers that died: {load['crashed_workers']}); ls -lR runs {e['ls_runs']}, failed {e['ls_bad']}")
 print(f"  RSS             min {mib(min(rss))}, max {mib(max(rss))}; mean of first quarter {mib(sum(rss[:q]) / q)}, of last quarter {mib(sum(rss[-q:]) / q)}; at the end {mib(int(e['rss_end']))}")
+secs = [int(r["seconds"]) for r in rows if r["rss_kib"]]
+curve = [f"{secs[i * (len(rss) - 1) // 10]}s {rss[i * (len(rss) - 1) // 10] / 1024:.0f}" for i in range(11)]
+print(f"  RSS curve (MiB) {', '.join(curve)}")
 print(f"  open fds        before load {e['fds_before']}, after load {e['fds_after']} (max during {max(fds)})")
 print(f"  landed backup   at {e['landed_at']} s; its points in the mount: {e['points_after']} under {e['LANDED']}/ (seen: {e['new_points']}, required: {e['expect_refresh']})")
 print(f"  mount           exit status {e['mount_status']}, panics in its log {e['panics']}, warnings and errors {e['warnings']}")
