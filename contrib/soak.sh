@@ -15,7 +15,8 @@
 # when refresh is expected: by default when `vmback mount --help` offers `--rescan`.
 #
 # Records the mount's RSS and open fds every SAMPLE_EVERY s (CSV), prints a summary and
-# exits non-zero on any mismatch, error, panic, or fd leak.
+# exits non-zero on any mismatch, error, panic, fd leak, or backup file whose sha256
+# changed.
 #
 # Environment: VMBACK_CORPUS (default /var/tmp/vmback-corpus), VMBACK_BIN (default
 # target/debug/vmback, built if missing), SOAK_OUT (results folder, default
@@ -69,6 +70,9 @@ trap cleanup EXIT
 
 mkdir -p "$work/source" "$mnt" "$work/overlays"
 cp -a "$corpus/sets/." "$work/source/"
+# Backup files must stay byte-identical under the load (the landed set is checked apart).
+sums() { (cd "$work/source" && find . -path "./$LANDED" -prune -o -type f -print0 | sort -z | xargs -0 sha256sum); }
+sums >"$work/sums.before"
 touch "$work/remap"
 
 VMBACK_LOG=info "$bin" mount --overlay-dir "$work/overlays" "$work/source" "$mnt" 2>"$out/mount.log" &
@@ -155,10 +159,12 @@ for p in "${bg_pids[@]}"; do kill "$p" 2>/dev/null || true; done
 bg_pids=()
 
 read -r ls_runs ls_bad <"$work/ls.count"
+sums >"$work/sums.after"
+changed=$(diff "$work/sums.before" "$work/sums.after" | grep -c '^[<>]' || true)
 panics=$(grep -c -i 'panicked' "$out/mount.log" || true)
 warnings=$(grep -c -E ' (WARN|ERROR) ' "$out/mount.log" || true)
 export ls_runs ls_bad fds_before fds_after points_after LANDED landed_at new_points \
-  expect_refresh mount_status panics warnings rss_end duration out mnt
+  expect_refresh mount_status panics warnings changed rss_end duration out mnt
 fail=0
 python3 - <<'EOF' | tee "$out/summary.txt" || fail=1
 import csv, json, os
@@ -179,6 +185,7 @@ curve = [f"{secs[i * (len(rss) - 1) // 10]}s {rss[i * (len(rss) - 1) // 10] / 10
 print(f"  RSS curve (MiB) {', '.join(curve)}")
 print(f"  open fds        before load {e['fds_before']}, after load {e['fds_after']} (max during {max(fds)})")
 print(f"  landed backup   at {e['landed_at']} s; its points in the mount: {e['points_after']} under {e['LANDED']}/ (seen: {e['new_points']}, required: {e['expect_refresh']})")
+print(f"  backup files    {e['changed']} sha256 lines differ after the run")
 print(f"  mount           exit status {e['mount_status']}, panics in its log {e['panics']}, warnings and errors {e['warnings']}")
 for p in load["problems"]:
     print("  problem:", p)
@@ -187,6 +194,7 @@ raise SystemExit(1 if load["mismatches"] or load["errors"] or load["crashed_work
 EOF
 
 ((ls_bad == 0)) || { cat "$work/ls.errors" >&2; fail=1; }
+((changed == 0)) || { diff "$work/sums.before" "$work/sums.after" >&2; fail=1; }
 ((panics == 0 && mount_status == 0)) || fail=1
 # Every fd the load opened is closed again once it stops: no leak. The mount holds each
 # data file open, so a refreshed catalog may add one per landed data file.
