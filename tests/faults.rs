@@ -1,7 +1,9 @@
 //! Faults while mounted (issue 7, part 3): stream files deleted, replaced or truncated
 //! under an open image, a read error from the disk under SOURCE (through the reader's
-//! `StreamRead` seam on the filesystem core, and for real with a device-mapper `error`
-//! target where the kernel has one), and the scratch disk for overlays filling up.
+//! `StreamRead` seam on the filesystem core; for real with SOURCE on an ext4 over a loop
+//! device over an nbdkit export whose ddrescue map marks blocks bad; and with a
+//! device-mapper `error` target where the kernel has device-mapper), and the scratch disk
+//! for overlays filling up.
 //!
 //! Each fault fails only the requests that meet it, with EIO or ENOSPC, never hangs (every
 //! mount runs under a watchdog) or panics, and leaves a log line naming the file and
@@ -355,10 +357,78 @@ fn disk_read_error_fails_only_the_requests_that_need_the_bad_bytes() {
     assert_untouched(&before, &sha256_tree(&src), &[]);
 }
 
-/// The same with a real disk error: SOURCE on an ext4 on a device-mapper device whose
-/// table turns the blocks of one payload range of sda's full backup into an `error`
-/// target. Reads through the real mount that need those blocks fail with EIO and a log
-/// line; all else reads right. Skipped (saying so) where the kernel has no device-mapper.
+/// The sample set put on a disk that is made to fail, and what the checks need about it.
+struct OnDisk {
+    src: PathBuf,
+    /// A copy on the test's own disk: the reference bytes.
+    copy: PathBuf,
+    before: std::collections::BTreeMap<PathBuf, String>,
+    /// sda's full: the file range of the payload of [8 MiB, 11 MiB), and 64 KiB in its
+    /// middle that the disk fails, as file offsets and as byte ranges of the device.
+    payload: Range<u64>,
+    bad_file: Range<u64>,
+    bad_device: Vec<Range<u64>>,
+}
+
+/// Writes the sample set into `fs_dir/set` (on the disk to fail) and a reference copy into
+/// `tmp/copy`, and picks the bytes to fail.
+fn put_sample_on(fs_dir: &Path, tmp: &Path) -> OnDisk {
+    let src = fs_dir.join("set");
+    vmback::sample::write_sample(&src).expect("sample set");
+    run_ok("sync", &[]);
+    let copy = tmp.join("copy");
+    run_ok("cp", &["-a", path_str(&src), path_str(&copy)]);
+    let sda = src.join("sda.full.data");
+    let payload = stored_range(&sda, 8 * MIB);
+    let bad = (payload.start + 3 * MIB / 2).next_multiple_of(64 * KIB);
+    let bad_file = bad..bad + 64 * KIB;
+    let bad_device = device_ranges(&sda, bad_file.clone());
+    OnDisk { before: sha256_tree(&src), src, copy, payload, bad_file, bad_device }
+}
+
+/// Reads sda of the first point through a mount of the failing set and of the reference
+/// copy: the reads that need the failing blocks get EIO, all others the right bytes, on
+/// the same handle; the mount logs the file and offset and exits cleanly. The kernel reads
+/// (and fails) whole page-cache folios, which can be larger than a block, so the good
+/// reads keep 1 MiB away from the bad blocks.
+fn check_failing_reads(tmp: &Path, on: &OnDisk) {
+    let mnt = tmp.join("mnt");
+    let mut m = LoggedMount::start(&on.src, &mnt, &["--read-only"]);
+    let mref = tmp.join("mref");
+    let mut r = LoggedMount::start(&on.copy, &mref, &["--read-only"]);
+    let f = open_direct(&image(&mnt, "virtnbdbackup.0", "sda"));
+    let g = open_direct(&image(&mref, "virtnbdbackup.0", "sda"));
+    let hit = 8 * MIB + (on.bad_file.start - on.payload.start);
+    for (off, len, fails) in [
+        (0, MIB, false),
+        (8 * MIB, 256 * KIB, false),
+        (hit, 4 * KIB, true),
+        (hit - 4 * KIB, 8 * KIB, true),
+        (hit + MIB, 256 * KIB, false),
+        (20 * MIB, MIB, false),
+        (hit + 60 * KIB, 4 * KIB, true),
+        (hit - 256 * KIB, MIB, true),
+        (0, 4 * KIB, false),
+    ] {
+        let got = read_direct(&f, off, len as usize);
+        if fails {
+            assert_eq!(errno(&got), Some(libc::EIO), "at {off}+{len}");
+        } else {
+            let want = read_direct(&g, off, len as usize).expect("reference");
+            let got = got.unwrap_or_else(|e| panic!("at {off}+{len}: {e}"));
+            assert!(got == want, "other bytes at {off}+{len}");
+        }
+    }
+    drop((f, g));
+    r.stop();
+    let log = m.stop();
+    let at = log.lines().find(|l| l.contains("WARN") && l.contains("sda.full.data: read failed at offset"));
+    assert!(at.is_some(), "no log line for the disk error:\n{log}");
+}
+
+/// A real disk error, where the kernel has device-mapper: SOURCE on an ext4 on a dm device
+/// whose table is switched, while mounted, to an `error` target over the blocks of 64 KiB
+/// of sda's payload. Skipped (saying so) without device-mapper's error target.
 #[test]
 fn disk_read_error_from_a_device_mapper_error_target() {
     if !ready(&["dmsetup", "losetup", "mkfs.ext4", "filefrag", "mount", "umount", "sha256sum"]) {
@@ -378,59 +448,67 @@ fn disk_read_error_from_a_device_mapper_error_target() {
     }
     let t = tmp();
     let dm = DmDisk::new(t.path(), 128 * MIB);
-    let src = dm.dir.join("set");
-    vmback::sample::write_sample(&src).expect("sample set");
-    run_ok("sync", &[]);
-    let before = sha256_tree(&src);
-    // The reference bytes come from a copy on the plain disk.
-    let copy = t.path().join("copy");
-    run_ok("cp", &["-a", path_str(&src), path_str(&copy)]);
-
-    // The file blocks of 64 KiB in the middle of sda's [8 MiB, 11 MiB) payload.
-    let sda = src.join("sda.full.data");
-    let payload = stored_range(&sda, 8 * MIB);
-    let bad_file =
-        (payload.start + MIB).next_multiple_of(4096)..(payload.start + MIB + 64 * KIB).next_multiple_of(4096);
-    let sectors = dm.sectors_of(&sda, bad_file.clone());
+    let on = put_sample_on(&dm.dir, t.path());
+    let sda = on.src.join("sda.full.data");
     drop_cache(&sda);
+    let sectors: Vec<Range<u64>> = on.bad_device.iter().map(|r| r.start / 512..r.end / 512).collect();
     dm.load(&sectors);
-
-    let mnt = t.path().join("mnt");
-    let mut m = LoggedMount::start(&src, &mnt, &["--read-only"]);
-    let mref = t.path().join("mref");
-    let mut r = LoggedMount::start(&copy, &mref, &["--read-only"]);
-    let f = open_direct(&image(&mnt, "virtnbdbackup.0", "sda"));
-    let g = open_direct(&image(&mref, "virtnbdbackup.0", "sda"));
-    let hit = 8 * MIB + (bad_file.start - payload.start);
-    for (off, len, fails) in [
-        (0, MIB, false),
-        (8 * MIB, MIB, false),
-        (hit, 4 * KIB, true),
-        (hit - 4 * KIB, 8 * KIB, true),
-        (hit + 128 * KIB, MIB, false),
-        (20 * MIB, MIB, false),
-    ] {
-        let got = read_direct(&f, off, len as usize);
-        if fails {
-            assert_eq!(errno(&got), Some(libc::EIO), "at {off}+{len}");
-        } else {
-            assert_eq!(
-                got.expect("a good read"),
-                read_direct(&g, off, len as usize).expect("reference"),
-                "at {off}"
-            );
-        }
-    }
-    drop((f, g));
-    r.stop();
-    let log = m.stop();
-    assert!(
-        log.lines().any(|l| l.contains("WARN") && l.contains("sda.full.data: read failed at offset")),
-        "{log}"
-    );
+    check_failing_reads(t.path(), &on);
     dm.load(&[]);
     drop_cache(&sda);
-    assert_untouched(&before, &sha256_tree(&src), &[]);
+    assert_untouched(&on.before, &sha256_tree(&on.src), &[]);
+}
+
+/// A real disk error without device-mapper: SOURCE on an ext4 whose block device is a
+/// loop device over an NBD export (nbdfuse) served by nbdkit with its `ddrescue` filter,
+/// whose map marks the blocks of 64 KiB of sda's payload bad: every read of them fails
+/// with EIO down in the block layer.
+#[test]
+fn disk_read_error_from_a_failing_block_device() {
+    if !ready(&["nbdkit", "nbdfuse", "losetup", "mkfs.ext4", "filefrag", "mount", "umount", "sha256sum"]) {
+        return;
+    }
+    if !is_root() {
+        eprintln!("skipping: loop devices need root");
+        return;
+    }
+    let filter = Command::new("nbdkit").args(["--filter=ddrescue", "null", "--help"]).output();
+    if !filter.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping: nbdkit has no ddrescue filter here");
+        return;
+    }
+    let t = tmp();
+    let img = t.path().join("disk.img");
+    let size = 128 * MIB;
+    File::create(&img).expect("disk image").set_len(size).expect("size");
+    run_ok("mkfs.ext4", &["-q", "-F", "-b", "4096", path_str(&img)]);
+    let fs = t.path().join("fs");
+    let on = {
+        let _rw = LoopFs::mount(&img, &fs, false);
+        put_sample_on(&fs, t.path())
+    };
+    // A ddrescue map: all of the disk rescued ('+') except the bad ranges ('-').
+    let mut map = String::from("# Mapfile. Created by GNU ddrescue version 1.25\n0x00000000 + 1\n");
+    let mut pos = 0;
+    for r in &on.bad_device {
+        map += &format!(
+            "{pos:#010x} {:#010x} +\n{:#010x} {:#010x} -\n",
+            r.start - pos,
+            r.start,
+            r.end - r.start
+        );
+        pos = r.end;
+    }
+    map += &format!("{pos:#010x} {:#010x} +\n", size - pos);
+    let map_file = t.path().join("disk.map");
+    std::fs::write(&map_file, map).expect("map");
+    {
+        let nbd = NbdFuse::start(&t.path().join("nbd"), &img, &map_file);
+        let _ro = LoopFs::mount(&nbd.file, &fs, true);
+        check_failing_reads(t.path(), &on);
+    }
+    let _ro = LoopFs::mount(&img, &fs, true);
+    assert_untouched(&on.before, &sha256_tree(&on.src), &[]);
 }
 
 fn run_ok(cmd: &str, args: &[&str]) -> String {
@@ -446,6 +524,99 @@ fn drop_cache(path: &Path) {
     let f = File::open(path).expect("open");
     nix::fcntl::posix_fadvise(&f, 0, 0, nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED)
         .expect("fadvise");
+}
+
+/// Where file bytes `range` (4 KiB aligned) are on the filesystem's device, as byte
+/// ranges of the device, from `filefrag -v`.
+fn device_ranges(file: &Path, range: Range<u64>) -> Vec<Range<u64>> {
+    let out = run_ok("filefrag", &["-v", "-b4096", path_str(file)]);
+    let (first, last) = (range.start / 4096, range.end / 4096);
+    let mut found = Vec::new();
+    // Lines like "   0:        0..    2047:      34816..     36863:   2048: ..."
+    for line in out.lines() {
+        let fields: Vec<&str> = line.split(':').map(str::trim).collect();
+        if fields.len() < 4 || fields[0].parse::<u64>().is_err() {
+            continue;
+        }
+        let span = |s: &str| -> Option<(u64, u64)> {
+            let (a, b) = s.split_once("..")?;
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        };
+        let (Some((l0, l1)), Some((p0, _))) = (span(fields[1]), span(fields[2])) else { continue };
+        let (a, b) = (first.max(l0), last.min(l1 + 1));
+        if a < b {
+            found.push((p0 + a - l0) * 4096..(p0 + b - l0) * 4096);
+        }
+    }
+    assert!(!found.is_empty(), "no blocks found for {range:?} in:\n{out}");
+    found
+}
+
+/// A filesystem on a loop device over `backing`, mounted on `dir`; unmounted and detached
+/// on drop.
+struct LoopFs {
+    dir: PathBuf,
+    dev: String,
+}
+
+impl LoopFs {
+    /// Read-only mounts skip the journal (`noload`), so nothing is written to the device.
+    fn mount(backing: &Path, dir: &Path, read_only: bool) -> LoopFs {
+        std::fs::create_dir_all(dir).expect("mountpoint");
+        let ro: &[&str] = if read_only { &["-r"] } else { &[] };
+        let dev = run_ok("losetup", &[ro, &["-f", "--show", path_str(backing)]].concat()).trim().to_owned();
+        let fs = LoopFs { dir: dir.to_owned(), dev };
+        let opts: &[&str] = if read_only { &["-o", "ro,noload"] } else { &[] };
+        run_ok("mount", &[opts, &[fs.dev.as_str(), path_str(dir)]].concat());
+        fs
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        common::fuse::umount_quietly(&self.dir);
+        let _ = Command::new("losetup").args(["-d", &self.dev]).output();
+    }
+}
+
+/// `nbdfuse` showing nbdkit's export of a disk image, with its ddrescue map applied, as the
+/// read-only file `file`; unmounted and stopped on drop.
+struct NbdFuse {
+    child: std::process::Child,
+    dir: PathBuf,
+    file: PathBuf,
+}
+
+impl NbdFuse {
+    fn start(dir: &Path, image: &Path, map: &Path) -> NbdFuse {
+        std::fs::create_dir_all(dir).expect("nbdfuse mountpoint");
+        let file = dir.join("disk");
+        let mut cmd = Command::new("nbdfuse");
+        common::fuse::die_with_parent(&mut cmd, nix::sys::signal::Signal::SIGTERM);
+        let child = cmd
+            .arg("-r")
+            .arg(&file)
+            .args(["--command", "nbdkit", "-s", "--exit-with-parent", "--filter=ddrescue", "file"])
+            .arg(image)
+            .arg(format!("ddrescue-mapfile={}", map.display()))
+            .stdin(std::process::Stdio::null())
+            // It reports every failed read; the test checks what vmback says.
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nbdfuse");
+        let n = NbdFuse { child, dir: dir.to_owned(), file };
+        let up = common::fuse::wait_until(std::time::Duration::from_secs(20), || n.file.exists());
+        assert!(up, "nbdfuse did not show {}", n.file.display());
+        n
+    }
+}
+
+impl Drop for NbdFuse {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-u").arg(&self.dir).output();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// An ext4 on a device-mapper device over a loop device, mounted on `dir`; torn down on
@@ -492,44 +663,13 @@ impl DmDisk {
             table += &format!("{pos} {} linear {} {pos}\n", self.sectors - pos, self.loopdev);
         }
         let exists = Path::new(&self.device()).exists();
-        let mut cmd = Command::new("dmsetup");
-        if exists {
-            cmd.args(["reload", &self.name]);
-        } else {
-            cmd.args(["create", &self.name]);
-        }
         let table_file = self.image.with_extension("table");
         std::fs::write(&table_file, &table).expect("table");
-        let out = cmd.arg(&table_file).output().expect("dmsetup");
-        assert!(out.status.success(), "dmsetup: {}\n{table}", String::from_utf8_lossy(&out.stderr));
+        let verb = if exists { "reload" } else { "create" };
+        run_ok("dmsetup", &[verb, &self.name, path_str(&table_file)]);
         if exists {
             run_ok("dmsetup", &["resume", &self.name]);
         }
-    }
-
-    /// The device sectors holding file bytes `range` (4 KiB aligned), from `filefrag -v`.
-    fn sectors_of(&self, file: &Path, range: Range<u64>) -> Vec<Range<u64>> {
-        let out = run_ok("filefrag", &["-v", "-b4096", path_str(file)]);
-        let (first, last) = (range.start / 4096, range.end / 4096);
-        let mut sectors = Vec::new();
-        // Lines like "   0:        0..    2047:      34816..     36863:   2048: ..."
-        for line in out.lines() {
-            let fields: Vec<&str> = line.split(':').map(str::trim).collect();
-            if fields.len() < 4 || fields[0].parse::<u64>().is_err() {
-                continue;
-            }
-            let span = |s: &str| -> Option<(u64, u64)> {
-                let (a, b) = s.split_once("..")?;
-                Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
-            };
-            let (Some((l0, l1)), Some((p0, _))) = (span(fields[1]), span(fields[2])) else { continue };
-            let (a, b) = (first.max(l0), last.min(l1 + 1));
-            if a < b {
-                sectors.push((p0 + a - l0) * 8..(p0 + b - l0) * 8);
-            }
-        }
-        assert!(!sectors.is_empty(), "no blocks found for {range:?} in:\n{out}");
-        sectors
     }
 }
 
