@@ -84,8 +84,9 @@ for _ in $(seq 100); do
 done
 mountpoint -q "$mnt" || { echo "the mount did not come up" >&2; exit 1; }
 
-fds() { ls "/proc/$mount_pid/fd" | wc -l; }
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$mount_pid/status"; }
+# 0 once the mount process is gone (the summary then reports its exit status).
+fds() { ls "/proc/$mount_pid/fd" 2>/dev/null | wc -l || true; }
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$mount_pid/status" 2>/dev/null || echo 0; }
 fds_before=$(fds)
 
 echo "seconds,rss_kib,fds" >"$out/soak.csv"
@@ -151,7 +152,7 @@ wait "$ls_pid" || true
 fds_after=$(fds)
 points_after=$(ls "$mnt/$LANDED" 2>/dev/null | grep -vc '^latest$' || true)
 rss_end=$(rss_kib)
-kill -TERM "$mount_pid"
+kill -TERM "$mount_pid" 2>/dev/null || true
 mount_status=0
 wait "$mount_pid" || mount_status=$?
 mount_pid=
