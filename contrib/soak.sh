@@ -63,8 +63,13 @@ cleanup() {
     kill -TERM "$mount_pid" 2>/dev/null || true
     wait "$mount_pid" 2>/dev/null || true
   fi
-  if mountpoint -q "$mnt" 2>/dev/null; then fusermount3 -uz "$mnt" 2>/dev/null || true; fi
-  rm -rf "$work"
+  # Also clears the mount a killed vmback left (mountpoint(1) fails on it: ENOTCONN).
+  fusermount3 -uz "$mnt" 2>/dev/null || true
+  if grep -q " $mnt " /proc/mounts; then
+    echo "$mnt is still mounted; leaving $work" >&2
+  else
+    rm -rf "$work"
+  fi
 }
 trap cleanup EXIT
 
@@ -194,8 +199,8 @@ print(f"  files           {e['out']}/soak.csv, load.json, mount.log")
 raise SystemExit(1 if load["mismatches"] or load["errors"] or load["crashed_workers"] else 0)
 EOF
 
-((ls_bad == 0)) || { cat "$work/ls.errors" >&2; fail=1; }
-((changed == 0)) || { diff "$work/sums.before" "$work/sums.after" >&2; fail=1; }
+((ls_bad == 0)) || { head -20 "$work/ls.errors" >&2; fail=1; }
+((changed == 0)) || { diff "$work/sums.before" "$work/sums.after" | head -20 >&2; fail=1; }
 ((panics == 0 && mount_status == 0)) || fail=1
 # Every fd the load opened is closed again once it stops: no leak. The mount holds each
 # data file open, so a refreshed catalog may add one per landed data file.
