@@ -7,6 +7,8 @@ manifest row of its set and last data file. A set landed during the run as a cop
 corpus set (--alias LANDED_DIR_NAME:CORPUS_SET_NAME) maps to the same truths.
 
 - 8 readers (4 random, 4 sequential) across the images, every byte compared with the truth;
+  half of them read with O_DIRECT, so their reads reach vmback instead of being answered
+  from the kernel's page cache (which holds all of a small corpus after a minute);
 - 2 writers, each on an image of its own that no reader reads: random writes into the
   image's overlay, each range read back at once, random reads against the writer's model of
   the image (its truth plus its writes), fsync every few writes, and the whole image
@@ -20,6 +22,7 @@ Prints one JSON object: totals and the first few problems.
 import argparse
 import errno
 import json
+import mmap
 import multiprocessing as mp
 import os
 import random
@@ -31,6 +34,8 @@ import time
 MAX_IO = 1 << 20
 # Sequential readers read in 1 MiB chunks, as `cp` and `qemu-img convert` do.
 SEQ_CHUNK = 1 << 20
+# O_DIRECT reads use offsets and lengths in whole pages.
+PAGE = 4096
 # A writer fsyncs after this many writes (a guest flushes every so often, not per write).
 FSYNC_EVERY = 16
 # Problems reported in full (the counts cover all of them).
@@ -79,6 +84,18 @@ def pread_full(fd, length, offset):
     return b"".join(parts)
 
 
+def pread_direct(fd, length, offset, buf):
+    """Like pread_full, on an O_DIRECT descriptor, through `buf` (page-aligned, an mmap)."""
+    view = memoryview(buf)
+    done = 0
+    while done < length:
+        n = os.preadv(fd, [view[done:length]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return bytes(view[:done])
+
+
 class Tally:
     def __init__(self, name):
         self.s = {"worker": name, "ops": 0, "bytes_checked": 0, "bytes_written": 0, "mismatches": 0,
@@ -96,9 +113,10 @@ class Tally:
             self.problem("mismatches", f"{what}: first difference at +{at} (got {len(got)} bytes, want {len(want)})")
 
 
-def reader(args, kind, seed, exclude, out):
+def reader(args, kind, direct, seed, exclude, out):
     rng = random.Random(seed)
-    t = Tally(f"{kind}-reader-{seed}")
+    t = Tally(f"{kind}{'-direct' if direct else ''}-reader-{seed}")
+    buf = mmap.mmap(-1, MAX_IO) if direct else None
     mapping, stamp = {}, None
     deadline = time.monotonic() + args.seconds
     while time.monotonic() < deadline:
@@ -115,7 +133,7 @@ def reader(args, kind, seed, exclude, out):
         path = rng.choice(sorted(mapping))
         truth = mapping[path]
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         except FileNotFoundError:
             mapping = {}
             continue
@@ -128,15 +146,19 @@ def reader(args, kind, seed, exclude, out):
             if kind == "random":
                 spans = []
                 for _ in range(32):
-                    off = rng.randrange(size)
-                    spans.append((off, min(rng.randrange(1, MAX_IO + 1), size - off)))
+                    if direct:
+                        off = rng.randrange(size // PAGE) * PAGE
+                        n = rng.randrange(1, MAX_IO // PAGE + 1) * PAGE
+                    else:
+                        off, n = rng.randrange(size), rng.randrange(1, MAX_IO + 1)
+                    spans.append((off, min(n, size - off)))
             else:
                 spans = [(off, min(SEQ_CHUNK, size - off)) for off in range(0, size, SEQ_CHUNK)]
             for off, n in spans:
                 if time.monotonic() >= deadline:
                     break
                 try:
-                    got = pread_full(fd, n, off)
+                    got = pread_direct(fd, n, off, buf) if direct else pread_full(fd, n, off)
                 except OSError as e:
                     t.problem("errors", f"read {path} at {off}+{n}: {e}")
                     if e.errno == errno.ENOENT:
@@ -232,7 +254,10 @@ def main():
         for i, p in enumerate(targets)
     ]
     procs += [
-        mp.Process(target=guarded, args=(reader, f"reader-{i}", out, args, "random" if i % 2 else "sequential", i, set(targets)))
+        mp.Process(
+            target=guarded,
+            args=(reader, f"reader-{i}", out, args, "random" if i % 2 else "sequential", i >= args.readers // 2, i, set(targets)),
+        )
         for i in range(args.readers)
     ]
     for p in procs:

@@ -155,6 +155,8 @@ done
 wait "$load_pid" || true
 wait "$ls_pid" || true
 fds_after=$(fds)
+# The mount's own counters: how much of the load reached vmback past the page cache.
+cat "$mnt/.stats" >"$out/stats.txt" 2>/dev/null || true
 points_after=$(ls "$mnt/$LANDED" 2>/dev/null | grep -vc '^latest$' || true)
 rss_end=$(rss_kib)
 kill -TERM "$mount_pid" 2>/dev/null || true
@@ -191,6 +193,8 @@ curve = [f"{secs[i * (len(rss) - 1) // 10]}s {rss[i * (len(rss) - 1) // 10] / 10
 print(f"  RSS curve (MiB) {', '.join(curve)}")
 print(f"  open fds        before load {e['fds_before']}, after load {e['fds_after']} (max during {max(fds)})")
 print(f"  landed backup   at {e['landed_at']} s; its points in the mount: {e['points_after']} under {e['LANDED']}/ (seen: {e['new_points']}, required: {e['expect_refresh']})")
+stats = open(os.path.join(e["out"], "stats.txt")).read().split("\n") if os.path.exists(os.path.join(e["out"], "stats.txt")) else []
+print(f"  mount .stats    {'; '.join(l for l in stats if l)}")
 print(f"  backup files    {e['changed']} sha256 lines differ after the run")
 print(f"  mount           exit status {e['mount_status']}, panics in its log {e['panics']}, warnings and errors {e['warnings']}")
 for p in load["problems"]:
