@@ -17,3 +17,4 @@ VMBACK_CORPUS="$corpus" cargo test --all-targets
 # The fuzz targets (fuzz/, run on nightly by contrib/fuzz.sh) must keep building: stable, no
 # sanitizer, sharing this target dir so only libFuzzer and the targets are compiled.
 CARGO_TARGET_DIR=target cargo build --manifest-path fuzz/Cargo.toml
+VMBACK_CORPUS="$corpus" bash contrib/soak.sh 60

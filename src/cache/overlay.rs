@@ -14,6 +14,12 @@
 //! state; reads share it, writes, punches and spills take it exclusively. Holding it
 //! across the file I/O of a spill is deliberate: it keeps the state and the file in step,
 //! and spills are rare (once per `--dirty-size` of writes).
+//!
+//! A spill that fails (ENOSPC on the scratch disk) loses nothing: the pages stay in
+//! memory. The write that triggered it has been applied and succeeds; later writes to that
+//! overlay retry the spill first and fail with the error, changing nothing, until it
+//! succeeds (e.g. after a punch freed space). So memory stays within the budget plus one
+//! request per overlay.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -27,6 +33,7 @@ use parking_lot::{Mutex, RwLock};
 use rangemap::RangeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tracing::warn;
 
 use crate::chain::{ImageReader, ReadError};
 
@@ -252,6 +259,12 @@ impl Overlay {
         }
         let end = off.saturating_add(data.len() as u64).min(self.size);
         let mut st = self.state.write();
+        // Still over the budget: an earlier spill failed (a full scratch disk). Make room
+        // first, and if that fails too, fail this write having changed nothing: memory
+        // stays bounded and a write that reports ENOSPC leaves no trace.
+        if self.budget.used() > self.budget.limit && !st.mem.is_empty() {
+            self.spill(&mut st)?;
+        }
         self.version.fetch_add(1, Ordering::Relaxed);
         let mut pos = off;
         while pos < end {
@@ -272,8 +285,16 @@ impl Overlay {
             p[at..at + src.len()].copy_from_slice(src);
             pos = stop;
         }
-        if self.budget.used() > self.budget.limit {
-            self.spill(&mut st)?;
+        if self.budget.used() > self.budget.limit
+            && let Err(e) = self.spill(&mut st)
+        {
+            // This write is applied and held in memory (over the budget by at most this
+            // one request), so it succeeded; the next write retries the spill first.
+            warn!(
+                "{}; keeping {} bytes of written pages in memory until a spill succeeds",
+                crate::error_chain(&e),
+                st.mem.len() as u64 * PAGE
+            );
         }
         Ok((end - off) as usize)
     }

@@ -22,6 +22,6 @@ pub mod writer;
 
 pub use extent::ExtentMap;
 pub use meta::StreamMeta;
-pub use reader::{ImageReader, Layer, ReadError};
+pub use reader::{Direct, ImageReader, Layer, ReadError, StreamRead};
 pub use scan::{Format, ScanError, StreamIndex};
 pub use writer::{MAX_REQUEST, StreamWriter};

@@ -5,9 +5,18 @@
 //! extents with zeros, `pread`s plain payloads straight into the caller's buffer, and copies
 //! out of decoded lz4 frames held in the shared [`ReadCache`] (decoding a frame on a miss).
 //! A damaged piece fails the read that touches it, and only that read.
+//!
+//! Every byte of a stream file comes in through one seam, [`StreamRead`]: the mount reads
+//! the files themselves ([`Direct`]); a test puts in one that fails at chosen offsets, to
+//! check that a read error from the disk under SOURCE fails only the request that met it.
+//! A file changed under an open mount: deleted or replaced by another file (a rename over
+//! it), the reader keeps the old file open and keeps serving its bytes; truncated in place,
+//! a read past its new end fails with [`ReadError::Truncated`] and the rest still reads.
 
+use std::fmt::Debug;
 use std::io::Read;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,29 +24,66 @@ use std::sync::atomic::Ordering;
 use thiserror::Error;
 
 use super::extent::{ExtentMap, Source};
-use super::scan::{Lz4Frame, Stored, StreamIndex, read_full};
+use super::scan::{Lz4Frame, Stored, StreamIndex};
 use crate::cache::{BlockKey, ReadCache};
 
 /// Bytes per read of compressed data while decoding: a few lz4 blocks (64 KiB each) per
 /// `pread`, so a 32 MiB frame costs about a hundred syscalls, not thousands.
 const DECODE_READ: usize = 256 << 10;
 
-/// A positional reader over `[pos, end)` of a file; `UnexpectedEof` if the file ends
-/// first.
+/// Positional reads of stream files: see the module note.
+pub trait StreamRead: Debug + Send + Sync {
+    /// Reads into `buf` from byte `offset` of `index`'s file, as `pread(2)` does: the count
+    /// read, short or 0 at the end of the file.
+    fn read_at(&self, index: &StreamIndex, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
+}
+
+/// The stream files themselves, through the descriptor each index holds open.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Direct;
+
+impl StreamRead for Direct {
+    fn read_at(&self, index: &StreamIndex, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        index.file.read_at(buf, offset)
+    }
+}
+
+/// Reads as much of `buf` as the file has at `offset` through `io`, retrying on EINTR;
+/// returns the count (short only at the end of the file).
+fn read_full_via(
+    io: &dyn StreamRead,
+    index: &StreamIndex,
+    buf: &mut [u8],
+    offset: u64,
+) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match io.read_at(index, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// A positional reader over `[pos, end)` of a stream file; `UnexpectedEof` if the file
+/// ends first.
 struct FileRange<'a> {
-    file: &'a std::fs::File,
+    io: &'a dyn StreamRead,
+    index: &'a StreamIndex,
     pos: u64,
     end: u64,
 }
 
 impl Read for FileRange<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        use std::os::unix::fs::FileExt;
         let n = (buf.len() as u64).min(self.end - self.pos) as usize;
         if n == 0 {
             return Ok(0);
         }
-        let got = self.file.read_at(&mut buf[..n], self.pos)?;
+        let got = self.io.read_at(self.index, &mut buf[..n], self.pos)?;
         if got == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
@@ -102,6 +148,7 @@ pub struct ImageReader {
     layers: Vec<Layer>,
     map: ExtentMap,
     cache: Arc<ReadCache>,
+    io: Arc<dyn StreamRead>,
 }
 
 impl ImageReader {
@@ -110,7 +157,12 @@ impl ImageReader {
     pub fn new(layers: Vec<Layer>, cache: Arc<ReadCache>) -> ImageReader {
         let size = layers.last().map_or(0, |l| l.index.meta.virtual_size);
         let map = ExtentMap::build(layers.iter().map(|l| &*l.index), size);
-        ImageReader { layers, map, cache }
+        ImageReader { layers, map, cache, io: Arc::new(Direct) }
+    }
+
+    /// This reader, reading its stream files through `io` instead of [`Direct`].
+    pub fn with_io(self, io: Arc<dyn StreamRead>) -> ImageReader {
+        ImageReader { io, ..self }
     }
 
     /// Readers for many chains, sharing work: a chain that is another one plus a layer
@@ -127,7 +179,9 @@ impl ImageReader {
                 out[p].map.extend(layers.len() - 1, &last.index, size)
             });
             let reader = match map {
-                Some(map) => ImageReader { layers: layers.clone(), map, cache: cache.clone() },
+                Some(map) => {
+                    ImageReader { layers: layers.clone(), map, cache: cache.clone(), io: Arc::new(Direct) }
+                }
                 None => ImageReader::new(layers.clone(), cache.clone()),
             };
             by_chain.insert(ids, out.len());
@@ -181,7 +235,7 @@ impl ImageReader {
     }
 
     fn pread(&self, index: &StreamIndex, out: &mut [u8], at: u64) -> Result<(), ReadError> {
-        let n = read_full(&index.file, out, at).map_err(|source| ReadError::Io {
+        let n = read_full_via(&*self.io, index, out, at).map_err(|source| ReadError::Io {
             path: index.path.clone(),
             offset: at,
             source,
@@ -216,18 +270,20 @@ impl ImageReader {
         Ok(())
     }
 
-    /// Decodes one lz4 frame, checking its block and content checksums and its size.
     /// Decodes one lz4 frame straight from the stream file (no copy of the compressed
     /// bytes), checking its block and content checksums and its size.
     fn decode(&self, index: &StreamIndex, f: &Lz4Frame) -> Result<Vec<u8>, ReadError> {
         let src = std::io::BufReader::with_capacity(
             DECODE_READ,
-            FileRange { file: &index.file, pos: f.file_off, end: f.file_off + f.comp_len },
+            FileRange { io: &*self.io, index, pos: f.file_off, end: f.file_off + f.comp_len },
         );
         let bad = |source: std::io::Error| {
             let len = index.file.metadata().map_or(u64::MAX, |m| m.len());
             if source.kind() == std::io::ErrorKind::UnexpectedEof && len < f.file_off + f.comp_len {
                 ReadError::Truncated { path: index.path.clone(), offset: len }
+            } else if source.raw_os_error().is_some() {
+                // The disk failed, not the frame: keep its errno, do not call it corrupt.
+                ReadError::Io { path: index.path.clone(), offset: f.file_off, source }
             } else {
                 ReadError::Decode { path: index.path.clone(), offset: f.file_off, source }
             }
@@ -249,5 +305,120 @@ impl ImageReader {
         self.cache.stats.bytes_read.fetch_add(f.comp_len, Ordering::Relaxed);
         self.cache.stats.bytes_decoded.fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::{Direct, StreamRead};
+    use crate::cache::ReadCache;
+    use crate::chain::scan::Stored;
+    use crate::chain::{ImageReader, Layer, StreamIndex, StreamMeta, StreamWriter};
+
+    /// A disk that fails reads (EIO) touching `bad`, a range of file offsets, while armed.
+    #[derive(Debug)]
+    struct Failing {
+        bad: Range<u64>,
+        armed: AtomicBool,
+    }
+
+    impl StreamRead for Failing {
+        fn read_at(&self, index: &StreamIndex, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+            let end = offset + buf.len() as u64;
+            if self.armed.load(Ordering::Relaxed) && offset < self.bad.end && self.bad.start < end {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            Direct.read_at(index, buf, offset)
+        }
+    }
+
+    /// A full stream of 1 MiB with data at [0, 256 KiB) and [512 KiB, 768 KiB), lz4 or
+    /// plain; the index of its file in `dir` and the image.
+    fn stream(dir: &std::path::Path, lz4: bool) -> (Arc<StreamIndex>, Vec<u8>) {
+        const K: usize = 1024;
+        let mut image = vec![0u8; 1024 * K];
+        for (i, b) in image.iter_mut().enumerate() {
+            *b = (i * 13 % 251) as u8 | 1;
+        }
+        image[256 * K..512 * K].fill(0);
+        image[768 * K..].fill(0);
+        let meta = StreamMeta {
+            virtual_size: image.len() as u64,
+            data_size: 512 * K as u64,
+            date: String::new(),
+            disk_name: "sda".into(),
+            disk_format: None,
+            checkpoint_name: "virtnbdbackup.0".into(),
+            parent_checkpoint: String::new(),
+            incremental: false,
+            compressed: lz4.then_some(2),
+            stream_version: 2,
+        };
+        // 64 KiB requests: several lz4 frames per extent.
+        let mut w = StreamWriter::new(Vec::new(), &meta, 64 * K as u64).unwrap();
+        w.data(0, &image[..256 * K]).unwrap();
+        w.zero(256 * K as u64, 256 * K as u64).unwrap();
+        w.data(512 * K as u64, &image[512 * K..768 * K]).unwrap();
+        w.zero(768 * K as u64, 256 * K as u64).unwrap();
+        let path = dir.join(if lz4 { "z.full.data" } else { "p.full.data" });
+        std::fs::write(&path, w.finish().unwrap()).unwrap();
+        (Arc::new(StreamIndex::open(&path, "sda").unwrap()), image)
+    }
+
+    /// The file range holding the second data extent's bytes (its payload, or its frames).
+    fn second_extent(index: &StreamIndex) -> Range<u64> {
+        let ext = index.extents.iter().filter(|e| !matches!(e.stored, Stored::Zero)).nth(1).unwrap();
+        match &ext.stored {
+            Stored::Plain { file_off } => *file_off..file_off + (ext.end() - ext.start),
+            Stored::Lz4(frames) => {
+                let (a, b) = (frames.first().unwrap(), frames.last().unwrap());
+                a.file_off..b.file_off + b.comp_len
+            }
+            Stored::Zero => unreachable!(),
+        }
+    }
+
+    /// A read error from the disk fails only the reads that need the failing bytes, with
+    /// the disk's errno and a message naming the file and offset; every other read, and
+    /// the same read once the disk recovers, gets the right bytes.
+    #[test]
+    fn a_disk_read_error_fails_only_the_reads_that_touch_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for lz4 in [false, true] {
+            let (index, image) = stream(dir.path(), lz4);
+            let bad = second_extent(&index);
+            let disk = Arc::new(Failing { bad: bad.clone(), armed: AtomicBool::new(true) });
+            let reader = ImageReader::new(
+                vec![Layer { id: 1, index: index.clone() }],
+                Arc::new(ReadCache::new(1 << 20)),
+            )
+            .with_io(disk.clone());
+            let read = |off: usize, len: usize| {
+                let mut buf = vec![0u8; len];
+                reader.read_at(&mut buf, off as u64).map(|_| buf)
+            };
+            const K: usize = 1024;
+            for (off, len) in
+                [(0, 256 * K), (100, 300 * K), (256 * K, 256 * K), (768 * K, 256 * K), (500 * K, 12 * K)]
+            {
+                assert_eq!(read(off, len).unwrap(), image[off..off + len], "lz4 {lz4}: {off}+{len}");
+            }
+            for (off, len) in [(512 * K, 4096), (700 * K, 100 * K), (0, 1024 * K)] {
+                let err = read(off, len).unwrap_err();
+                assert_eq!(err.errno(), libc::EIO, "lz4 {lz4}: {off}+{len}: {err}");
+                let msg = err.to_string();
+                let (path, at) = err.location();
+                assert_eq!(path, index.path, "{msg}");
+                let at = at.expect("an offset");
+                assert!(bad.contains(&at) && msg.contains(&at.to_string()), "lz4 {lz4}: {msg} ({bad:?})");
+                assert!(matches!(err, super::ReadError::Io { .. }), "lz4 {lz4}: not a disk error: {msg}");
+            }
+            disk.armed.store(false, Ordering::Relaxed);
+            assert_eq!(read(0, 1024 * K).unwrap(), image, "lz4 {lz4}: after the disk recovered");
+        }
     }
 }

@@ -31,7 +31,7 @@ use tracing::warn;
 
 use crate::cache::{DirtyBudget, OverlayError, ReadCache};
 use crate::catalog::Catalog;
-use crate::chain::{ImageReader, scan::read_full};
+use crate::chain::{ImageReader, StreamRead, scan::read_full};
 use image::{Image, KeepError, OverlayPlace};
 pub use inode::{Ino, NodeKind, ROOT};
 use inode::{Inos, Node, Tree};
@@ -149,6 +149,9 @@ pub struct FsConfig {
     /// Bytes of written pages kept in memory before they go to overlay files.
     pub dirty_size: u64,
     pub writes: Writes,
+    /// How stream files are read: [`crate::chain::Direct`] in the mount; tests put a
+    /// failing disk here.
+    pub io: Arc<dyn StreamRead>,
 }
 
 /// The text of an `info.json` (the same every time: the catalog behind it does not change).
@@ -174,6 +177,8 @@ pub struct ImageFs {
     cache: Arc<ReadCache>,
     budget: Arc<DirtyBudget>,
     writes: Writes,
+    /// How stream files are read (see [`FsConfig::io`]).
+    io: Arc<dyn StreamRead>,
     mounted_at: SystemTime,
     /// Told `(ino, offset, len)` when a write through one file changed bytes another file
     /// shows (an image and its partition files), so the adapter can drop the kernel's
@@ -195,6 +200,7 @@ impl ImageFs {
             cache: Arc::new(ReadCache::new(config.cache_size)),
             budget: Arc::new(DirtyBudget::new(config.dirty_size)),
             writes: config.writes.clone(),
+            io: config.io.clone(),
             mounted_at: SystemTime::now(),
             alias_hook: OnceLock::new(),
         };
@@ -235,6 +241,7 @@ impl ImageFs {
             let todo: Vec<usize> = (0..specs.len()).filter(|&i| made[i].is_none()).collect();
             let chains: Vec<_> = todo.iter().map(|&i| specs[i].layers.clone()).collect();
             for (&i, reader) in todo.iter().zip(ImageReader::many(&chains, &self.cache)) {
+                let reader = reader.with_io(self.io.clone());
                 let spec = &specs[i];
                 let place = match &self.writes {
                     Writes::ReadOnly => OverlayPlace::None,
