@@ -30,16 +30,9 @@ pub enum DiskError {
 /// answer small and aligned whatever the server's block size.
 const STATUS_CHUNK: u64 = 1 << 30;
 
-/// NBD reads are requests of READ_CHUNK bytes, READ_DEPTH of them in flight at once, so
-/// the server reads the next ones from the disk while this side receives one (one at a
-/// time, the server sat idle during every transfer). 4 MiB x 8 keeps one 32 MiB stream
-/// frame in flight; qemu's NBD server serves up to 16 requests of a client at once.
-const READ_CHUNK: u64 = 4 << 20;
-const READ_DEPTH: usize = 8;
-
-/// Chunks read ahead of the writer: one frame's worth, so reading goes on while the
-/// writer compresses and writes a frame; bounds the memory to two frames per disk.
-const READ_AHEAD: usize = READ_DEPTH;
+/// NBD reads (of up to 32 MiB each) kept ready ahead of the writer: two is enough to
+/// keep both sides busy, and bounds the memory to a few requests per disk.
+const READ_AHEAD: usize = 2;
 
 /// Buffer between the stream writer and the file: large writes, few syscalls.
 const WRITE_BUFFER: usize = 4 << 20;
@@ -141,26 +134,20 @@ pub fn write_stream(
     let (empty_tx, empty) = std::sync::mpsc::channel::<Vec<u8>>();
     let written = std::thread::scope(|s| {
         s.spawn(move || {
-            // Each stream frame's piece, read in chunks of at most READ_CHUNK.
-            let mut chunks = Vec::new();
             for &(start, len, _) in extents.iter().filter(|e| e.2) {
                 let mut off = 0;
                 while off < len {
-                    let piece = (len - off).min(max_request);
-                    let mut at = 0;
-                    while at < piece {
-                        let n = (piece - at).min(READ_CHUNK);
-                        chunks.push((start + off + at, n as usize));
-                        at += n;
+                    let n = (len - off).min(max_request) as usize;
+                    let mut buf = empty.try_recv().unwrap_or_default();
+                    buf.resize(n, 0);
+                    let r = nbd.pread(&mut buf, start + off).map(|()| buf);
+                    let failed = r.is_err();
+                    if filled_tx.send(r).is_err() || failed {
+                        return;
                     }
-                    off += piece;
+                    off += n as u64;
                 }
             }
-            let buffer = || empty.try_recv().unwrap_or_default();
-            nbd.pread_pipelined(&chunks, READ_DEPTH, buffer, |r| {
-                let failed = r.is_err();
-                filled_tx.send(r).is_ok() && !failed
-            });
         });
         // Owned here, so an early return (a write error) drops it: the reader's next send
         // fails and it stops, instead of waiting for ever on a full channel.
@@ -168,25 +155,18 @@ pub fn write_stream(
         let mut nbd_err = None;
         for &(start, len, data) in extents {
             if data {
-                let r = w.data_from(start, len, |_, piece| {
-                    let mut at = 0;
-                    while at < piece.len() {
-                        match filled.recv() {
-                            Ok(Ok(buf)) => {
-                                let n = buf.len().min(piece.len() - at);
-                                piece[at..at + n].copy_from_slice(&buf[..n]);
-                                at += n;
-                                let _ = empty_tx.send(buf);
-                            }
-                            Ok(Err(e)) => {
-                                let err = std::io::Error::other(e.to_string());
-                                nbd_err = Some(e);
-                                return Err(err);
-                            }
-                            Err(_) => return Err(std::io::Error::other("NBD reader stopped")),
-                        }
+                let r = w.data_from(start, len, |_, piece| match filled.recv() {
+                    Ok(Ok(buf)) => {
+                        piece.copy_from_slice(&buf[..piece.len()]);
+                        let _ = empty_tx.send(buf);
+                        Ok(())
                     }
-                    Ok(())
+                    Ok(Err(e)) => {
+                        let err = std::io::Error::other(e.to_string());
+                        nbd_err = Some(e);
+                        Err(err)
+                    }
+                    Err(_) => Err(std::io::Error::other("NBD reader stopped")),
                 });
                 if let Err(e) = r {
                     return Err(nbd_err.take().map_or_else(|| io(&partial)(e), DiskError::Nbd));

@@ -26,18 +26,6 @@ struct ExtentCallback {
     free: Option<extern "C" fn(*mut c_void)>,
 }
 
-/// libnbd's `nbd_completion_callback`; vmback passes none (`NBD_NULL_COMPLETION`) and
-/// asks for completion with `nbd_aio_command_completed`.
-#[repr(C)]
-struct CompletionCallback {
-    callback: Option<extern "C" fn(*mut c_void, *mut c_int) -> c_int>,
-    user_data: *mut c_void,
-    free: Option<extern "C" fn(*mut c_void)>,
-}
-
-const NO_COMPLETION: CompletionCallback =
-    CompletionCallback { callback: None, user_data: std::ptr::null_mut(), free: None };
-
 #[link(name = "nbd")]
 unsafe extern "C" {
     fn nbd_create() -> *mut nbd_handle;
@@ -51,16 +39,6 @@ unsafe extern "C" {
     fn nbd_get_size(h: *mut nbd_handle) -> i64;
     fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;
     fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int;
-    fn nbd_aio_pread(
-        h: *mut nbd_handle,
-        buf: *mut c_void,
-        count: usize,
-        offset: u64,
-        cb: CompletionCallback,
-        flags: u32,
-    ) -> i64;
-    fn nbd_aio_command_completed(h: *mut nbd_handle, cookie: u64) -> c_int;
-    fn nbd_poll(h: *mut nbd_handle, timeout: c_int) -> c_int;
     fn nbd_block_status(h: *mut nbd_handle, count: u64, offset: u64, cb: ExtentCallback, flags: u32)
     -> c_int;
     fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int;
@@ -166,68 +144,6 @@ impl Nbd {
         // (synchronous) call.
         let r = unsafe { nbd_pread(self.h, buf.as_mut_ptr().cast(), buf.len(), offset, 0) };
         if r == -1 { Err(last_error("pread")) } else { Ok(()) }
-    }
-
-    /// Reads `chunks` (`(offset, len)`, each at most the server's maximum request) with up
-    /// to `depth` requests in flight, so the server reads the next chunks while this side
-    /// receives one. Each chunk's bytes go to `sink` in order, in a buffer from `buffer`;
-    /// an error goes to `sink` and ends the reads, as does `sink` returning false.
-    pub fn pread_pipelined(
-        &mut self,
-        chunks: &[(u64, usize)],
-        depth: usize,
-        mut buffer: impl FnMut() -> Vec<u8>,
-        mut sink: impl FnMut(Result<Vec<u8>, NbdError>) -> bool,
-    ) {
-        let mut in_flight: std::collections::VecDeque<(u64, Vec<u8>)> = std::collections::VecDeque::new();
-        let mut next = chunks.iter();
-        let mut stopped = false;
-        loop {
-            while !stopped && in_flight.len() < depth.max(1) {
-                let Some(&(offset, len)) = next.next() else { break };
-                let mut buf = buffer();
-                buf.resize(len, 0);
-                // SAFETY: live handle; `buf`'s heap block stays where it is (the Vec is
-                // only moved, never grown or dropped) until the command is retired below,
-                // and no callback is passed.
-                let cookie =
-                    unsafe { nbd_aio_pread(self.h, buf.as_mut_ptr().cast(), len, offset, NO_COMPLETION, 0) };
-                match u64::try_from(cookie) {
-                    Ok(cookie) => in_flight.push_back((cookie, buf)),
-                    Err(_) => {
-                        sink(Err(last_error("pread")));
-                        stopped = true;
-                    }
-                }
-            }
-            let Some(&(cookie, _)) = in_flight.front() else { return };
-            // SAFETY: live handle; `cookie` came from this handle and is not retired yet.
-            match unsafe { nbd_aio_command_completed(self.h, cookie) } {
-                0 => {
-                    // SAFETY: live handle; -1 waits without a time limit.
-                    if unsafe { nbd_poll(self.h, -1) } == -1 {
-                        if !stopped {
-                            sink(Err(last_error("pread")));
-                        }
-                        // The connection is dead, so libnbd writes into no buffer any more,
-                        // but it has not retired their commands: keep the buffers alive
-                        // (leaked: at most `depth` chunks, once per broken connection)
-                        // rather than free memory it still lists.
-                        std::mem::forget(in_flight);
-                        return;
-                    }
-                }
-                done => {
-                    let Some((_, buf)) = in_flight.pop_front() else { return };
-                    if done == 1 {
-                        stopped = stopped || !sink(Ok(buf));
-                    } else if !stopped {
-                        sink(Err(last_error("pread")));
-                        stopped = true;
-                    }
-                }
-            }
-        }
     }
 
     /// The extents of `[offset, offset + count)` in the negotiated meta context, as
