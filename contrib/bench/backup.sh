@@ -44,7 +44,7 @@ domlog=/var/log/libvirt/qemu/$dom.log
 bash contrib/install-deps.sh
 bash contrib/realstack/libvirtd-up.sh >/dev/null
 cargo build --release --quiet --bin vmback
-vmback=$PWD/target/release/vmback
+vmback=${VMBACK_BIN:-$PWD/target/release/vmback}
 
 work=${VMBACK_BENCH_DIR:-$(mktemp -d /var/tmp/vmback-backup-bench.XXXXXX)}
 mkdir -p "$work"/{disks,src,sets}
