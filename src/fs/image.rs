@@ -51,8 +51,9 @@ pub enum KeepError {
     Overlay(#[from] OverlayError),
 }
 
-/// What a kept overlay belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a kept overlay belongs to; also what tells a refresh that an image whose stream
+/// files were indexed again (touched, their folder renamed) is still the same disk.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Identity {
     pub domain: String,
     pub point: String,
@@ -64,7 +65,7 @@ pub struct Identity {
 /// One stream file, as much as tells it apart from a later backup of the same disk
 /// under the same name (a re-taken full has the same name and may have the same size,
 /// never the same date).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChainFile {
     pub name: String,
     pub size: u64,
@@ -88,7 +89,6 @@ struct MapFile {
 /// Where a kept overlay's map is saved.
 struct Kept {
     map_path: PathBuf,
-    identity: Identity,
     /// An exclusive lock on `<disk>.overlay.lock`, held while mounted, so two mounts
     /// never write one overlay.
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -104,8 +104,7 @@ pub struct Image {
     /// `(overlay version, data bytes)`: the thin size is a walk over the image, so it is
     /// computed once per change, not once per `stat`.
     thin: parking_lot::Mutex<Option<(u64, u64)>>,
-    /// `domain/point/disk`, for log lines.
-    label: String,
+    identity: Identity,
     /// The partition table, read on first use.
     partitions: OnceLock<Vec<Partition>>,
 }
@@ -168,12 +167,7 @@ impl Image {
                     }
                     Err(source) => return Err(KeepError::Io { path: map_path, source }),
                 };
-                let kept = Kept {
-                    map_path,
-                    identity: identity.clone(),
-                    _lock: lock,
-                    saved: parking_lot::Mutex::new(0),
-                };
+                let kept = Kept { map_path, _lock: lock, saved: parking_lot::Mutex::new(0) };
                 (Some(overlay), Some(kept))
             }
         };
@@ -187,7 +181,7 @@ impl Image {
             overlay: None,
             kept: None,
             thin: parking_lot::Mutex::new(None),
-            label: format!("{}/{}/{}", identity.domain, identity.point, identity.disk),
+            identity: identity.clone(),
             partitions: OnceLock::new(),
         }
     }
@@ -198,10 +192,21 @@ impl Image {
         self.partitions.get_or_init(|| {
             let mut read = |buf: &mut [u8], off: u64| self.read_at(buf, off).map_err(std::io::Error::other);
             partition::read_table(self.size(), &mut read).unwrap_or_else(|e| {
-                warn!("{}: no partition files: {}", self.label, crate::error_chain(&e));
+                warn!("{}: no partition files: {}", self.label(), crate::error_chain(&e));
                 Vec::new()
             })
         })
+    }
+
+    /// What this image is (see [`Identity`]).
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// `domain/point/disk`, for log lines.
+    fn label(&self) -> String {
+        let Identity { domain, point, disk, .. } = &self.identity;
+        format!("{domain}/{point}/{disk}")
     }
 
     pub fn size(&self) -> u64 {
@@ -345,7 +350,7 @@ impl Image {
         };
         let tmp = k.map_path.with_extension("json.tmp");
         let bytes =
-            serde_json::to_vec(&MapFile { identity: k.identity.clone(), map }).expect("in-memory JSON");
+            serde_json::to_vec(&MapFile { identity: self.identity.clone(), map }).expect("in-memory JSON");
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         std::io::Write::write_all(&mut &file, &bytes).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;

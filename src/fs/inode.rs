@@ -16,10 +16,13 @@
 //! same (for an image: the same stream files, by layer id), and anything else gets a
 //! number never used before, so the kernel cannot serve pages or attributes it cached for
 //! other contents. An image that is the same in the new tree is the same [`Image`] (its
-//! overlay and cached frames carry over). Broken restore points are left out (`vmback
+//! overlay and cached frames carry over); so is one whose stream files were indexed again
+//! (touched, their folder renamed) but are the same backup by [`Identity`], under its new
+//! number. Broken restore points are left out (`vmback
 //! ls` says why); damaged ones are shown.
 
 use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -158,7 +161,10 @@ impl Tree {
                 }
                 let all_ids: Vec<String> =
                     point.disks.iter().flat_map(|d| d.layers.iter().map(|l| l.id.to_string())).collect();
-                let info = b.ino(format!("n:{at}:{}", all_ids.join(",")));
+                // Everything info.json says comes from the layers but the vmconfig file,
+                // which may show up after the data (rsync copies in name order).
+                let cfg_name = point.vmconfig.as_deref().map(|p| p.display().to_string());
+                let info = b.ino(format!("n:{at}:{}:{}", all_ids.join(","), cfg_name.unwrap_or_default()));
                 let of = Arc::new((domain.name.clone(), point.clone()));
                 b.drafts.push((info, dir, Draft::Done(NodeKind::Info(of)), point.date));
                 files.push((INFO_NAME.to_owned(), info));
@@ -167,7 +173,10 @@ impl Tree {
                     && meta.is_file()
                 {
                     let size = meta.len();
-                    let cfg = b.ino(format!("c:{}:{size}", path.display()));
+                    // A file rewritten in place keeps its path and may keep its size: the
+                    // file's inode and mtime tell the versions apart.
+                    let version = (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec());
+                    let cfg = b.ino(format!("c:{}:{size}:{version:?}", path.display()));
                     b.drafts.push((
                         cfg,
                         dir,

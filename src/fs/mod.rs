@@ -32,9 +32,9 @@ use tracing::warn;
 use crate::cache::{DirtyBudget, OverlayError, ReadCache};
 use crate::catalog::Catalog;
 use crate::chain::{ImageReader, scan::read_full};
-use image::{Image, KeepError, OverlayPlace};
+use image::{Identity, Image, KeepError, OverlayPlace};
+use inode::{ImageSpec, Inos, Node, Tree};
 pub use inode::{Ino, NodeKind, ROOT};
-use inode::{Inos, Node, Tree};
 
 /// Why a filesystem request failed; [`FsError::errno`] says what the caller sees.
 #[derive(Debug, Error)]
@@ -162,6 +162,19 @@ fn info_text(of: &(String, crate::catalog::RestorePoint)) -> Vec<u8> {
 const PART_BIT: Ino = 1 << 62;
 const PART_MAX: Ino = 0xff;
 
+/// The end of the name of partition `n`'s file: `<disk>.p<n>.raw`.
+fn part_suffix(n: u32) -> String {
+    format!(".p{n}.raw")
+}
+
+/// `(<disk>, N)` of a partition file name `<disk>.p<N>.raw`, only as [`ImageFs::readdir`]
+/// writes it (no sign, no leading zero), so `lookup` finds no name the listing lacks.
+fn partition_name(name: &str) -> Option<(&str, u32)> {
+    let (stem, n) = name.strip_suffix(".raw")?.rsplit_once(".p")?;
+    let n: u32 = n.parse().ok()?;
+    (name == format!("{stem}{}", part_suffix(n))).then_some((stem, n))
+}
+
 /// See the module note.
 pub struct ImageFs {
     tree: RwLock<Arc<Tree>>,
@@ -231,7 +244,14 @@ impl ImageFs {
     fn build(&self, catalog: &Catalog, old: Option<&Tree>) -> (Tree, Vec<KeepError>) {
         let mut errors = Vec::new();
         let tree = Tree::build(catalog, &mut self.inos.lock(), self.mounted_at, |specs| {
-            let mut made: Vec<_> = specs.iter().map(|s| old.and_then(|t| t.image(s.ino)).cloned()).collect();
+            // An image whose stream files were indexed again (touched, their folder renamed)
+            // while still the same backup gets a new number but stays the same image: its
+            // overlay carries over, and a kept overlay is not locked a second time.
+            let same: HashMap<&Identity, &Arc<Image>> =
+                old.map(|t| t.images().map(|(_, img)| (img.identity(), img)).collect()).unwrap_or_default();
+            let reuse =
+                |s: &ImageSpec| old.and_then(|t| t.image(s.ino)).or_else(|| same.get(&s.identity).copied());
+            let mut made: Vec<_> = specs.iter().map(|s| reuse(s).cloned()).collect();
             let todo: Vec<usize> = (0..specs.len()).filter(|&i| made[i].is_none()).collect();
             let chains: Vec<_> = todo.iter().map(|&i| specs[i].layers.clone()).collect();
             for (&i, reader) in todo.iter().zip(ImageReader::many(&chains, &self.cache)) {
@@ -305,13 +325,20 @@ impl ImageFs {
     fn partitions(img: &Node) -> Vec<(u32, Arc<Node>)> {
         let NodeKind::Image(image) = &img.kind else { return Vec::new() };
         let numbered = image.partitions().iter().filter(|p| Ino::from(p.number) <= PART_MAX);
-        numbered
-            .map(|p| {
-                let kind = NodeKind::Part { image: image.clone(), start: p.start, len: p.len };
-                let ino = PART_BIT | img.ino << 8 | Ino::from(p.number);
-                (p.number, Arc::new(Node { ino, parent: img.parent, kind, mtime: img.mtime }))
-            })
-            .collect()
+        numbered.map(|p| (p.number, Self::part_node(img, image, p))).collect()
+    }
+
+    /// Partition `number` of the image node `img`, as a file.
+    fn partition(img: &Node, number: u32) -> Option<Arc<Node>> {
+        let NodeKind::Image(image) = &img.kind else { return None };
+        let p = image.partitions().iter().find(|p| p.number == number && Ino::from(number) <= PART_MAX)?;
+        Some(Self::part_node(img, image, p))
+    }
+
+    fn part_node(img: &Node, image: &Arc<Image>, p: &partition::Partition) -> Arc<Node> {
+        let kind = NodeKind::Part { image: image.clone(), start: p.start, len: p.len };
+        let ino = PART_BIT | img.ino << 8 | Ino::from(p.number);
+        Arc::new(Node { ino, parent: img.parent, kind, mtime: img.mtime })
     }
 
     /// The node `ino` of the current tree, or the partition file it numbers.
@@ -320,7 +347,8 @@ impl ImageFs {
             return tree.get(ino).cloned();
         }
         let img = tree.get((ino & !PART_BIT) >> 8)?;
-        Self::partitions(img).into_iter().find(|(n, _)| Ino::from(*n) == ino & PART_MAX).map(|(_, node)| node)
+        // The low 8 bits: at most PART_MAX, so the cast keeps them all.
+        Self::partition(img, (ino & PART_MAX) as u32)
     }
 
     pub fn lookup(&self, parent: Ino, name: &str) -> Result<Attr> {
@@ -334,15 +362,9 @@ impl ImageFs {
                 if let Some(node) = find(name) {
                     return self.attr(node);
                 }
-                // `<disk>.p<N>.raw`: partition N of `<disk>.raw`.
-                let (stem, n) = name
-                    .strip_suffix(".raw")
-                    .and_then(|s| s.rsplit_once(".p"))
-                    .and_then(|(stem, n)| Some((stem, n.parse::<u32>().ok()?)))
-                    .ok_or(FsError::NotFound)?;
+                let (stem, n) = partition_name(name).ok_or(FsError::NotFound)?;
                 let img = find(&format!("{stem}.raw")).ok_or(FsError::NotFound)?;
-                let (_, part) =
-                    Self::partitions(img).into_iter().find(|(k, _)| *k == n).ok_or(FsError::NotFound)?;
+                let part = Self::partition(img, n).ok_or(FsError::NotFound)?;
                 self.attr(&part)
             }
             _ => Err(FsError::NotADirectory),
@@ -411,7 +433,9 @@ impl ImageFs {
         for (name, child) in children {
             if let (Some(stem), Some(img)) = (name.strip_suffix(".raw"), tree.get(*child)) {
                 let parts = Self::partitions(img);
-                all.extend(parts.into_iter().map(|(n, part)| (part.ino, format!("{stem}.p{n}.raw"))));
+                all.extend(
+                    parts.into_iter().map(|(n, part)| (part.ino, format!("{stem}{}", part_suffix(n)))),
+                );
             }
         }
         let kind = |child: Ino| match tree.get(child).map(|n| &n.kind) {
@@ -459,8 +483,8 @@ impl ImageFs {
         let node = self.handle(fh)?;
         match &node.kind {
             NodeKind::Image(_) | NodeKind::Part { .. } => {
-                let (img, start, end) = Self::window(&node)?;
-                let len = end.saturating_sub(offset).min(size as u64) as usize;
+                let (img, start, file_len) = Self::window(&node)?;
+                let len = file_len.saturating_sub(offset).min(size as u64) as usize;
                 let mut buf = vec![0u8; len];
                 let n = img.read_at(&mut buf, start + offset)?;
                 buf.truncate(n);
@@ -578,5 +602,56 @@ impl ImageFs {
     /// The `.stats` file's text.
     pub fn stats(&self) -> String {
         format!("{}dirty_bytes {}\n", self.cache.stats.render(&self.cache), self.budget.used())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Watched;
+
+    /// The node at `path` (names from the root).
+    fn walk(fs: &ImageFs, path: &[&str]) -> Attr {
+        let mut at = fs.getattr(ROOT, None).expect("root");
+        for name in path {
+            at = fs.lookup(at.ino, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        at
+    }
+
+    #[test]
+    fn an_image_indexed_again_keeps_its_kept_overlay() {
+        let src = tempfile::tempdir().expect("tempdir");
+        let keep = tempfile::tempdir().expect("tempdir");
+        crate::sample::write_sample(src.path()).expect("sample");
+        let (mut watched, cat) = Watched::open(src.path()).expect("catalog");
+        let config =
+            FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::Keep(keep.path().into()) };
+        let fs = ImageFs::new(&cat, &config).expect("fs");
+        let path = ["sample-vm", "virtnbdbackup.0", "sda.raw"];
+        let before = walk(&fs, &path);
+        let (fh, _) = fs.open(before.ino, true).expect("open");
+        assert_eq!(fs.write(fh, 4096, b"written").expect("write"), 7);
+        // Touching the full makes the catalog index it again, under a new layer id.
+        let full = std::fs::File::options().write(true).open(src.path().join("sda.full.data")).expect("full");
+        full.set_modified(SystemTime::now() + std::time::Duration::from_secs(60)).expect("touch");
+        let changed = watched.poll().expect("poll").expect("a change");
+        fs.refresh(&changed);
+        let after = walk(&fs, &path);
+        assert_ne!(after.ino, before.ino, "new layers, new number");
+        assert_eq!(after.perm, 0o644, "still writable, not shown read-only");
+        let (fh2, _) = fs.open(after.ino, false).expect("open again");
+        assert_eq!(fs.read(fh2, 4096, 7).expect("read"), b"written");
+        fs.release(fh);
+        fs.release(fh2);
+    }
+
+    #[test]
+    fn partition_names_are_read_only_as_listed() {
+        assert_eq!(partition_name("sda.p1.raw"), Some(("sda", 1)));
+        assert_eq!(partition_name("a.pb.p12.raw"), Some(("a.pb", 12)));
+        for alias in ["sda.p01.raw", "sda.p+1.raw", "sda.p.raw", "sda.p1", "sda.raw", "sda.p1x.raw"] {
+            assert_eq!(partition_name(alias), None, "{alias}");
+        }
     }
 }
