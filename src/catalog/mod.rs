@@ -46,6 +46,11 @@ pub enum CatalogError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path}: the filesystem the backups were on is gone from under it (now an empty folder \
+         on another filesystem); showing the backups found before until it is back"
+    )]
+    Unmounted { path: PathBuf },
 }
 
 /// Deepest folder level searched for sets. Rotation trees are two or three levels deep;
@@ -123,20 +128,23 @@ struct Folder {
 }
 
 /// What tells one version of a file from the next: a file replaced, rewritten, grown or
-/// truncated changes at least one of these.
+/// truncated changes at least one of these; so does a `chmod` or `chown` (the ctime),
+/// which may be what makes an unreadable file readable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {
     dev: u64,
     ino: u64,
     len: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 impl FileStamp {
     fn of(meta: &std::fs::Metadata) -> FileStamp {
         use std::os::unix::fs::MetadataExt;
-        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
-        FileStamp { dev: meta.dev(), ino: meta.ino(), len: meta.len(), mtime_ns }
+        let ns = |s: i64, ns: i64| i128::from(s) * 1_000_000_000 + i128::from(ns);
+        let (mtime_ns, ctime_ns) = (ns(meta.mtime(), meta.mtime_nsec()), ns(meta.ctime(), meta.ctime_nsec()));
+        FileStamp { dev: meta.dev(), ino: meta.ino(), len: meta.len(), mtime_ns, ctime_ns }
     }
 }
 
@@ -157,6 +165,8 @@ enum EntryKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listing {
     root: PathBuf,
+    /// The filesystem SOURCE was on (see [`Watched::poll`]).
+    root_dev: u64,
     entries: Vec<(PathBuf, EntryKind, Option<FileStamp>)>,
     /// Entries the walk could not read.
     unreadable: Vec<String>,
@@ -165,8 +175,12 @@ pub struct Listing {
 impl Listing {
     /// Walks `root` without following symlinks.
     pub fn walk(root: &Path) -> Result<Listing, CatalogError> {
-        std::fs::read_dir(root).map_err(|source| CatalogError::Root { path: root.to_owned(), source })?;
-        let mut listing = Listing { root: root.to_owned(), entries: Vec::new(), unreadable: Vec::new() };
+        use std::os::unix::fs::MetadataExt;
+        let root_err = |source| CatalogError::Root { path: root.to_owned(), source };
+        std::fs::read_dir(root).map_err(root_err)?;
+        let root_dev = std::fs::metadata(root).map_err(root_err)?.dev();
+        let mut listing =
+            Listing { root: root.to_owned(), root_dev, entries: Vec::new(), unreadable: Vec::new() };
         let walk = walkdir::WalkDir::new(root).follow_links(false).max_depth(MAX_DEPTH).sort_by_file_name();
         for entry in walk {
             let entry = match entry {
@@ -234,10 +248,16 @@ impl Watched {
     }
 
     /// The new catalog if SOURCE changed since the last call, logging new warnings.
+    /// SOURCE now empty and on another filesystem than before is an error, not a change:
+    /// the filesystem it was (an NFS share, a USB disk) is unmounted, leaving the empty
+    /// folder it was mounted on, and its backups are not deleted.
     pub fn poll(&mut self) -> Result<Option<Catalog>, CatalogError> {
         let listing = Listing::walk(&self.root)?;
         if listing == self.listing {
             return Ok(None);
+        }
+        if listing.entries.is_empty() && listing.root_dev != self.listing.root_dev {
+            return Err(CatalogError::Unmounted { path: self.root.clone() });
         }
         let cat = Catalog::build(&listing, &mut self.known);
         self.listing = listing;
@@ -479,4 +499,41 @@ fn name_points(domain: String, sets: Vec<(PathBuf, Vec<SetPoint>)>) -> Domain {
 /// A sortable local timestamp for names, e.g. `20260630-082101`.
 pub fn stamp(t: SystemTime) -> String {
     chrono::DateTime::<chrono::Local>::from(t).format("%Y%m%d-%H%M%S").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+    #[test]
+    fn a_chmod_is_a_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::sample::write_sample(dir.path()).expect("sample");
+        let before = Listing::walk(dir.path()).expect("walk");
+        let full = dir.path().join("sda.full.data");
+        std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_ne!(Listing::walk(dir.path()).expect("walk"), before);
+    }
+
+    /// Needs root (mounts a tmpfs).
+    #[test]
+    fn an_unmounted_source_keeps_its_catalog() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tmpfs = || mount(Some("tmpfs"), dir.path(), Some("tmpfs"), MsFlags::empty(), None::<&str>);
+        tmpfs().expect("mount a tmpfs");
+        crate::sample::write_sample(dir.path()).expect("sample");
+        let (mut watched, cat) = Watched::open(dir.path()).expect("catalog");
+        assert_eq!(cat.domains.len(), 1);
+        // Lazily: the catalog holds the stream files open.
+        umount2(dir.path(), MntFlags::MNT_DETACH).expect("umount");
+        let err = watched.poll().expect_err("gone, not empty");
+        assert!(matches!(err, CatalogError::Unmounted { .. }), "{err}");
+        tmpfs().expect("mount again");
+        crate::sample::write_sample(dir.path()).expect("sample");
+        let back = watched.poll().expect("poll").expect("back");
+        assert_eq!(back.domains.len(), 1);
+        umount2(dir.path(), MntFlags::MNT_DETACH).expect("umount");
+    }
 }
