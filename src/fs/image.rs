@@ -190,9 +190,11 @@ impl Image {
     /// none when there is no table, or when it cannot be read (logged).
     pub fn partitions(&self) -> &[Partition] {
         self.partitions.get_or_init(|| {
+            // The table's warnings (entries skipped) name the image through this span.
+            let _image = tracing::warn_span!("partition table", image = %self.label()).entered();
             let mut read = |buf: &mut [u8], off: u64| self.read_at(buf, off).map_err(std::io::Error::other);
             partition::read_table(self.size(), &mut read).unwrap_or_else(|e| {
-                warn!("{}: no partition files: {}", self.label(), crate::error_chain(&e));
+                warn!("no partition files: {}", crate::error_chain(&e));
                 Vec::new()
             })
         })
