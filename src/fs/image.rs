@@ -51,9 +51,9 @@ pub enum KeepError {
     Overlay(#[from] OverlayError),
 }
 
-/// What a kept overlay belongs to; also what tells a refresh that an image whose stream
-/// files were indexed again (touched, their folder renamed) is still the same disk.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// What a kept overlay belongs to; also what keeps an image's inode number (and the
+/// image) across a refresh (see `inode`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub domain: String,
     pub point: String,
@@ -65,7 +65,7 @@ pub struct Identity {
 /// One stream file, as much as tells it apart from a later backup of the same disk
 /// under the same name (a re-taken full has the same name and may have the same size,
 /// never the same date).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainFile {
     pub name: String,
     pub size: u64,
@@ -198,11 +198,6 @@ impl Image {
                 Vec::new()
             })
         })
-    }
-
-    /// What this image is (see [`Identity`]).
-    pub fn identity(&self) -> &Identity {
-        &self.identity
     }
 
     /// `domain/point/disk`, for log lines.

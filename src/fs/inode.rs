@@ -13,13 +13,14 @@
 //! table, which waits until someone looks into the point's folder.
 //! A tree is immutable; a refresh builds a new one and swaps it in. Inode numbers are
 //! stable across trees: a node keeps its number while its path and content stay the
-//! same (for an image: the same stream files, by layer id), and anything else gets a
-//! number never used before, so the kernel cannot serve pages or attributes it cached for
-//! other contents. An image that is the same in the new tree is the same [`Image`] (its
-//! overlay and cached frames carry over); so is one whose stream files were indexed again
-//! (touched, their folder renamed) but are the same backup by [`Identity`], under its new
-//! number. Broken restore points are left out (`vmback
-//! ls` says why); damaged ones are shown.
+//! same, and anything else gets a number never used before, so the kernel cannot serve
+//! pages or attributes it cached for other contents. An image is the same while it is
+//! the same backup by [`Identity`] (each stream file's name, size, date and checkpoint),
+//! also when its files were indexed again (touched, their folder renamed, copied again):
+//! it is then the same [`Image`], which keeps reading the files it opened, and its overlay
+//! (a kept one stays locked by it) and cached frames carry over. Other nodes are the
+//! same while their stream files are, by layer id. Broken restore points are left out
+//! (`vmback ls` says why); damaged ones are shown.
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
@@ -147,14 +148,14 @@ impl Tree {
                 let dir = b.ino(format!("p:{at}"));
                 let mut files = Vec::new();
                 for disk in &point.disks {
-                    let ids: Vec<String> = disk.layers.iter().map(|l| l.id.to_string()).collect();
-                    let img = b.ino(format!("i:{at}/{}:{}", disk.disk, ids.join(",")));
                     let identity = Identity {
                         domain: domain.name.clone(),
                         point: point.name.clone(),
                         disk: disk.disk.clone(),
                         chain: disk.layers.iter().map(chain_file).collect(),
                     };
+                    // Debug quotes each string, so two different chains never give one key.
+                    let img = b.ino(format!("i:{at}/{}:{:?}", disk.disk, identity.chain));
                     let spec = ImageSpec { ino: img, layers: disk.layers.clone(), identity };
                     b.drafts.push((img, dir, Draft::Image(spec), point.date));
                     files.push((format!("{}.raw", disk.disk), img));

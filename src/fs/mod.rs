@@ -32,8 +32,8 @@ use tracing::warn;
 use crate::cache::{DirtyBudget, OverlayError, ReadCache};
 use crate::catalog::Catalog;
 use crate::chain::{ImageReader, scan::read_full};
-use image::{Identity, Image, KeepError, OverlayPlace};
-use inode::{ImageSpec, Inos, Node, Tree};
+use image::{Image, KeepError, OverlayPlace};
+use inode::{Inos, Node, Tree};
 pub use inode::{Ino, NodeKind, ROOT};
 
 /// Why a filesystem request failed; [`FsError::errno`] says what the caller sees.
@@ -244,14 +244,7 @@ impl ImageFs {
     fn build(&self, catalog: &Catalog, old: Option<&Tree>) -> (Tree, Vec<KeepError>) {
         let mut errors = Vec::new();
         let tree = Tree::build(catalog, &mut self.inos.lock(), self.mounted_at, |specs| {
-            // An image whose stream files were indexed again (touched, their folder renamed)
-            // while still the same backup gets a new number but stays the same image: its
-            // overlay carries over, and a kept overlay is not locked a second time.
-            let same: HashMap<&Identity, &Arc<Image>> =
-                old.map(|t| t.images().map(|(_, img)| (img.identity(), img)).collect()).unwrap_or_default();
-            let reuse =
-                |s: &ImageSpec| old.and_then(|t| t.image(s.ino)).or_else(|| same.get(&s.identity).copied());
-            let mut made: Vec<_> = specs.iter().map(|s| reuse(s).cloned()).collect();
+            let mut made: Vec<_> = specs.iter().map(|s| old.and_then(|t| t.image(s.ino)).cloned()).collect();
             let todo: Vec<usize> = (0..specs.len()).filter(|&i| made[i].is_none()).collect();
             let chains: Vec<_> = todo.iter().map(|&i| specs[i].layers.clone()).collect();
             for (&i, reader) in todo.iter().zip(ImageReader::many(&chains, &self.cache)) {
@@ -620,7 +613,7 @@ mod tests {
     }
 
     #[test]
-    fn an_image_indexed_again_keeps_its_kept_overlay() {
+    fn an_image_indexed_again_keeps_its_number_and_kept_overlay() {
         let src = tempfile::tempdir().expect("tempdir");
         let keep = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
@@ -638,7 +631,7 @@ mod tests {
         let changed = watched.poll().expect("poll").expect("a change");
         fs.refresh(&changed);
         let after = walk(&fs, &path);
-        assert_ne!(after.ino, before.ino, "new layers, new number");
+        assert_eq!(after.ino, before.ino, "the same backup keeps its number");
         assert_eq!(after.perm, 0o644, "still writable, not shown read-only");
         let (fh2, _) = fs.open(after.ino, false).expect("open again");
         assert_eq!(fs.read(fh2, 4096, 7).expect("read"), b"written");
