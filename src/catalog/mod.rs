@@ -47,8 +47,8 @@ pub enum CatalogError {
         source: std::io::Error,
     },
     #[error(
-        "{path}: the filesystem the backups were on is gone from under it (now an empty folder \
-         on another filesystem); showing the backups found before until it is back"
+        "{path}: the filesystem the backups were on is no longer mounted there (the folder is \
+         now empty, on another filesystem)"
     )]
     Unmounted { path: PathBuf },
 }
@@ -399,7 +399,7 @@ fn index_all<'a>(
         .filter_map(|p| Some((p, naming::parse_stream_name(&p.file_name()?.to_string_lossy())?)))
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let done = std::sync::Mutex::new(HashMap::with_capacity(jobs.len()));
+    let done = parking_lot::Mutex::new(HashMap::with_capacity(jobs.len()));
     std::thread::scope(|s| {
         for _ in 0..INDEX_THREADS.min(jobs.len()) {
             s.spawn(|| {
@@ -407,12 +407,12 @@ fn index_all<'a>(
                     jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
                 {
                     let index = open_data_file(path, name);
-                    done.lock().expect("no panics while held").insert((*path).clone(), index);
+                    done.lock().insert((*path).clone(), index);
                 }
             });
         }
     });
-    done.into_inner().expect("no panics while held")
+    done.into_inner()
 }
 
 /// The domain a set belongs to, made safe as a directory name.
@@ -432,10 +432,16 @@ fn domain_name(dir: &Path, folder: &Folder) -> String {
 /// `<domain><name>` of a saved domain XML.
 fn config_domain_name(path: &Path) -> Option<String> {
     use quick_xml::events::Event;
-    if std::fs::metadata(path).ok()?.len() > MAX_CONFIG {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NOFOLLOW: a symlink swapped in since the walk is not followed out of SOURCE; the
+    // bound is on the bytes read, so a file growing since it was looked at changes nothing.
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).ok()?;
+    let mut xml = Vec::new();
+    file.take(MAX_CONFIG + 1).read_to_end(&mut xml).ok()?;
+    if xml.len() as u64 > MAX_CONFIG {
         return None;
     }
-    let xml = std::fs::read(path).ok()?;
     let mut reader = quick_xml::Reader::from_reader(&xml[..]);
     let mut buf = Vec::new();
     let mut depth = 0usize;

@@ -33,8 +33,8 @@ use crate::cache::{DirtyBudget, OverlayError, ReadCache};
 use crate::catalog::Catalog;
 use crate::chain::{ImageReader, scan::read_full};
 use image::{Image, KeepError, OverlayPlace};
-use inode::{Inos, Node, Tree};
 pub use inode::{Ino, NodeKind, ROOT};
+use inode::{Inos, Node, Tree};
 
 /// Why a filesystem request failed; [`FsError::errno`] says what the caller sees.
 #[derive(Debug, Error)]
@@ -63,9 +63,10 @@ pub enum FsError {
     Overlay(#[from] OverlayError),
     #[error(transparent)]
     Keep(#[from] KeepError),
-    #[error("reading {path}")]
+    #[error("{path}: reading at byte {offset}")]
     Io {
         path: PathBuf,
+        offset: u64,
         #[source]
         source: std::io::Error,
     },
@@ -489,7 +490,7 @@ impl ImageFs {
                 Ok(t[from..t.len().min(from + size as usize)].to_vec())
             }
             NodeKind::Config { path, size: known } => {
-                let io = |source| FsError::Io { path: path.clone(), source };
+                let io = |source| FsError::Io { path: path.clone(), offset, source };
                 // O_NOFOLLOW: a symlink swapped in since the scan is not followed out of SOURCE.
                 let file =
                     OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io)?;
