@@ -12,7 +12,9 @@
 //! sorts right after that checkpoint; a copy backup is `20260630-082101.copy`. When a
 //! domain has several sets (rotation folders), each name except copies gets the set's
 //! start time as prefix (`20260601-000000.virtnbdbackup.0`), so names stay unique and sort
-//! in time order. Names depend only on the backup files, so they are stable across mounts.
+//! in time order. Names depend only on the backup files, so they are stable across mounts
+//! of the same files; but a domain's second set (a new rotation folder) renames the points
+//! of its first, which then get their set's start as prefix.
 //!
 //! A mounted catalog is built again when SOURCE changes: [`Listing`] is one cheap walk
 //! (names and `lstat` stamps), and [`Catalog::build`] indexes only the stream files that
@@ -220,7 +222,7 @@ impl Listing {
 
 /// Stream files indexed by earlier builds, reused while their stamp is the same, so a
 /// refresh indexes only new and changed files and an unchanged file keeps its layer id
-/// (and with it its decoded frames in the read cache, and the images built on it).
+/// (and with it its decoded frames in the read cache, and its `info.json` number).
 #[derive(Default)]
 pub struct Indexed {
     files: HashMap<PathBuf, (Option<FileStamp>, Result<Layer, String>)>,

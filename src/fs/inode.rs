@@ -35,6 +35,7 @@ use crate::chain::Layer;
 /// An inode number.
 pub type Ino = u64;
 
+/// The root's number: FUSE's `FUSE_ROOT_ID`, what the kernel asks for first.
 pub const ROOT: Ino = 1;
 
 /// The counters file has a fixed number: it never changes.
