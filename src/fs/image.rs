@@ -51,7 +51,7 @@ pub enum KeepError {
     Overlay(#[from] OverlayError),
 }
 
-/// What a kept overlay belongs to; also what keeps an image's inode number (and the
+/// What a kept overlay belongs to; its chain also keeps an image's inode number (and the
 /// image) across a refresh (see `inode`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
@@ -65,7 +65,7 @@ pub struct Identity {
 /// One stream file, as much as tells it apart from a later backup of the same disk
 /// under the same name (a re-taken full has the same name and may have the same size,
 /// never the same date).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChainFile {
     pub name: String,
     pub size: u64,
@@ -89,6 +89,7 @@ struct MapFile {
 /// Where a kept overlay's map is saved.
 struct Kept {
     map_path: PathBuf,
+    identity: Identity,
     /// An exclusive lock on `<disk>.overlay.lock`, held while mounted, so two mounts
     /// never write one overlay.
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -104,7 +105,8 @@ pub struct Image {
     /// `(overlay version, data bytes)`: the thin size is a walk over the image, so it is
     /// computed once per change, not once per `stat`.
     thin: parking_lot::Mutex<Option<(u64, u64)>>,
-    identity: Identity,
+    /// `domain/point/disk`, for log lines.
+    label: String,
     /// The partition table, read on first use.
     partitions: OnceLock<Vec<Partition>>,
 }
@@ -167,7 +169,12 @@ impl Image {
                     }
                     Err(source) => return Err(KeepError::Io { path: map_path, source }),
                 };
-                let kept = Kept { map_path, _lock: lock, saved: parking_lot::Mutex::new(0) };
+                let kept = Kept {
+                    map_path,
+                    identity: identity.clone(),
+                    _lock: lock,
+                    saved: parking_lot::Mutex::new(0),
+                };
                 (Some(overlay), Some(kept))
             }
         };
@@ -181,7 +188,7 @@ impl Image {
             overlay: None,
             kept: None,
             thin: parking_lot::Mutex::new(None),
-            identity: identity.clone(),
+            label: format!("{}/{}/{}", identity.domain, identity.point, identity.disk),
             partitions: OnceLock::new(),
         }
     }
@@ -191,19 +198,13 @@ impl Image {
     pub fn partitions(&self) -> &[Partition] {
         self.partitions.get_or_init(|| {
             // The table's warnings (entries skipped) name the image through this span.
-            let _image = tracing::warn_span!("partition table", image = %self.label()).entered();
+            let _image = tracing::warn_span!("partition table", image = %self.label).entered();
             let mut read = |buf: &mut [u8], off: u64| self.read_at(buf, off).map_err(std::io::Error::other);
             partition::read_table(self.size(), &mut read).unwrap_or_else(|e| {
                 warn!("no partition files: {}", crate::error_chain(&e));
                 Vec::new()
             })
         })
-    }
-
-    /// `domain/point/disk`, for log lines.
-    fn label(&self) -> String {
-        let Identity { domain, point, disk, .. } = &self.identity;
-        format!("{domain}/{point}/{disk}")
     }
 
     pub fn size(&self) -> u64 {
@@ -347,7 +348,7 @@ impl Image {
         };
         let tmp = k.map_path.with_extension("json.tmp");
         let bytes =
-            serde_json::to_vec(&MapFile { identity: self.identity.clone(), map }).expect("in-memory JSON");
+            serde_json::to_vec(&MapFile { identity: k.identity.clone(), map }).expect("in-memory JSON");
         let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
         std::io::Write::write_all(&mut &file, &bytes).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;

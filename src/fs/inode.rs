@@ -23,6 +23,7 @@
 //! (`vmback ls` says why); damaged ones are shown.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -155,8 +156,12 @@ impl Tree {
                         disk: disk.disk.clone(),
                         chain: disk.layers.iter().map(chain_file).collect(),
                     };
-                    // Debug quotes each string, so two different chains never give one key.
-                    let img = b.ino(format!("i:{at}/{}:{:?}", disk.disk, identity.chain));
+                    // A hash, not the chain itself: the keys of all points of a long chain
+                    // would grow with the square of its length. Two versions of one disk
+                    // at one path share a 64-bit hash about once in 2^64 refreshes.
+                    let mut chain = std::hash::DefaultHasher::new();
+                    identity.chain.hash(&mut chain);
+                    let img = b.ino(format!("i:{at}/{}:{:016x}", disk.disk, chain.finish()));
                     let spec = ImageSpec { ino: img, layers: disk.layers.clone(), identity };
                     b.drafts.push((img, dir, Draft::Image(spec), point.date));
                     files.push((format!("{}.raw", disk.disk), img));
