@@ -18,8 +18,9 @@
 //! the same backup by [`Identity`] (each stream file's name, size, date and checkpoint),
 //! also when its files were indexed again (touched, their folder renamed, copied again):
 //! it is then the same [`Image`], which keeps reading the files it opened, and its overlay
-//! (a kept one stays locked by it) and cached frames carry over. Other nodes are the
-//! same while their stream files are, by layer id. Broken restore points are left out
+//! (a kept one stays locked by it) and cached frames carry over. An `info.json` is the
+//! same while its stream files (by layer id) and its vmconfig file are; a `vmconfig.xml`
+//! while its file is (path, size, inode, mtime). Broken restore points are left out
 //! (`vmback ls` says why); damaged ones are shown.
 
 use std::collections::{HashMap, HashSet};
