@@ -27,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use super::image::{ChainFile, Identity, Image};
@@ -60,9 +60,13 @@ pub enum NodeKind {
     },
     Link(String),
     Stats,
-    /// `info.json` of a restore point (domain name, point), written out when read: for a
-    /// long chain it lists hundreds of files, and most are never read.
-    Info(Arc<(String, RestorePoint)>),
+    /// `info.json` of a restore point (domain name, point), written out when opened: for
+    /// a long chain it lists hundreds of files, and most are never read. Its length is
+    /// kept once known, so a `stat` writes it out only the first time.
+    Info(Arc<(String, RestorePoint)>, OnceLock<u64>),
+    /// The bytes of an open `info.json`, written out once at open (see `ImageFs::open`),
+    /// not once per read request. Only in the handle table, never in the tree.
+    Text(Arc<[u8]>),
     /// A partition of an image: `len` bytes from `start`. Not in the tree: made when
     /// looked up or listed (see `ImageFs`), from the image's partition table.
     Part {
@@ -174,7 +178,7 @@ impl Tree {
                 let cfg_name = point.vmconfig.as_deref().map(|p| p.display().to_string());
                 let info = b.ino(format!("n:{at}:{}:{}", all_ids.join(","), cfg_name.unwrap_or_default()));
                 let of = Arc::new((domain.name.clone(), point.clone()));
-                b.drafts.push((info, dir, Draft::Done(NodeKind::Info(of)), point.date));
+                b.drafts.push((info, dir, Draft::Done(NodeKind::Info(of, OnceLock::new())), point.date));
                 files.push((INFO_NAME.to_owned(), info));
                 if let Some(path) = &point.vmconfig
                     && let Ok(meta) = std::fs::symlink_metadata(path)

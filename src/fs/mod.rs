@@ -5,8 +5,8 @@
 //! A tree is immutable; when SOURCE changes, [`ImageFs::refresh`] builds a new one and
 //! swaps it in (see [`inode`]). Requests by inode number (lookup, getattr, readdir, open)
 //! see the current tree; requests on an open file go through its handle, which holds the
-//! node it opened, so an open image keeps working after a refresh took it out of the
-//! tree. Every handle of one image shares the image's one overlay, so two handles always
+//! node it opened (for an `info.json`, its text, written out at open), so an open image
+//! keeps working after a refresh took it out of the tree. Every handle of one image shares the image's one overlay, so two handles always
 //! see the same bytes. The other mutable state is each overlay (its own lock) and the
 //! read cache (its own lock).
 
@@ -155,6 +155,12 @@ pub struct FsConfig {
 /// The text of an `info.json` (the same every time: the catalog behind it does not change).
 fn info_text(of: &(String, crate::catalog::RestorePoint)) -> Vec<u8> {
     crate::catalog::info::point_info(&of.0, &of.1).to_bytes()
+}
+
+/// The bytes of `all` a read of `size` bytes at `offset` gets.
+fn part_of(all: &[u8], offset: u64, size: u32) -> Vec<u8> {
+    let from = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
+    all[from..all.len().min(from.saturating_add(size as usize))].to_vec()
 }
 
 /// Partition files are numbered with this bit, the image's number shifted left by 8 and
@@ -386,10 +392,11 @@ impl ImageFs {
                 let perm = if image.writable() { 0o644 } else { 0o444 };
                 (Kind::File, *len, image.data_bytes_in(*start, start + len).div_ceil(512), perm)
             }
-            NodeKind::Info(of) => {
-                let len = info_text(of).len() as u64;
+            NodeKind::Info(of, len) => {
+                let len = *len.get_or_init(|| info_text(of).len() as u64);
                 (Kind::File, len, len.div_ceil(512), 0o444)
             }
+            NodeKind::Text(t) => (Kind::File, t.len() as u64, (t.len() as u64).div_ceil(512), 0o444),
             NodeKind::Link(target) => (Kind::Link, target.len() as u64, 0, 0o777),
             NodeKind::Stats => {
                 let len = self.stats().len() as u64;
@@ -463,6 +470,13 @@ impl ImageFs {
             NodeKind::Stats => false,
             _ => true,
         };
+        let node = match &node.kind {
+            NodeKind::Info(of, _) => {
+                let kind = NodeKind::Text(info_text(of).into());
+                Arc::new(Node { ino: node.ino, parent: node.parent, kind, mtime: node.mtime })
+            }
+            _ => node,
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, node);
         Ok((fh, keep_cache))
@@ -484,11 +498,8 @@ impl ImageFs {
                 buf.truncate(n);
                 Ok(buf)
             }
-            NodeKind::Info(of) => {
-                let t = info_text(of);
-                let from = (offset as usize).min(t.len());
-                Ok(t[from..t.len().min(from + size as usize)].to_vec())
-            }
+            NodeKind::Text(t) => Ok(part_of(t, offset, size)),
+            NodeKind::Info(of, _) => Ok(part_of(&info_text(of), offset, size)),
             NodeKind::Config { path, size: known } => {
                 let io = |source| FsError::Io { path: path.clone(), offset, source };
                 // O_NOFOLLOW: a symlink swapped in since the scan is not followed out of SOURCE.
@@ -500,11 +511,7 @@ impl ImageFs {
                 buf.truncate(n);
                 Ok(buf)
             }
-            NodeKind::Stats => {
-                let s = self.stats().into_bytes();
-                let from = (offset as usize).min(s.len());
-                Ok(s[from..s.len().min(from + size as usize)].to_vec())
-            }
+            NodeKind::Stats => Ok(part_of(self.stats().as_bytes(), offset, size)),
             NodeKind::Dir(_) => Err(FsError::IsADirectory),
             NodeKind::Link(_) => Err(FsError::NotFound),
         }
@@ -638,6 +645,32 @@ mod tests {
         assert_eq!(fs.read(fh2, 4096, 7).expect("read"), b"written");
         fs.release(fh);
         fs.release(fh2);
+    }
+
+    #[test]
+    fn info_json_is_written_out_once_per_open_and_read_in_pieces() {
+        let src = tempfile::tempdir().expect("tempdir");
+        crate::sample::write_sample(src.path()).expect("sample");
+        let cat = Catalog::discover(src.path()).expect("catalog");
+        let fs = ImageFs::new(
+            &cat,
+            &FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::ReadOnly },
+        )
+        .expect("fs");
+        let at = walk(&fs, &["sample-vm", "virtnbdbackup.2", "info.json"]);
+        let (fh, _) = fs.open(at.ino, false).expect("open");
+        assert_eq!(fs.getattr(at.ino, Some(fh)).expect("fstat").size, at.size);
+        let mut text = Vec::new();
+        while let Ok(piece) = fs.read(fh, text.len() as u64, 100)
+            && !piece.is_empty()
+        {
+            text.extend(piece);
+        }
+        fs.release(fh);
+        assert_eq!(text.len() as u64, at.size);
+        let doc: serde_json::Value = serde_json::from_slice(&text).expect("JSON");
+        assert_eq!(doc["point"], "virtnbdbackup.2");
+        assert!(fs.read(fh, 0, 100).is_err(), "released");
     }
 
     #[test]
