@@ -12,7 +12,9 @@
 //! sorts right after that checkpoint; a copy backup is `20260630-082101.copy`. When a
 //! domain has several sets (rotation folders), each name except copies gets the set's
 //! start time as prefix (`20260601-000000.virtnbdbackup.0`), so names stay unique and sort
-//! in time order. Names depend only on the backup files, so they are stable across mounts.
+//! in time order. Names depend only on the backup files, so they are stable across mounts
+//! of the same files; but a domain's second set (a new rotation folder) renames the points
+//! of its first, which then get their set's start as prefix.
 //!
 //! A mounted catalog is built again when SOURCE changes: [`Listing`] is one cheap walk
 //! (names and `lstat` stamps), and [`Catalog::build`] indexes only the stream files that
@@ -46,6 +48,11 @@ pub enum CatalogError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path}: the filesystem the backups were on is no longer mounted there (the folder is \
+         now empty, on another filesystem)"
+    )]
+    Unmounted { path: PathBuf },
 }
 
 /// Deepest folder level searched for sets. Rotation trees are two or three levels deep;
@@ -123,20 +130,23 @@ struct Folder {
 }
 
 /// What tells one version of a file from the next: a file replaced, rewritten, grown or
-/// truncated changes at least one of these.
+/// truncated changes at least one of these; so does a `chmod` or `chown` (the ctime),
+/// which may be what makes an unreadable file readable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {
     dev: u64,
     ino: u64,
     len: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 impl FileStamp {
     fn of(meta: &std::fs::Metadata) -> FileStamp {
         use std::os::unix::fs::MetadataExt;
-        let mtime_ns = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
-        FileStamp { dev: meta.dev(), ino: meta.ino(), len: meta.len(), mtime_ns }
+        let ns = |s: i64, ns: i64| i128::from(s) * 1_000_000_000 + i128::from(ns);
+        let (mtime_ns, ctime_ns) = (ns(meta.mtime(), meta.mtime_nsec()), ns(meta.ctime(), meta.ctime_nsec()));
+        FileStamp { dev: meta.dev(), ino: meta.ino(), len: meta.len(), mtime_ns, ctime_ns }
     }
 }
 
@@ -157,6 +167,8 @@ enum EntryKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listing {
     root: PathBuf,
+    /// The filesystem SOURCE was on (see [`Watched::poll`]).
+    root_dev: u64,
     entries: Vec<(PathBuf, EntryKind, Option<FileStamp>)>,
     /// Entries the walk could not read.
     unreadable: Vec<String>,
@@ -165,8 +177,12 @@ pub struct Listing {
 impl Listing {
     /// Walks `root` without following symlinks.
     pub fn walk(root: &Path) -> Result<Listing, CatalogError> {
-        std::fs::read_dir(root).map_err(|source| CatalogError::Root { path: root.to_owned(), source })?;
-        let mut listing = Listing { root: root.to_owned(), entries: Vec::new(), unreadable: Vec::new() };
+        use std::os::unix::fs::MetadataExt;
+        let root_err = |source| CatalogError::Root { path: root.to_owned(), source };
+        std::fs::read_dir(root).map_err(root_err)?;
+        let root_dev = std::fs::metadata(root).map_err(root_err)?.dev();
+        let mut listing =
+            Listing { root: root.to_owned(), root_dev, entries: Vec::new(), unreadable: Vec::new() };
         let walk = walkdir::WalkDir::new(root).follow_links(false).max_depth(MAX_DEPTH).sort_by_file_name();
         for entry in walk {
             let entry = match entry {
@@ -206,7 +222,7 @@ impl Listing {
 
 /// Stream files indexed by earlier builds, reused while their stamp is the same, so a
 /// refresh indexes only new and changed files and an unchanged file keeps its layer id
-/// (and with it its decoded frames in the read cache, and the images built on it).
+/// (and with it its decoded frames in the read cache, and its `info.json` number).
 #[derive(Default)]
 pub struct Indexed {
     files: HashMap<PathBuf, (Option<FileStamp>, Result<Layer, String>)>,
@@ -234,10 +250,16 @@ impl Watched {
     }
 
     /// The new catalog if SOURCE changed since the last call, logging new warnings.
+    /// SOURCE now empty and on another filesystem than before is an error, not a change:
+    /// the filesystem it was (an NFS share, a USB disk) is unmounted, leaving the empty
+    /// folder it was mounted on, and its backups are not deleted.
     pub fn poll(&mut self) -> Result<Option<Catalog>, CatalogError> {
         let listing = Listing::walk(&self.root)?;
         if listing == self.listing {
             return Ok(None);
+        }
+        if listing.entries.is_empty() && listing.root_dev != self.listing.root_dev {
+            return Err(CatalogError::Unmounted { path: self.root.clone() });
         }
         let cat = Catalog::build(&listing, &mut self.known);
         self.listing = listing;
@@ -388,7 +410,7 @@ fn index_all<'a>(
         .filter_map(|p| Some((p, naming::parse_stream_name(&p.file_name()?.to_string_lossy())?)))
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let done = std::sync::Mutex::new(HashMap::with_capacity(jobs.len()));
+    let done = parking_lot::Mutex::new(HashMap::with_capacity(jobs.len()));
     std::thread::scope(|s| {
         for _ in 0..INDEX_THREADS.min(jobs.len()) {
             s.spawn(|| {
@@ -396,12 +418,12 @@ fn index_all<'a>(
                     jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
                 {
                     let index = open_data_file(path, name);
-                    done.lock().expect("no panics while held").insert((*path).clone(), index);
+                    done.lock().insert((*path).clone(), index);
                 }
             });
         }
     });
-    done.into_inner().expect("no panics while held")
+    done.into_inner()
 }
 
 /// The domain a set belongs to, made safe as a directory name.
@@ -421,10 +443,16 @@ fn domain_name(dir: &Path, folder: &Folder) -> String {
 /// `<domain><name>` of a saved domain XML.
 fn config_domain_name(path: &Path) -> Option<String> {
     use quick_xml::events::Event;
-    if std::fs::metadata(path).ok()?.len() > MAX_CONFIG {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NOFOLLOW: a symlink swapped in since the walk is not followed out of SOURCE; the
+    // bound is on the bytes read, so a file growing since it was looked at changes nothing.
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).ok()?;
+    let mut xml = Vec::new();
+    file.take(MAX_CONFIG + 1).read_to_end(&mut xml).ok()?;
+    if xml.len() as u64 > MAX_CONFIG {
         return None;
     }
-    let xml = std::fs::read(path).ok()?;
     let mut reader = quick_xml::Reader::from_reader(&xml[..]);
     let mut buf = Vec::new();
     let mut depth = 0usize;
@@ -488,4 +516,41 @@ fn name_points(domain: String, sets: Vec<(PathBuf, Vec<SetPoint>)>) -> Domain {
 /// A sortable local timestamp for names, e.g. `20260630-082101`.
 pub fn stamp(t: SystemTime) -> String {
     chrono::DateTime::<chrono::Local>::from(t).format("%Y%m%d-%H%M%S").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+    #[test]
+    fn a_chmod_is_a_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::sample::write_sample(dir.path()).expect("sample");
+        let before = Listing::walk(dir.path()).expect("walk");
+        let full = dir.path().join("sda.full.data");
+        std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_ne!(Listing::walk(dir.path()).expect("walk"), before);
+    }
+
+    /// Needs root (mounts a tmpfs).
+    #[test]
+    fn an_unmounted_source_keeps_its_catalog() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tmpfs = || mount(Some("tmpfs"), dir.path(), Some("tmpfs"), MsFlags::empty(), None::<&str>);
+        tmpfs().expect("mount a tmpfs");
+        crate::sample::write_sample(dir.path()).expect("sample");
+        let (mut watched, cat) = Watched::open(dir.path()).expect("catalog");
+        assert_eq!(cat.domains.len(), 1);
+        // Lazily: the catalog holds the stream files open.
+        umount2(dir.path(), MntFlags::MNT_DETACH).expect("umount");
+        let err = watched.poll().expect_err("gone, not empty");
+        assert!(matches!(err, CatalogError::Unmounted { .. }), "{err}");
+        tmpfs().expect("mount again");
+        crate::sample::write_sample(dir.path()).expect("sample");
+        let back = watched.poll().expect("poll").expect("back");
+        assert_eq!(back.domains.len(), 1);
+        umount2(dir.path(), MntFlags::MNT_DETACH).expect("umount");
+    }
 }

@@ -4,7 +4,7 @@
 //! options into `vmback mount --background` flags and mounts; mount(8) waits for the
 //! helper, which returns once the mount is up while a detached vmback serves it.
 //!
-//! The generic options that mount(8) passes on (rw, user, nofail, _netdev, the dev, suid,
+//! The generic options that mount(8) passes on (rw, user, user=NAME, nofail, _netdev, the dev, suid,
 //! exec and atime variants) are ignored: the mount is always nodev and nosuid. Any other
 //! unknown option is refused by name, unless mount(8) was given `-s` (sloppy).
 
@@ -83,7 +83,8 @@ fn is_generic(opt: &str) -> bool {
         "relatime",
         "nodiratime",
     ];
-    NAMES.contains(&opt) || opt.starts_with("x-") || opt.starts_with("comment=")
+    // `user=<name>`: what mount(8) makes of `user` for a user's mount (a mount-table note).
+    NAMES.contains(&opt) || ["x-", "comment=", "user="].iter().any(|p| opt.starts_with(p))
 }
 
 /// The `vmback` command line for the helper's arguments; `None` for a fake mount.
@@ -138,7 +139,7 @@ mod tests {
 
     #[test]
     fn options_become_mount_flags() {
-        let opts = "ro,allow_other,cache_size=1G,threads=3,log_level=debug,log_file=/var/log/v.log,nofail,_netdev,x-systemd.automount,user";
+        let opts = "ro,allow_other,cache_size=1G,threads=3,log_level=debug,log_file=/var/log/v.log,nofail,_netdev,x-systemd.automount,user,user=alice";
         let cli =
             helper(&["/backup", "/mnt/vmback", "-o", opts, "-t", "fuse.vmback", "-n"]).unwrap().unwrap();
         assert_eq!(cli.log_level.as_deref(), Some("debug"));

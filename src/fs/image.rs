@@ -51,7 +51,8 @@ pub enum KeepError {
     Overlay(#[from] OverlayError),
 }
 
-/// What a kept overlay belongs to.
+/// What a kept overlay belongs to; its chain also keeps an image's inode number (and the
+/// image) across a refresh (see `inode`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub domain: String,
@@ -64,7 +65,7 @@ pub struct Identity {
 /// One stream file, as much as tells it apart from a later backup of the same disk
 /// under the same name (a re-taken full has the same name and may have the same size,
 /// never the same date).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ChainFile {
     pub name: String,
     pub size: u64,
@@ -196,9 +197,11 @@ impl Image {
     /// none when there is no table, or when it cannot be read (logged).
     pub fn partitions(&self) -> &[Partition] {
         self.partitions.get_or_init(|| {
+            // The table's warnings (entries skipped) name the image through this span.
+            let _image = tracing::warn_span!("partition table", image = %self.label).entered();
             let mut read = |buf: &mut [u8], off: u64| self.read_at(buf, off).map_err(std::io::Error::other);
             partition::read_table(self.size(), &mut read).unwrap_or_else(|e| {
-                warn!("{}: no partition files: {}", self.label, crate::error_chain(&e));
+                warn!("no partition files: {}", crate::error_chain(&e));
                 Vec::new()
             })
         })

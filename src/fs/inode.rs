@@ -13,15 +13,21 @@
 //! table, which waits until someone looks into the point's folder.
 //! A tree is immutable; a refresh builds a new one and swaps it in. Inode numbers are
 //! stable across trees: a node keeps its number while its path and content stay the
-//! same (for an image: the same stream files, by layer id), and anything else gets a
-//! number never used before, so the kernel cannot serve pages or attributes it cached for
-//! other contents. An image that is the same in the new tree is the same [`Image`] (its
-//! overlay and cached frames carry over). Broken restore points are left out (`vmback
-//! ls` says why); damaged ones are shown.
+//! same, and anything else gets a number never used before, so the kernel cannot serve
+//! pages or attributes it cached for other contents. An image is the same while it is
+//! the same backup by [`Identity`] (each stream file's name, size, date and checkpoint),
+//! also when its files were indexed again (touched, their folder renamed, copied again):
+//! it is then the same [`Image`], which keeps reading the files it opened, and its overlay
+//! (a kept one stays locked by it) and cached frames carry over. An `info.json` is the
+//! same while its stream files (by layer id) and its vmconfig file are; a `vmconfig.xml`
+//! while its file is (path, size, inode, mtime). Broken restore points are left out
+//! (`vmback ls` says why); damaged ones are shown.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use super::image::{ChainFile, Identity, Image};
@@ -31,6 +37,7 @@ use crate::chain::Layer;
 /// An inode number.
 pub type Ino = u64;
 
+/// The root's number: FUSE's `FUSE_ROOT_ID`, what the kernel asks for first.
 pub const ROOT: Ino = 1;
 
 /// The counters file has a fixed number: it never changes.
@@ -53,9 +60,13 @@ pub enum NodeKind {
     },
     Link(String),
     Stats,
-    /// `info.json` of a restore point (domain name, point), written out when read: for a
-    /// long chain it lists hundreds of files, and most are never read.
-    Info(Arc<(String, RestorePoint)>),
+    /// `info.json` of a restore point (domain name, point), written out when opened: for
+    /// a long chain it lists hundreds of files, and most are never read. Its length is
+    /// kept once known, so a `stat` writes it out only the first time.
+    Info(Arc<(String, RestorePoint)>, OnceLock<u64>),
+    /// The bytes of an open `info.json`, written out once at open (see `ImageFs::open`),
+    /// not once per read request. Only in the handle table, never in the tree.
+    Text(Arc<[u8]>),
     /// A partition of an image: `len` bytes from `start`. Not in the tree: made when
     /// looked up or listed (see `ImageFs`), from the image's partition table.
     Part {
@@ -144,30 +155,40 @@ impl Tree {
                 let dir = b.ino(format!("p:{at}"));
                 let mut files = Vec::new();
                 for disk in &point.disks {
-                    let ids: Vec<String> = disk.layers.iter().map(|l| l.id.to_string()).collect();
-                    let img = b.ino(format!("i:{at}/{}:{}", disk.disk, ids.join(",")));
                     let identity = Identity {
                         domain: domain.name.clone(),
                         point: point.name.clone(),
                         disk: disk.disk.clone(),
                         chain: disk.layers.iter().map(chain_file).collect(),
                     };
+                    // A hash, not the chain itself: the keys of all points of a long chain
+                    // would grow with the square of its length. Two versions of one disk
+                    // at one path share a 64-bit hash about once in 2^64 refreshes.
+                    let mut chain = std::hash::DefaultHasher::new();
+                    identity.chain.hash(&mut chain);
+                    let img = b.ino(format!("i:{at}/{}:{:016x}", disk.disk, chain.finish()));
                     let spec = ImageSpec { ino: img, layers: disk.layers.clone(), identity };
                     b.drafts.push((img, dir, Draft::Image(spec), point.date));
                     files.push((format!("{}.raw", disk.disk), img));
                 }
                 let all_ids: Vec<String> =
                     point.disks.iter().flat_map(|d| d.layers.iter().map(|l| l.id.to_string())).collect();
-                let info = b.ino(format!("n:{at}:{}", all_ids.join(",")));
+                // Everything info.json says comes from the layers but the vmconfig file,
+                // which may show up after the data (rsync copies in name order).
+                let cfg_name = point.vmconfig.as_deref().map(|p| p.display().to_string());
+                let info = b.ino(format!("n:{at}:{}:{}", all_ids.join(","), cfg_name.unwrap_or_default()));
                 let of = Arc::new((domain.name.clone(), point.clone()));
-                b.drafts.push((info, dir, Draft::Done(NodeKind::Info(of)), point.date));
+                b.drafts.push((info, dir, Draft::Done(NodeKind::Info(of, OnceLock::new())), point.date));
                 files.push((INFO_NAME.to_owned(), info));
                 if let Some(path) = &point.vmconfig
                     && let Ok(meta) = std::fs::symlink_metadata(path)
                     && meta.is_file()
                 {
                     let size = meta.len();
-                    let cfg = b.ino(format!("c:{}:{size}", path.display()));
+                    // A file rewritten in place keeps its path and may keep its size: the
+                    // file's inode and mtime tell the versions apart.
+                    let version = (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec());
+                    let cfg = b.ino(format!("c:{}:{size}:{version:?}", path.display()));
                     b.drafts.push((
                         cfg,
                         dir,

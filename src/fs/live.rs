@@ -6,9 +6,11 @@
 //! hears of files another host writes, and a poll is one walk of `lstat`s. The mount
 //! opens stream files read-only and takes no lock in SOURCE, so backups keep writing
 //! into it while it is mounted.
+//!
+//! SOURCE gone (removed, unreadable, or its filesystem unmounted from under it) is not
+//! an empty SOURCE: the mount keeps showing the last catalog (see [`Watched::poll`]).
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
@@ -17,25 +19,48 @@ use tracing::{info, warn};
 use super::ImageFs;
 use crate::catalog::Watched;
 
-/// The polling thread; dropping it stops the thread.
+/// What the polling thread is at, as its owner sees it.
+#[derive(Default)]
+struct State {
+    /// Set by the owner: the thread ends at its next look.
+    stop: bool,
+    /// A new tree is being swapped in (and the kept overlays of images that left it saved).
+    refreshing: bool,
+}
+
+type Shared = Arc<(Mutex<State>, Condvar)>;
+
+/// The polling thread; dropping it stops the thread. The drop waits for a refresh under
+/// way, which saves the kept overlays of the images it takes out of the tree, but not
+/// for a poll: a walk of SOURCE only reads, and on a hung NFS server it may never end,
+/// which must not keep the process from exiting after the unmount.
 pub struct Refresher {
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<JoinHandle<()>>,
+    state: Shared,
+}
+
+/// Clears `refreshing` when the refresh ends, however it ends.
+struct Refreshing<'a>(&'a Shared);
+
+impl Drop for Refreshing<'_> {
+    fn drop(&mut self) {
+        self.0.0.lock().refreshing = false;
+        self.0.1.notify_all();
+    }
 }
 
 impl Refresher {
     pub fn start(fs: Arc<ImageFs>, mut watched: Watched, interval: Duration) -> Refresher {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let stopped = stop.clone();
-        let thread = std::thread::spawn(move || {
+        let state: Shared = Arc::default();
+        let shared = state.clone();
+        std::thread::spawn(move || {
             let mut failing = false;
             loop {
                 {
-                    let mut done = stopped.0.lock();
-                    if !*done {
-                        stopped.1.wait_for(&mut done, interval);
+                    let mut s = shared.0.lock();
+                    if !s.stop {
+                        shared.1.wait_for(&mut s, interval);
                     }
-                    if *done {
+                    if s.stop {
                         return;
                     }
                 }
@@ -43,6 +68,14 @@ impl Refresher {
                     Ok(changed) => {
                         failing = false;
                         if let Some(catalog) = changed {
+                            let _refreshing = {
+                                let mut s = shared.0.lock();
+                                if s.stop {
+                                    return;
+                                }
+                                s.refreshing = true;
+                                Refreshing(&shared)
+                            };
                             let (added, removed) = fs.refresh(&catalog);
                             info!("backup folder changed: {added} images added, {removed} removed");
                         }
@@ -58,16 +91,17 @@ impl Refresher {
                 }
             }
         });
-        Refresher { stop, thread: Some(thread) }
+        Refresher { state }
     }
 }
 
 impl Drop for Refresher {
     fn drop(&mut self) {
-        *self.stop.0.lock() = true;
-        self.stop.1.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        let mut s = self.state.0.lock();
+        s.stop = true;
+        self.state.1.notify_all();
+        while s.refreshing {
+            self.state.1.wait(&mut s);
         }
     }
 }

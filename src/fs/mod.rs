@@ -5,8 +5,8 @@
 //! A tree is immutable; when SOURCE changes, [`ImageFs::refresh`] builds a new one and
 //! swaps it in (see [`inode`]). Requests by inode number (lookup, getattr, readdir, open)
 //! see the current tree; requests on an open file go through its handle, which holds the
-//! node it opened, so an open image keeps working after a refresh took it out of the
-//! tree. Every handle of one image shares the image's one overlay, so two handles always
+//! node it opened (for an `info.json`, its text, written out at open), so an open image
+//! keeps working after a refresh took it out of the tree. Every handle of one image shares the image's one overlay, so two handles always
 //! see the same bytes. The other mutable state is each overlay (its own lock) and the
 //! read cache (its own lock).
 
@@ -63,9 +63,10 @@ pub enum FsError {
     Overlay(#[from] OverlayError),
     #[error(transparent)]
     Keep(#[from] KeepError),
-    #[error("reading {path}")]
+    #[error("{path}: reading at byte {offset}")]
     Io {
         path: PathBuf,
+        offset: u64,
         #[source]
         source: std::io::Error,
     },
@@ -159,11 +160,30 @@ fn info_text(of: &(String, crate::catalog::RestorePoint)) -> Vec<u8> {
     crate::catalog::info::point_info(&of.0, &of.1).to_bytes()
 }
 
+/// The bytes of `all` a read of `size` bytes at `offset` gets.
+fn part_of(all: &[u8], offset: u64, size: u32) -> Vec<u8> {
+    let from = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
+    all[from..all.len().min(from.saturating_add(size as usize))].to_vec()
+}
+
 /// Partition files are numbered with this bit, the image's number shifted left by 8 and
 /// the partition number: no counter-made number comes near 2^54, and Linux numbers at
 /// most 255 partitions per disk ([`PART_MAX`]).
 const PART_BIT: Ino = 1 << 62;
 const PART_MAX: Ino = 0xff;
+
+/// The end of the name of partition `n`'s file: `<disk>.p<n>.raw`.
+fn part_suffix(n: u32) -> String {
+    format!(".p{n}.raw")
+}
+
+/// `(<disk>, N)` of a partition file name `<disk>.p<N>.raw`, only as [`ImageFs::readdir`]
+/// writes it (no sign, no leading zero), so `lookup` finds no name the listing lacks.
+fn partition_name(name: &str) -> Option<(&str, u32)> {
+    let (stem, n) = name.strip_suffix(".raw")?.rsplit_once(".p")?;
+    let n: u32 = n.parse().ok()?;
+    (name == format!("{stem}{}", part_suffix(n))).then_some((stem, n))
+}
 
 /// See the module note.
 pub struct ImageFs {
@@ -312,13 +332,20 @@ impl ImageFs {
     fn partitions(img: &Node) -> Vec<(u32, Arc<Node>)> {
         let NodeKind::Image(image) = &img.kind else { return Vec::new() };
         let numbered = image.partitions().iter().filter(|p| Ino::from(p.number) <= PART_MAX);
-        numbered
-            .map(|p| {
-                let kind = NodeKind::Part { image: image.clone(), start: p.start, len: p.len };
-                let ino = PART_BIT | img.ino << 8 | Ino::from(p.number);
-                (p.number, Arc::new(Node { ino, parent: img.parent, kind, mtime: img.mtime }))
-            })
-            .collect()
+        numbered.map(|p| (p.number, Self::part_node(img, image, p))).collect()
+    }
+
+    /// Partition `number` of the image node `img`, as a file.
+    fn partition(img: &Node, number: u32) -> Option<Arc<Node>> {
+        let NodeKind::Image(image) = &img.kind else { return None };
+        let p = image.partitions().iter().find(|p| p.number == number && Ino::from(number) <= PART_MAX)?;
+        Some(Self::part_node(img, image, p))
+    }
+
+    fn part_node(img: &Node, image: &Arc<Image>, p: &partition::Partition) -> Arc<Node> {
+        let kind = NodeKind::Part { image: image.clone(), start: p.start, len: p.len };
+        let ino = PART_BIT | img.ino << 8 | Ino::from(p.number);
+        Arc::new(Node { ino, parent: img.parent, kind, mtime: img.mtime })
     }
 
     /// The node `ino` of the current tree, or the partition file it numbers.
@@ -327,7 +354,8 @@ impl ImageFs {
             return tree.get(ino).cloned();
         }
         let img = tree.get((ino & !PART_BIT) >> 8)?;
-        Self::partitions(img).into_iter().find(|(n, _)| Ino::from(*n) == ino & PART_MAX).map(|(_, node)| node)
+        // The low 8 bits: at most PART_MAX, so the cast keeps them all.
+        Self::partition(img, (ino & PART_MAX) as u32)
     }
 
     pub fn lookup(&self, parent: Ino, name: &str) -> Result<Attr> {
@@ -341,15 +369,9 @@ impl ImageFs {
                 if let Some(node) = find(name) {
                     return self.attr(node);
                 }
-                // `<disk>.p<N>.raw`: partition N of `<disk>.raw`.
-                let (stem, n) = name
-                    .strip_suffix(".raw")
-                    .and_then(|s| s.rsplit_once(".p"))
-                    .and_then(|(stem, n)| Some((stem, n.parse::<u32>().ok()?)))
-                    .ok_or(FsError::NotFound)?;
+                let (stem, n) = partition_name(name).ok_or(FsError::NotFound)?;
                 let img = find(&format!("{stem}.raw")).ok_or(FsError::NotFound)?;
-                let (_, part) =
-                    Self::partitions(img).into_iter().find(|(k, _)| *k == n).ok_or(FsError::NotFound)?;
+                let part = Self::partition(img, n).ok_or(FsError::NotFound)?;
                 self.attr(&part)
             }
             _ => Err(FsError::NotADirectory),
@@ -377,10 +399,11 @@ impl ImageFs {
                 let perm = if image.writable() { 0o644 } else { 0o444 };
                 (Kind::File, *len, image.data_bytes_in(*start, start + len).div_ceil(512), perm)
             }
-            NodeKind::Info(of) => {
-                let len = info_text(of).len() as u64;
+            NodeKind::Info(of, len) => {
+                let len = *len.get_or_init(|| info_text(of).len() as u64);
                 (Kind::File, len, len.div_ceil(512), 0o444)
             }
+            NodeKind::Text(t) => (Kind::File, t.len() as u64, (t.len() as u64).div_ceil(512), 0o444),
             NodeKind::Link(target) => (Kind::Link, target.len() as u64, 0, 0o777),
             NodeKind::Stats => {
                 let len = self.stats().len() as u64;
@@ -418,7 +441,9 @@ impl ImageFs {
         for (name, child) in children {
             if let (Some(stem), Some(img)) = (name.strip_suffix(".raw"), tree.get(*child)) {
                 let parts = Self::partitions(img);
-                all.extend(parts.into_iter().map(|(n, part)| (part.ino, format!("{stem}.p{n}.raw"))));
+                all.extend(
+                    parts.into_iter().map(|(n, part)| (part.ino, format!("{stem}{}", part_suffix(n)))),
+                );
             }
         }
         let kind = |child: Ino| match tree.get(child).map(|n| &n.kind) {
@@ -452,6 +477,13 @@ impl ImageFs {
             NodeKind::Stats => false,
             _ => true,
         };
+        let node = match &node.kind {
+            NodeKind::Info(of, _) => {
+                let kind = NodeKind::Text(info_text(of).into());
+                Arc::new(Node { ino: node.ino, parent: node.parent, kind, mtime: node.mtime })
+            }
+            _ => node,
+        };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, node);
         Ok((fh, keep_cache))
@@ -466,20 +498,17 @@ impl ImageFs {
         let node = self.handle(fh)?;
         match &node.kind {
             NodeKind::Image(_) | NodeKind::Part { .. } => {
-                let (img, start, end) = Self::window(&node)?;
-                let len = end.saturating_sub(offset).min(size as u64) as usize;
+                let (img, start, file_len) = Self::window(&node)?;
+                let len = file_len.saturating_sub(offset).min(size as u64) as usize;
                 let mut buf = vec![0u8; len];
                 let n = img.read_at(&mut buf, start + offset)?;
                 buf.truncate(n);
                 Ok(buf)
             }
-            NodeKind::Info(of) => {
-                let t = info_text(of);
-                let from = (offset as usize).min(t.len());
-                Ok(t[from..t.len().min(from + size as usize)].to_vec())
-            }
+            NodeKind::Text(t) => Ok(part_of(t, offset, size)),
+            NodeKind::Info(of, _) => Ok(part_of(&info_text(of), offset, size)),
             NodeKind::Config { path, size: known } => {
-                let io = |source| FsError::Io { path: path.clone(), source };
+                let io = |source| FsError::Io { path: path.clone(), offset, source };
                 // O_NOFOLLOW: a symlink swapped in since the scan is not followed out of SOURCE.
                 let file =
                     OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io)?;
@@ -489,11 +518,7 @@ impl ImageFs {
                 buf.truncate(n);
                 Ok(buf)
             }
-            NodeKind::Stats => {
-                let s = self.stats().into_bytes();
-                let from = (offset as usize).min(s.len());
-                Ok(s[from..s.len().min(from + size as usize)].to_vec())
-            }
+            NodeKind::Stats => Ok(part_of(self.stats().as_bytes(), offset, size)),
             NodeKind::Dir(_) => Err(FsError::IsADirectory),
             NodeKind::Link(_) => Err(FsError::NotFound),
         }
@@ -585,5 +610,82 @@ impl ImageFs {
     /// The `.stats` file's text.
     pub fn stats(&self) -> String {
         format!("{}dirty_bytes {}\n", self.cache.stats.render(&self.cache), self.budget.used())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Watched;
+
+    /// The node at `path` (names from the root).
+    fn walk(fs: &ImageFs, path: &[&str]) -> Attr {
+        let mut at = fs.getattr(ROOT, None).expect("root");
+        for name in path {
+            at = fs.lookup(at.ino, name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        at
+    }
+
+    #[test]
+    fn an_image_indexed_again_keeps_its_number_and_kept_overlay() {
+        let src = tempfile::tempdir().expect("tempdir");
+        let keep = tempfile::tempdir().expect("tempdir");
+        crate::sample::write_sample(src.path()).expect("sample");
+        let (mut watched, cat) = Watched::open(src.path()).expect("catalog");
+        let config =
+            FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::Keep(keep.path().into()) };
+        let fs = ImageFs::new(&cat, &config).expect("fs");
+        let path = ["sample-vm", "virtnbdbackup.0", "sda.raw"];
+        let before = walk(&fs, &path);
+        let (fh, _) = fs.open(before.ino, true).expect("open");
+        assert_eq!(fs.write(fh, 4096, b"written").expect("write"), 7);
+        // Touching the full makes the catalog index it again, under a new layer id.
+        let full = std::fs::File::options().write(true).open(src.path().join("sda.full.data")).expect("full");
+        full.set_modified(SystemTime::now() + std::time::Duration::from_secs(60)).expect("touch");
+        let changed = watched.poll().expect("poll").expect("a change");
+        fs.refresh(&changed);
+        let after = walk(&fs, &path);
+        assert_eq!(after.ino, before.ino, "the same backup keeps its number");
+        assert_eq!(after.perm, 0o644, "still writable, not shown read-only");
+        let (fh2, _) = fs.open(after.ino, false).expect("open again");
+        assert_eq!(fs.read(fh2, 4096, 7).expect("read"), b"written");
+        fs.release(fh);
+        fs.release(fh2);
+    }
+
+    #[test]
+    fn info_json_is_written_out_once_per_open_and_read_in_pieces() {
+        let src = tempfile::tempdir().expect("tempdir");
+        crate::sample::write_sample(src.path()).expect("sample");
+        let cat = Catalog::discover(src.path()).expect("catalog");
+        let fs = ImageFs::new(
+            &cat,
+            &FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::ReadOnly },
+        )
+        .expect("fs");
+        let at = walk(&fs, &["sample-vm", "virtnbdbackup.2", "info.json"]);
+        let (fh, _) = fs.open(at.ino, false).expect("open");
+        assert_eq!(fs.getattr(at.ino, Some(fh)).expect("fstat").size, at.size);
+        let mut text = Vec::new();
+        while let Ok(piece) = fs.read(fh, text.len() as u64, 100)
+            && !piece.is_empty()
+        {
+            text.extend(piece);
+        }
+        fs.release(fh);
+        assert_eq!(text.len() as u64, at.size);
+        let doc: serde_json::Value = serde_json::from_slice(&text).expect("JSON");
+        assert_eq!(doc["point"], "virtnbdbackup.2");
+        assert!(fs.read(fh, 0, 100).is_err(), "released");
+    }
+
+    #[test]
+    fn partition_names_are_read_only_as_listed() {
+        assert_eq!(partition_name("sda.p1.raw"), Some(("sda", 1)));
+        assert_eq!(partition_name("a.pb.p12.raw"), Some(("a.pb", 12)));
+        for alias in ["sda.p01.raw", "sda.p+1.raw", "sda.p.raw", "sda.p1", "sda.raw", "sda.p1x.raw"] {
+            assert_eq!(partition_name(alias), None, "{alias}");
+        }
     }
 }
