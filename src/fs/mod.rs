@@ -633,8 +633,12 @@ mod tests {
         let keep = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
         let (mut watched, cat) = Watched::open(src.path()).expect("catalog");
-        let config =
-            FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::Keep(keep.path().into()) };
+        let config = FsConfig {
+            cache_size: 1 << 20,
+            dirty_size: 1 << 20,
+            writes: Writes::Keep(keep.path().into()),
+            io: Arc::new(crate::chain::Direct),
+        };
         let fs = ImageFs::new(&cat, &config).expect("fs");
         let path = ["sample-vm", "virtnbdbackup.0", "sda.raw"];
         let before = walk(&fs, &path);
@@ -661,7 +665,12 @@ mod tests {
         let cat = Catalog::discover(src.path()).expect("catalog");
         let fs = ImageFs::new(
             &cat,
-            &FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::ReadOnly },
+            &FsConfig {
+                cache_size: 1 << 20,
+                dirty_size: 1 << 20,
+                writes: Writes::ReadOnly,
+                io: Arc::new(crate::chain::Direct),
+            },
         )
         .expect("fs");
         let at = walk(&fs, &["sample-vm", "virtnbdbackup.2", "info.json"]);
