@@ -185,11 +185,20 @@ fn partition_name(name: &str) -> Option<(&str, u32)> {
     (name == format!("{stem}{}", part_suffix(n))).then_some((stem, n))
 }
 
+/// How long a replaced tree still answers for its nodes. The kernel trusts a name it
+/// looked up for the entry TTL (1 s, see `fuse`): a `readlink`, `getattr` or `open` of a
+/// node that left the tree within that time (a `latest` link that moved, an image whose
+/// chain changed) is answered from the tree the kernel saw, not with ENOENT. Twice the TTL,
+/// so a request already on its way when the TTL ran out is covered too.
+const RETIRED_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// See the module note.
 pub struct ImageFs {
     tree: RwLock<Arc<Tree>>,
     /// Held while a tree is built, so two refreshes never interleave.
     inos: Mutex<Inos>,
+    /// Trees replaced in the last [`RETIRED_FOR`], newest last.
+    retired: Mutex<Vec<(std::time::Instant, Arc<Tree>)>>,
     /// Open files by handle: an open file stays readable and writable after a refresh
     /// took it out of the tree (its set deleted or rotated away), until it is closed.
     handles: Mutex<HashMap<u64, Arc<Node>>>,
@@ -215,6 +224,7 @@ impl ImageFs {
         let mut fs = ImageFs {
             tree: RwLock::new(Arc::new(Tree::default())),
             inos: Mutex::new(Inos::default()),
+            retired: Mutex::new(Vec::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             cache: Arc::new(ReadCache::new(config.cache_size)),
@@ -244,6 +254,10 @@ impl ImageFs {
         let added = tree.images().filter(|(ino, _)| old.image(*ino).is_none()).count();
         let gone: Vec<_> = old.images().filter(|(ino, _)| tree.image(*ino).is_none()).collect();
         *self.tree.write() = Arc::new(tree);
+        let mut retired = self.retired.lock();
+        retired.retain(|(at, _)| at.elapsed() < RETIRED_FOR);
+        retired.push((std::time::Instant::now(), old.clone()));
+        drop(retired);
         for (_, img) in &gone {
             if let Err(e) = img.sync() {
                 warn!("saving the kept overlay of an image that left the tree: {}", crate::error_chain(&e));
@@ -306,10 +320,21 @@ impl ImageFs {
         }
     }
 
-    /// The node `ino` of the current tree.
+    /// The node `ino` of the current tree, else of a tree replaced moments ago (see
+    /// [`RETIRED_FOR`]).
     fn node(&self, ino: Ino) -> Result<Arc<Node>> {
-        let tree = self.tree.read().clone();
+        let tree = self.tree_with(ino).ok_or(FsError::NotFound)?;
         Self::node_in(&tree, ino).ok_or(FsError::NotFound)
+    }
+
+    /// The newest tree that has node `ino`: the current one, or a retired one.
+    fn tree_with(&self, ino: Ino) -> Option<Arc<Tree>> {
+        let current = self.tree.read().clone();
+        if Self::node_in(&current, ino).is_some() {
+            return Some(current);
+        }
+        let retired = self.retired.lock();
+        retired.iter().rev().map(|(_, t)| t).find(|t| Self::node_in(t, ino).is_some()).cloned()
     }
 
     /// The node open under `fh`.
@@ -432,7 +457,7 @@ impl ImageFs {
 
     /// Directory entries after `offset` (0 = from the start): `(ino, next offset, kind, name)`.
     pub fn readdir(&self, ino: Ino, offset: u64) -> Result<Vec<(Ino, u64, Kind, String)>> {
-        let tree = self.tree.read().clone();
+        let tree = self.tree_with(ino).ok_or(FsError::NotFound)?;
         let node = tree.get(ino).ok_or(FsError::NotFound)?;
         let NodeKind::Dir(children) = &node.kind else { return Err(FsError::NotADirectory) };
         let dots = [(ino, ".".to_owned()), (node.parent, "..".to_owned())];
@@ -687,6 +712,36 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_slice(&text).expect("JSON");
         assert_eq!(doc["point"], "virtnbdbackup.2");
         assert!(fs.read(fh, 0, 100).is_err(), "released");
+    }
+
+    #[test]
+    fn nodes_that_left_the_tree_answer_for_a_moment() {
+        let src = tempfile::tempdir().expect("tempdir");
+        crate::sample::write_sample(src.path()).expect("sample");
+        let (mut watched, cat) = Watched::open(src.path()).expect("catalog");
+        let config = FsConfig {
+            cache_size: 1 << 20,
+            dirty_size: 1 << 20,
+            writes: Writes::ReadOnly,
+            io: Arc::new(crate::chain::Direct),
+        };
+        let fs = ImageFs::new(&cat, &config).expect("fs");
+        let latest = walk(&fs, &["sample-vm", "latest"]);
+        let target = fs.readlink(latest.ino).expect("readlink");
+        let dir = walk(&fs, &["sample-vm", &target]);
+        for disk in ["sda", "sdb"] {
+            std::fs::remove_file(src.path().join(format!("{disk}.diff.1780560000.data"))).expect("rm");
+        }
+        let changed = watched.poll().expect("poll").expect("a change");
+        fs.refresh(&changed);
+        let moved = walk(&fs, &["sample-vm", "latest"]);
+        assert_ne!(fs.readlink(moved.ino).expect("readlink"), target, "latest moved");
+        // What the kernel looked up before the refresh still answers (its names are
+        // trusted for a second): the old link, and the point that went away.
+        assert_eq!(fs.readlink(latest.ino).expect("old link"), target);
+        assert_eq!(fs.getattr(dir.ino, None).expect("old point").kind, Kind::Dir);
+        assert!(!fs.readdir(dir.ino, 0).expect("old point's entries").is_empty());
+        assert!(fs.lookup(walk(&fs, &["sample-vm"]).ino, &target).is_err(), "gone by name");
     }
 
     #[test]
