@@ -17,6 +17,7 @@
 mod common {
     pub mod fuse;
     pub mod logged_mount;
+    pub mod ready;
 }
 
 use std::fs::{File, OpenOptions};
@@ -27,8 +28,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use common::fuse::{path_str, stdout_of_success, which};
+use common::fuse::{path_str, stdout_of_success};
 use common::logged_mount::{LoggedMount, assert_untouched, sha256_tree};
+use common::ready::{is_root, ready};
 use vmback::catalog::Catalog;
 use vmback::chain::scan::Stored;
 use vmback::chain::{Direct, StreamIndex, StreamRead};
@@ -36,24 +38,6 @@ use vmback::fs::{FsConfig, ImageFs, Ino, ROOT, Writes};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-fn ready(cmds: &[&str]) -> bool {
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: /dev/fuse is missing");
-        return false;
-    }
-    for c in ["fusermount3"].iter().chain(cmds) {
-        if which(c).is_none() {
-            eprintln!("skipping: {c} is not installed (contrib/install-deps.sh)");
-            return false;
-        }
-    }
-    true
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
 
 fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("vmback-faults.").tempdir().expect("temp dir")

@@ -14,6 +14,7 @@ mod common {
     pub mod cli;
     pub mod files;
     pub mod fuse;
+    pub mod ready;
     pub mod rng;
     pub mod sample;
 }
@@ -33,6 +34,7 @@ use common::files::pread;
 use common::fuse::{
     Watched, is_fuse_mounted, mount_entry, path_str, stdout_of_success, umount_quietly, wait_until, which,
 };
+use common::ready::{is_root, ready};
 use common::rng::Rng;
 use common::sample::{sample, sample_image as image};
 use nix::errno::Errno;
@@ -47,24 +49,6 @@ const MOUNT_WAIT: Duration = Duration::from_secs(20);
 /// Past this, a vmback still running is killed, so a request stuck in a hung mount fails
 /// with ENOTCONN instead of hanging the test run.
 const WATCHDOG: Duration = Duration::from_secs(150);
-
-fn ready(cmds: &[&str]) -> bool {
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: /dev/fuse is missing");
-        return false;
-    }
-    for c in ["fusermount3"].iter().chain(cmds) {
-        if which(c).is_none() {
-            eprintln!("skipping: {c} is not installed (contrib/install-deps.sh)");
-            return false;
-        }
-    }
-    true
-}
-
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
 
 fn tmp() -> TempDir {
     tempfile::Builder::new().prefix("vmback-integ.").tempdir().expect("temp dir")
