@@ -1417,7 +1417,7 @@ fn stats_count_decodes_and_cache_hits() {
     let mnt = td.path().join("mnt");
     let _m = VmbackMount::start(&set, &mnt, &[]);
     let s0 = stats(&mnt);
-    for k in ["hits", "misses", "bytes_read", "bytes_decoded"] {
+    for k in ["hits", "misses", "prefetched", "bytes_read", "bytes_decoded"] {
         assert_eq!(s0.get(k), Some(&0), "{k} at start: {s0:?}");
     }
 
@@ -1442,19 +1442,22 @@ fn stats_count_decodes_and_cache_hits() {
     assert_eq!(s2["misses"], s1["misses"], "{s1:?} -> {s2:?}");
     assert_eq!(s2["bytes_decoded"], s1["bytes_decoded"], "decoded again: {s1:?} -> {s2:?}");
 
-    // The next restore point shares the full's frame: a hit through another image.
+    // The next restore point shares the full's frame: a hit through another image. Its
+    // readahead is sequential, so inc 1's frame 5 MiB further on may be decoded ahead
+    // (in the background, counted as prefetched) while this runs.
     let img1 = File::open(mnt.join("vm-stats/virtnbdbackup.1/sdb.raw")).expect("img1");
     assert!(pread(&img1, 0, MIB as usize).expect("read") == first);
     let s3 = stats(&mnt);
     assert!(s3["hits"] > s2["hits"], "{s2:?} -> {s3:?}");
     assert_eq!(s3["misses"], s2["misses"], "{s2:?} -> {s3:?}");
-    assert_eq!(s3["bytes_decoded"], s2["bytes_decoded"], "{s2:?} -> {s3:?}");
+    assert!(s3["bytes_decoded"] - s2["bytes_decoded"] <= 64 * KIB, "{s2:?} -> {s3:?}");
 
-    // inc 1's frame is new.
+    // inc 1's frame is new: decoded once, by this read or ahead of it.
     assert_eq!(pread(&img1, 6 * MIB, 10).expect("read").len(), 10);
     let s4 = stats(&mnt);
-    assert_eq!(s4["misses"], s3["misses"] + 1, "{s3:?} -> {s4:?}");
-    assert_eq!(s4["bytes_decoded"], s3["bytes_decoded"] + 64 * KIB, "{s3:?} -> {s4:?}");
+    let decodes = |s: &BTreeMap<String, u64>| s["misses"] + s["prefetched"];
+    assert_eq!(decodes(&s4), decodes(&s2) + 1, "{s2:?} -> {s4:?}");
+    assert_eq!(s4["bytes_decoded"], s2["bytes_decoded"] + 64 * KIB, "{s2:?} -> {s4:?}");
     // `cat` shows the same counters, whole.
     let cat = run_ok("cat", &[path_str(&mnt.join(".stats"))]);
     assert!(cat.contains(&format!("bytes_decoded {}\n", s4["bytes_decoded"])), "{cat}");

@@ -10,6 +10,12 @@
 //! while reading or decoding. Each entry has its own mutex that the first reader holds
 //! while it decodes, so eight readers of one cold 32 MiB frame decode it once; the rest
 //! wait on that entry, not on the whole cache.
+//!
+//! Two things keep a sequential read of a compressed image from waiting on decodes: a
+//! prefetch thread ([`ReadCache::prefetch`]) that decodes the frames just ahead of the
+//! reader while the FUSE threads serve the current one (the reader's entry is made at
+//! once, so whoever gets there first decodes it, once), and the reuse of an evicted
+//! frame's buffer for the next decode, so its pages need not be mapped and zeroed again.
 
 mod overlay;
 mod read;

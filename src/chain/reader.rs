@@ -4,7 +4,9 @@
 //! A read finds its pieces in the [`ExtentMap`] by binary search, then fills holes and zero
 //! extents with zeros, `pread`s plain payloads straight into the caller's buffer, and copies
 //! out of decoded lz4 frames held in the shared [`ReadCache`] (decoding a frame on a miss).
-//! A damaged piece fails the read that touches it, and only that read.
+//! A damaged piece fails the read that touches it, and only that read. A read that
+//! continues the previous one (a sequential reader) queues the frames after it for the
+//! cache's prefetch thread.
 //!
 //! Every byte of a stream file comes in through one seam, [`StreamRead`]: the mount reads
 //! the files themselves ([`Direct`]); a test puts in one that fails at chosen offsets, to
@@ -19,17 +21,33 @@ use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use thiserror::Error;
 
 use super::extent::{ExtentMap, Source};
 use super::scan::{Lz4Frame, Stored, StreamIndex};
-use crate::cache::{BlockKey, ReadCache};
+use crate::cache::{BlockKey, CacheStats, ReadCache};
 
 /// Bytes per read of compressed data while decoding: a few lz4 blocks (64 KiB each) per
 /// `pread`, so a 32 MiB frame costs about a hundred syscalls, not thousands.
 const DECODE_READ: usize = 256 << 10;
+
+/// How far past a sequential read the lz4 frames are decoded ahead, in the background:
+/// one frame of the largest size upstream writes (32 MiB), so that the next frame is
+/// being decoded while the FUSE threads serve this one.
+const PREFETCH_AHEAD: u64 = 32 << 20;
+
+/// Caches smaller than this decode nothing ahead: the frame being read (up to 32 MiB as
+/// upstream writes them) and the frames queued in the `PREFETCH_AHEAD` bytes after it (up
+/// to two more) must fit with room to spare, or a prefetch would evict the frame the
+/// reader is in and it would be decoded again.
+const PREFETCH_MIN_CACHE: usize = 4 * PREFETCH_AHEAD as usize;
+
+/// A read that starts this close to where the previous one ended continues it: the
+/// kernel's readahead requests (up to 1 MiB each) reach the FUSE threads, and so the
+/// reader, a little out of order.
+const SEQUENTIAL_SLACK: u64 = 4 << 20;
 
 /// Positional reads of stream files: see the module note.
 pub trait StreamRead: Debug + Send + Sync {
@@ -149,6 +167,9 @@ pub struct ImageReader {
     map: ExtentMap,
     cache: Arc<ReadCache>,
     io: Arc<dyn StreamRead>,
+    /// Where the last read ended (`u64::MAX` before the first): a read starting near it
+    /// is sequential, and its next lz4 frames are decoded ahead.
+    last_end: AtomicU64,
 }
 
 impl ImageReader {
@@ -157,7 +178,11 @@ impl ImageReader {
     pub fn new(layers: Vec<Layer>, cache: Arc<ReadCache>) -> ImageReader {
         let size = layers.last().map_or(0, |l| l.index.meta.virtual_size);
         let map = ExtentMap::build(layers.iter().map(|l| &*l.index), size);
-        ImageReader { layers, map, cache, io: Arc::new(Direct) }
+        ImageReader::with_map(layers, map, cache)
+    }
+
+    fn with_map(layers: Vec<Layer>, map: ExtentMap, cache: Arc<ReadCache>) -> ImageReader {
+        ImageReader { layers, map, cache, io: Arc::new(Direct), last_end: AtomicU64::new(u64::MAX) }
     }
 
     /// This reader, reading its stream files through `io` instead of [`Direct`].
@@ -179,9 +204,7 @@ impl ImageReader {
                 out[p].map.extend(layers.len() - 1, &last.index, size)
             });
             let reader = match map {
-                Some(map) => {
-                    ImageReader { layers: layers.clone(), map, cache: cache.clone(), io: Arc::new(Direct) }
-                }
+                Some(map) => ImageReader::with_map(layers.clone(), map, cache.clone()),
                 None => ImageReader::new(layers.clone(), cache.clone()),
             };
             by_chain.insert(ids, out.len());
@@ -231,7 +254,37 @@ impl ImageReader {
                 }
             }
         }
+        let prev = self.last_end.swap(end, Ordering::Relaxed);
+        if prev != u64::MAX
+            && off.abs_diff(prev) <= SEQUENTIAL_SLACK
+            && self.cache.limit() >= PREFETCH_MIN_CACHE
+        {
+            self.prefetch(end);
+        }
         Ok((end - off) as usize)
+    }
+
+    /// Queues the decode of the lz4 frames in the `PREFETCH_AHEAD` bytes from `from`
+    /// (holes and plain payloads need none).
+    fn prefetch(&self, from: u64) {
+        let to = from.saturating_add(PREFETCH_AHEAD).min(self.size());
+        if from >= to {
+            return;
+        }
+        for piece in self.map.pieces(from..to) {
+            let Source::Data { layer, extent } = piece.src else { continue };
+            let layer = &self.layers[layer as usize];
+            let ext = &layer.index.extents[extent as usize];
+            let Stored::Lz4(frames) = &ext.stored else { continue };
+            let want = piece.start.max(from) - ext.start..piece.end.min(to) - ext.start;
+            let first = frames.partition_point(|f| f.extent_off + f.len <= want.start);
+            for &f in frames[first..].iter().take_while(|f| f.extent_off < want.end) {
+                let (io, index, cache) = (self.io.clone(), layer.index.clone(), self.cache.clone());
+                let key = BlockKey { file: layer.id, frame: f.file_off };
+                self.cache
+                    .prefetch(key, f.len as usize, move |buf| decode(&*io, &index, &f, &cache.stats, buf));
+            }
+        }
     }
 
     fn pread(&self, index: &StreamIndex, out: &mut [u8], at: u64) -> Result<(), ReadError> {
@@ -262,50 +315,60 @@ impl ImageReader {
                 break;
             }
             let key = BlockKey { file: layer.id, frame: f.file_off };
-            let data = self.cache.get_or_load(key, f.len as usize, || self.decode(&layer.index, f))?;
+            let data = self.cache.get_or_load(key, f.len as usize, |buf| {
+                decode(&*self.io, &layer.index, f, &self.cache.stats, buf)
+            })?;
             let r: Range<u64> = want.start.max(f.extent_off)..want.end.min(f.extent_off + f.len);
             out[(r.start - rel) as usize..(r.end - rel) as usize]
                 .copy_from_slice(&data[(r.start - f.extent_off) as usize..(r.end - f.extent_off) as usize]);
         }
         Ok(())
     }
+}
 
-    /// Decodes one lz4 frame straight from the stream file (no copy of the compressed
-    /// bytes), checking its block and content checksums and its size.
-    fn decode(&self, index: &StreamIndex, f: &Lz4Frame) -> Result<Vec<u8>, ReadError> {
-        let src = std::io::BufReader::with_capacity(
-            DECODE_READ,
-            FileRange { io: &*self.io, index, pos: f.file_off, end: f.file_off + f.comp_len },
-        );
-        let bad = |source: std::io::Error| {
-            let len = index.file.metadata().map_or(u64::MAX, |m| m.len());
-            if source.kind() == std::io::ErrorKind::UnexpectedEof && len < f.file_off + f.comp_len {
-                ReadError::Truncated { path: index.path.clone(), offset: len }
-            } else if source.raw_os_error().is_some() {
-                // The disk failed, not the frame: keep its errno, do not call it corrupt.
-                ReadError::Io { path: index.path.clone(), offset: f.file_off, source }
-            } else {
-                ReadError::Decode { path: index.path.clone(), offset: f.file_off, source }
-            }
-        };
-        let mut dec = lz4_flex::frame::FrameDecoder::new(src);
-        // Into spare capacity: no zeroing of a buffer about to be overwritten.
-        let mut out = Vec::with_capacity(f.len as usize);
-        (&mut dec).take(f.len).read_to_end(&mut out).map_err(bad)?;
-        if out.len() as u64 != f.len {
-            return Err(bad(std::io::Error::other("frame holds less data than its extent")));
+/// Decodes one lz4 frame straight from the stream file (no copy of the compressed
+/// bytes), checking its block and content checksums and its size.
+fn decode(
+    io: &dyn StreamRead,
+    index: &StreamIndex,
+    f: &Lz4Frame,
+    stats: &CacheStats,
+    mut out: Vec<u8>,
+) -> Result<Vec<u8>, ReadError> {
+    let src = std::io::BufReader::with_capacity(
+        DECODE_READ,
+        FileRange { io, index, pos: f.file_off, end: f.file_off + f.comp_len },
+    );
+    let bad = |source: std::io::Error| {
+        let len = index.file.metadata().map_or(u64::MAX, |m| m.len());
+        if source.kind() == std::io::ErrorKind::UnexpectedEof && len < f.file_off + f.comp_len {
+            ReadError::Truncated { path: index.path.clone(), offset: len }
+        } else if source.raw_os_error().is_some() {
+            // The disk failed, not the frame: keep its errno, do not call it corrupt.
+            ReadError::Io { path: index.path.clone(), offset: f.file_off, source }
+        } else {
+            ReadError::Decode { path: index.path.clone(), offset: f.file_off, source }
         }
-        // Reading past the content makes the decoder check the end mark and content
-        // checksum, and fails if the frame holds more than the index says.
-        let mut extra = [0u8; 1];
-        match dec.read(&mut extra).map_err(bad)? {
-            0 => {}
-            _ => return Err(bad(std::io::Error::other("frame holds more data than its extent"))),
+    };
+    let mut dec = lz4_flex::frame::FrameDecoder::new(src);
+    // A reused buffer is overwritten in place: only bytes past its old length are zeroed.
+    out.resize(f.len as usize, 0);
+    dec.read_exact(&mut out).map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => {
+            bad(std::io::Error::new(e.kind(), "frame holds less data than its extent"))
         }
-        self.cache.stats.bytes_read.fetch_add(f.comp_len, Ordering::Relaxed);
-        self.cache.stats.bytes_decoded.fetch_add(out.len() as u64, Ordering::Relaxed);
-        Ok(out)
+        _ => bad(e),
+    })?;
+    // Reading past the content makes the decoder check the end mark and content
+    // checksum, and fails if the frame holds more than the index says.
+    let mut extra = [0u8; 1];
+    match dec.read(&mut extra).map_err(bad)? {
+        0 => {}
+        _ => return Err(bad(std::io::Error::other("frame holds more data than its extent"))),
     }
+    stats.bytes_read.fetch_add(f.comp_len, Ordering::Relaxed);
+    stats.bytes_decoded.fetch_add(out.len() as u64, Ordering::Relaxed);
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -420,5 +483,35 @@ mod tests {
             disk.armed.store(false, Ordering::Relaxed);
             assert_eq!(read(0, 1024 * K).unwrap(), image, "lz4 {lz4}: after the disk recovered");
         }
+    }
+
+    /// A read that continues the previous one has the lz4 frames after it decoded in the
+    /// background, so the next reads find them cached; a first read alone queues nothing.
+    #[test]
+    fn sequential_reads_decode_the_next_frames_ahead() {
+        const K: usize = 1024;
+        let dir = tempfile::tempdir().unwrap();
+        let (index, image) = stream(dir.path(), true);
+        let cache = Arc::new(ReadCache::new(super::PREFETCH_MIN_CACHE));
+        let reader = ImageReader::new(vec![Layer { id: 1, index }], cache.clone());
+        let read = |off: usize, len: usize| {
+            let mut buf = vec![0u8; len];
+            reader.read_at(&mut buf, off as u64).unwrap();
+            assert_eq!(buf, image[off..off + len], "{off}+{len}");
+        };
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        read(0, 64 * K);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(count(&cache.stats.prefetched), 0, "a lone read is not sequential");
+        read(64 * K, 64 * K);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while count(&cache.stats.prefetched) == 0 {
+            assert!(std::time::Instant::now() < deadline, "nothing was decoded ahead");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The frame right after the read was queued first: the next read finds it.
+        let misses = count(&cache.stats.misses);
+        read(128 * K, 64 * K);
+        assert_eq!(count(&cache.stats.misses), misses, "the next frame was decoded again");
     }
 }

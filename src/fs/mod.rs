@@ -161,9 +161,9 @@ fn info_text(of: &(String, crate::catalog::RestorePoint)) -> Vec<u8> {
 }
 
 /// The bytes of `all` a read of `size` bytes at `offset` gets.
-fn part_of(all: &[u8], offset: u64, size: u32) -> Vec<u8> {
+fn part_of(all: &[u8], offset: u64, size: u32) -> &[u8] {
     let from = usize::try_from(offset).unwrap_or(usize::MAX).min(all.len());
-    all[from..all.len().min(from.saturating_add(size as usize))].to_vec()
+    &all[from..all.len().min(from.saturating_add(size as usize))]
 }
 
 /// Partition files are numbered with this bit, the image's number shifted left by 8 and
@@ -519,34 +519,49 @@ impl ImageFs {
         self.handles.lock().remove(&fh);
     }
 
+    /// Reads into a fresh buffer; see [`ImageFs::read_into`].
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_into(fh, offset, size, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Replaces `buf`'s contents with up to `size` bytes of `fh` from `offset`. Image
+    /// reads overwrite the buffer in place, so a caller that keeps `buf` between reads
+    /// (the FUSE threads do) neither allocates nor zeroes it again.
+    pub fn read_into(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> Result<()> {
         let node = self.handle(fh)?;
+        let whole = |all: &[u8], buf: &mut Vec<u8>| {
+            buf.clear();
+            buf.extend_from_slice(part_of(all, offset, size));
+        };
         match &node.kind {
             NodeKind::Image(_) | NodeKind::Part { .. } => {
                 let (img, start, file_len) = Self::window(&node)?;
                 let len = file_len.saturating_sub(offset).min(size as u64) as usize;
-                let mut buf = vec![0u8; len];
-                let n = img.read_at(&mut buf, start + offset)?;
+                // Every image read fills the whole range it returns, so old bytes left
+                // in the buffer are overwritten, never returned.
+                buf.resize(len, 0);
+                let n = img.read_at(buf, start + offset)?;
                 buf.truncate(n);
-                Ok(buf)
             }
-            NodeKind::Text(t) => Ok(part_of(t, offset, size)),
-            NodeKind::Info(of, _) => Ok(part_of(&info_text(of), offset, size)),
+            NodeKind::Text(t) => whole(t, buf),
+            NodeKind::Info(of, _) => whole(&info_text(of), buf),
             NodeKind::Config { path, size: known } => {
                 let io = |source| FsError::Io { path: path.clone(), offset, source };
                 // O_NOFOLLOW: a symlink swapped in since the scan is not followed out of SOURCE.
                 let file =
                     OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io)?;
                 let len = known.saturating_sub(offset).min(size as u64) as usize;
-                let mut buf = vec![0u8; len];
-                let n = read_full(&file, &mut buf, offset).map_err(io)?;
+                buf.resize(len, 0);
+                let n = read_full(&file, buf, offset).map_err(io)?;
                 buf.truncate(n);
-                Ok(buf)
             }
-            NodeKind::Stats => Ok(part_of(self.stats().as_bytes(), offset, size)),
-            NodeKind::Dir(_) => Err(FsError::IsADirectory),
-            NodeKind::Link(_) => Err(FsError::NotFound),
+            NodeKind::Stats => whole(self.stats().as_bytes(), buf),
+            NodeKind::Dir(_) => return Err(FsError::IsADirectory),
+            NodeKind::Link(_) => return Err(FsError::NotFound),
         }
+        Ok(())
     }
 
     /// Writes into the image's overlay; a partition's writes stop at its end.
