@@ -1,9 +1,13 @@
 //! Timing helpers for contrib/bench/run.sh. Each prints one line of `key=value` pairs.
 //!
 //! ```text
-//! bench_io seq FILE [--bs 1M]
+//! bench_io seq FILE [--bs 1M] [--small-pages]
 //!     Reads FILE from start to end with read(2) calls of --bs bytes (what `dd bs=1M
-//!     of=/dev/null` does). Prints bytes, secs, mbps (MB = 10^6 bytes).
+//!     of=/dev/null` does). Prints bytes, secs, mbps (MB = 10^6 bytes). With
+//!     --small-pages, first (untimed) drops FILE from the page cache and reads it back in
+//!     4 KiB preads under POSIX_FADV_RANDOM, so the timed read is served from a page
+//!     cache of 4 KiB folios, as FUSE files are cached (tracefs shows order-0 folios for
+//!     FUSE, up to order 9 for ext4 after normal readahead).
 //! bench_io rand FILE --map MAPFILE [--n 2000] [--seed 1] [--bs 4096]
 //!     --n preads of --bs bytes at aligned offsets drawn uniformly from the data regions
 //!     of MAPFILE (SEEK_DATA/SEEK_HOLE of the sparse truth image), so reads land where a
@@ -47,8 +51,20 @@ fn opt(args: &[String], key: &str) -> Option<String> {
     args.iter().position(|a| a == key).map(|i| args.get(i + 1).cloned().unwrap_or_else(|| die(key)))
 }
 
-fn seq(path: &str, bs: usize) {
+fn seq(path: &str, bs: usize, small_pages: bool) {
     let mut f = File::open(path).unwrap_or_else(|e| die(&format!("{path}: {e}")));
+    if small_pages {
+        use nix::fcntl::{PosixFadviseAdvice as A, posix_fadvise};
+        let advise = |a| posix_fadvise(f.as_fd(), 0, 0, a).unwrap_or_else(|e| die(&format!("{path}: fadvise: {e}")));
+        advise(A::POSIX_FADV_DONTNEED);
+        advise(A::POSIX_FADV_RANDOM);
+        let mut page = [0u8; 4096];
+        let mut at = 0;
+        while let Ok(n @ 1..) = f.read_at(&mut page, at) {
+            at += n as u64;
+        }
+        advise(A::POSIX_FADV_NORMAL);
+    }
     let mut buf = vec![0u8; bs];
     let mut total = 0u64;
     let t = Instant::now();
@@ -180,7 +196,11 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let pos = |i: usize| args.get(i).map(String::as_str).unwrap_or_else(|| die("missing argument"));
     match args.first().map(String::as_str) {
-        Some("seq") => seq(pos(1), opt(&args, "--bs").map_or(1 << 20, |s| parse_size(&s))),
+        Some("seq") => seq(
+            pos(1),
+            opt(&args, "--bs").map_or(1 << 20, |s| parse_size(&s)),
+            args.iter().any(|a| a == "--small-pages"),
+        ),
         Some("rand") => rand(
             pos(1),
             &opt(&args, "--map").unwrap_or_else(|| die("rand needs --map")),

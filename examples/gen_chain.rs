@@ -318,12 +318,13 @@ fn write_stream(
             w.zero(start, len)?;
             continue;
         }
-        w.data_from(start, len, |rel, buf| {
-            content.fill(layer, start + rel, buf);
+        w.data_from(start, len, |rel, n| {
+            let mut buf = vec![0u8; n];
+            content.fill(layer, start + rel, &mut buf);
             if let Some(t) = truth {
-                t.write_all_at(buf, start + rel)?;
+                t.write_all_at(&buf, start + rel)?;
             }
-            Ok(())
+            Ok(buf)
         })?;
     }
     w.finish()?.into_inner().map_err(|e| e.into_error())?;

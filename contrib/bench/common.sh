@@ -4,16 +4,26 @@
 
 log() { echo "[$(date +%T)] $*" >&2; }
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# warm_memory: writes and frees 2 GiB of tmpfs, so the next run's page-cache pages come
+# from recently touched memory. In this VM the first write into never-touched memory costs
+# up to 10x more (1 GiB into the page cache: 2.5 s of CPU cold, 0.25 s warm), so without
+# this a run's time depends on what the run before it happened to touch.
+warm_memory() {
+  local f=/dev/shm/vmback-bench-warm.$$
+  head -c 2G /dev/zero >"$f" 2>/dev/null || true
+  rm -f "$f"
+}
 # kv KEY LINE: the value of KEY in a `k=v k=v` line.
 kv() { sed -n "s/.*\(^\| \)$1=\([^ ]*\).*/\2/p" <<<"$2"; }
 # calc EXPR: awk arithmetic, 2 decimals.
 calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }
 
-# timed CMD...: drops the caches, runs CMD with its output appended to the caller's $log
+# timed CMD...: warms free memory, drops the caches, runs CMD with its output appended to the caller's $log
 # (failing through the caller's `die`), and prints its wall time in seconds.
 # shellcheck disable=SC2154  # log is the sourcing script's
 timed() {
   local t0 t1
+  warm_memory
   drop_caches
   t0=$EPOCHREALTIME
   echo "+ $*" >>"$log"

@@ -3,11 +3,12 @@
 //! the `.chksum` sidecar.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use super::direct::DirectFile;
 use super::nbd::{Nbd, NbdError};
 use crate::chain::{MAX_REQUEST, StreamMeta, StreamWriter};
 
@@ -33,9 +34,6 @@ const STATUS_CHUNK: u64 = 1 << 30;
 /// NBD reads (of up to 32 MiB each) kept ready ahead of the writer: two is enough to
 /// keep both sides busy, and bounds the memory to a few requests per disk.
 const READ_AHEAD: usize = 2;
-
-/// Buffer between the stream writer and the file: large writes, few syscalls.
-const WRITE_BUFFER: usize = 4 << 20;
 
 /// What a backup of one disk saves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +97,26 @@ impl<W: Write> Write for Checksummed<W> {
     }
 }
 
+/// An NBD read buffer lent to the stream writer; dropping it hands it back to the reader
+/// thread for its next read.
+struct Recycled<'a> {
+    buf: Vec<u8>,
+    home: &'a std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl AsRef<[u8]> for Recycled<'_> {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Recycled<'_> {
+    fn drop(&mut self) {
+        // The reader may have stopped already: then the buffer is simply freed.
+        let _ = self.home.send(std::mem::take(&mut self.buf));
+    }
+}
+
 /// `NAME.partial` beside `NAME`.
 pub fn partial_of(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
@@ -121,9 +139,8 @@ pub fn write_stream(
         let path = path.to_owned();
         move |source| DiskError::Io { path, source }
     };
-    let file = File::create(&partial).map_err(io(&partial))?;
     let out = Checksummed {
-        inner: BufWriter::with_capacity(WRITE_BUFFER, file),
+        inner: DirectFile::create(&partial).map_err(io(&partial))?,
         adler: simd_adler32::Adler32::new(),
     };
     let max_request = nbd.max_request().unwrap_or(MAX_REQUEST).min(MAX_REQUEST);
@@ -155,12 +172,10 @@ pub fn write_stream(
         let mut nbd_err = None;
         for &(start, len, data) in extents {
             if data {
-                let r = w.data_from(start, len, |_, piece| match filled.recv() {
-                    Ok(Ok(buf)) => {
-                        piece.copy_from_slice(&buf[..piece.len()]);
-                        let _ = empty_tx.send(buf);
-                        Ok(())
-                    }
+                let r = w.data_from(start, len, |_, _| match filled.recv() {
+                    // Written straight from the NBD buffer, which then goes back to the
+                    // reader (`Recycled`'s drop).
+                    Ok(Ok(buf)) => Ok(Recycled { buf, home: &empty_tx }),
                     Ok(Err(e)) => {
                         let err = std::io::Error::other(e.to_string());
                         nbd_err = Some(e);
@@ -181,7 +196,7 @@ pub fn write_stream(
     written?;
     let out = w.finish().map_err(io(&partial))?;
     let checksum = out.adler.finish();
-    let file = out.inner.into_inner().map_err(|e| io(&partial)(e.into_error()))?;
+    let file = out.inner.finish().map_err(io(&partial))?;
     file.sync_all().map_err(io(&partial))?;
     Ok(Pending { partial, target: target.to_owned(), checksum: Some(checksum), data_bytes: meta.data_size })
 }

@@ -16,6 +16,7 @@
 //! saved. A libvirt checkpoint that the `.cpt` file does not know (left by a killed run)
 //! is deleted before the next inc, so the chain in the folder stays the truth.
 
+mod direct;
 mod disk;
 pub mod domxml;
 mod libvirt;

@@ -25,9 +25,6 @@ pub struct StreamWriter<W: Write> {
     trailer: Vec<(bool, Vec<u64>)>,
     data_written: u64,
     declared_data: u64,
-    /// The piece buffer, kept across extents (a fresh 32 MiB buffer per extent costs a
-    /// page fault and zeroing per page).
-    buf: Vec<u8>,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -45,52 +42,49 @@ impl<W: Write> StreamWriter<W> {
             trailer: Vec::new(),
             data_written: 0,
             declared_data: meta.data_size,
-            buf: Vec::new(),
         })
     }
 
     /// Writes a data extent held in memory.
     pub fn data(&mut self, start: u64, bytes: &[u8]) -> io::Result<()> {
-        self.data_from(start, bytes.len() as u64, |off, buf| {
-            let off = off as usize;
-            buf.copy_from_slice(&bytes[off..off + buf.len()]);
-            Ok(())
-        })
+        self.data_from(start, bytes.len() as u64, |off, n| Ok(&bytes[off as usize..off as usize + n]))
     }
 
-    /// Writes a data extent of `len` bytes, fetched by `read(offset_in_extent, buf)` in
-    /// pieces of at most `max_request` bytes.
-    pub fn data_from(
+    /// Writes a data extent of `len` bytes, fetched by `next(offset_in_extent, n)` in
+    /// pieces of `n <= max_request` bytes. Each piece is written (or compressed) straight
+    /// from what `next` returns, which must be exactly `n` bytes: a backup hands over its
+    /// NBD read buffers without another copy.
+    pub fn data_from<B: AsRef<[u8]>>(
         &mut self,
         start: u64,
         len: u64,
-        mut read: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
+        mut next: impl FnMut(u64, usize) -> io::Result<B>,
     ) -> io::Result<()> {
         self.out.write_all(&encode_header(FrameKind::Data, start, len))?;
         let chunked = len >= self.max_request;
         let mut sizes = Vec::new();
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(len.min(self.max_request) as usize, 0);
         let mut done = 0u64;
         while done < len {
-            let piece = &mut buf[..(len - done).min(self.max_request) as usize];
-            read(done, piece)?;
+            let n = (len - done).min(self.max_request) as usize;
+            let piece = next(done, n)?;
+            let piece = piece.as_ref();
+            if piece.len() != n {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("a piece of {} bytes where {n} were asked for", piece.len()),
+                ));
+            }
             if self.compressed {
-                let frame = lz4_frame(piece)?;
-                sizes.push(frame.len() as u64);
-                self.out.write_all(&frame)?;
+                sizes.push(lz4_frame(piece, &mut self.out)?);
             } else {
                 self.out.write_all(piece)?;
             }
-            done += piece.len() as u64;
+            done += n as u64;
         }
-        self.buf = buf;
         if self.compressed {
             if sizes.is_empty() {
                 // A zero-length extent still gets one (empty) lz4 frame.
-                let frame = lz4_frame(&[])?;
-                sizes.push(frame.len() as u64);
-                self.out.write_all(&frame)?;
+                sizes.push(lz4_frame(&[], &mut self.out)?);
             }
             self.trailer.push((chunked, sizes));
         }
@@ -127,16 +121,35 @@ impl<W: Write> StreamWriter<W> {
     }
 }
 
-/// One lz4 frame with the parameters python-lz4 uses: 64 KiB linked blocks, block and
-/// content checksums, content size.
-fn lz4_frame(data: &[u8]) -> io::Result<Vec<u8>> {
+/// Writes `data` to `out` as one lz4 frame with the parameters python-lz4 uses (64 KiB
+/// linked blocks, block and content checksums, content size); returns the frame's size.
+fn lz4_frame(data: &[u8], out: &mut impl Write) -> io::Result<u64> {
     let info = FrameInfo::new()
         .block_size(BlockSize::Max64KB)
         .block_mode(BlockMode::Linked)
         .block_checksums(true)
         .content_checksum(true)
         .content_size(Some(data.len() as u64));
-    let mut enc = FrameEncoder::with_frame_info(info, Vec::with_capacity(data.len() / 2 + 64));
+    let mut counted = Counted { out, bytes: 0 };
+    let mut enc = FrameEncoder::with_frame_info(info, &mut counted);
     enc.write_all(data)?;
-    enc.finish().map_err(io::Error::other)
+    enc.finish().map_err(io::Error::other)?;
+    Ok(counted.bytes)
+}
+
+/// A writer that counts what passes through it.
+struct Counted<'a, W> {
+    out: &'a mut W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counted<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.out.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
 }

@@ -168,7 +168,10 @@ fn write_stream(
         if fill_zero && start > pos {
             w.zero(pos, start - pos)?;
         }
-        w.data_from(start, end - start, |rel, buf| src.read_exact_at(buf, start + rel))?;
+        w.data_from(start, end - start, |rel, n| {
+            let mut buf = vec![0u8; n];
+            src.read_exact_at(&mut buf, start + rel).map(|()| buf)
+        })?;
         pos = end;
     }
     if fill_zero && pos < size {

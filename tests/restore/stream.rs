@@ -217,12 +217,12 @@ pub fn write_full_set(
         if f.start > pos {
             w.zero(pos, f.start - pos).expect("zero frame");
         }
-        w.data_from(f.start, f.len, |rel, buf| {
-            buf.fill(f.byte);
+        w.data_from(f.start, f.len, |rel, n| {
+            let buf = vec![f.byte; n];
             if f.byte != 0 {
-                t.write_all_at(buf, f.start + rel)?;
+                t.write_all_at(&buf, f.start + rel)?;
             }
-            Ok(())
+            Ok(buf)
         })
         .expect("data frame");
         pos = f.start + f.len;

@@ -589,7 +589,11 @@ pub fn raw_set(dir: &Path, domain: &str, disk: &str, date: &str, raw: &Path) {
         if s > pos {
             w.zero(pos, s - pos).expect("zero frame");
         }
-        w.data_from(s, e - s, |off, buf| src.read_exact_at(buf, s + off)).expect("data frame");
+        w.data_from(s, e - s, |off, n| {
+            let mut buf = vec![0u8; n];
+            src.read_exact_at(&mut buf, s + off).map(|()| buf)
+        })
+        .expect("data frame");
         pos = e;
     }
     if pos < size {
