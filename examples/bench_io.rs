@@ -55,7 +55,8 @@ fn seq(path: &str, bs: usize, small_pages: bool) {
     let mut f = File::open(path).unwrap_or_else(|e| die(&format!("{path}: {e}")));
     if small_pages {
         use nix::fcntl::{PosixFadviseAdvice as A, posix_fadvise};
-        let advise = |a| posix_fadvise(f.as_fd(), 0, 0, a).unwrap_or_else(|e| die(&format!("{path}: fadvise: {e}")));
+        let advise =
+            |a| posix_fadvise(f.as_fd(), 0, 0, a).unwrap_or_else(|e| die(&format!("{path}: fadvise: {e}")));
         advise(A::POSIX_FADV_DONTNEED);
         advise(A::POSIX_FADV_RANDOM);
         let mut page = [0u8; 4096];
