@@ -14,8 +14,11 @@
 //! Two things keep a sequential read of a compressed image from waiting on decodes: a
 //! prefetch thread ([`ReadCache::prefetch`]) that decodes the frames just ahead of the
 //! reader while the FUSE threads serve the current one (the reader's entry is made at
-//! once, so whoever gets there first decodes it, once), and the reuse of an evicted
-//! frame's buffer for the next decode, so its pages need not be mapped and zeroed again.
+//! once, so whoever gets there first decodes it, once; a prefetch the thread has no room
+//! for is refused before it makes an entry), and spare buffers: up to a quarter of the
+//! limit holds the buffers of evicted frames, and a new frame is decoded into one that
+//! fits, so its pages need not be mapped and zeroed again. The limit bounds entries and
+//! spares together.
 
 mod overlay;
 mod read;

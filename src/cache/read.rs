@@ -1,7 +1,8 @@
 //! The shared, byte-bounded LRU of decoded lz4 frames. See the module note in `cache`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::sync::{Arc, OnceLock};
 
 use lru::LruCache;
@@ -21,8 +22,14 @@ struct Slot {
 }
 
 struct Lru {
+    /// Entries and the bytes each is charged (its buffer's capacity once filled from a
+    /// spare, else its size).
     map: LruCache<BlockKey, (Arc<Slot>, usize)>,
+    /// What the entries are charged, in all.
     bytes: usize,
+    /// Buffers of evicted entries, oldest first, kept to decode later frames into.
+    spares: VecDeque<Vec<u8>>,
+    spare_bytes: usize,
 }
 
 /// Counters shown in the mount's `.stats` file.
@@ -63,6 +70,8 @@ pub struct ReadCache {
     pub stats: CacheStats,
     /// The queue of the prefetch thread, started by the first [`ReadCache::prefetch`].
     ahead: OnceLock<SyncSender<Job>>,
+    /// Jobs queued and not yet started (at most `QUEUE`).
+    queued: AtomicUsize,
 }
 
 /// A decode queued for the prefetch thread.
@@ -77,10 +86,16 @@ impl ReadCache {
     /// that alone is larger.
     pub fn new(limit: usize) -> ReadCache {
         ReadCache {
-            lru: Mutex::new(Lru { map: LruCache::unbounded(), bytes: 0 }),
+            lru: Mutex::new(Lru {
+                map: LruCache::unbounded(),
+                bytes: 0,
+                spares: VecDeque::new(),
+                spare_bytes: 0,
+            }),
             limit,
             stats: CacheStats::default(),
             ahead: OnceLock::new(),
+            queued: AtomicUsize::new(0),
         }
     }
 
@@ -91,7 +106,7 @@ impl ReadCache {
 
     fn usage(&self) -> (usize, usize) {
         let lru = self.lru.lock();
-        (lru.map.len(), lru.bytes)
+        (lru.map.len(), lru.bytes + lru.spare_bytes)
     }
 
     /// Returns the cached bytes for `key`, or runs `load` (outside the LRU lock) and caches
@@ -131,9 +146,15 @@ impl ReadCache {
         if size.saturating_mul(2) > self.limit {
             return;
         }
+        // A place in the queue first: a refused prefetch must not have evicted anything.
+        let reserve = |q: usize| (q < QUEUE).then_some(q + 1);
+        if self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, reserve).is_err() {
+            return;
+        }
         let (slot, spare) = {
             let mut lru = self.lru.lock();
             if lru.map.contains(&key) {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
                 return;
             }
             self.insert(&mut lru, key, size)
@@ -141,37 +162,69 @@ impl ReadCache {
         let cache = self.clone();
         let job_slot = slot.clone();
         let job: Job = Box::new(move || {
+            cache.queued.fetch_sub(1, Ordering::AcqRel);
             // Errors are dropped: `fill` forgets the entry and the reader meets them.
             let _ = cache.fill(key, &job_slot, spare, |buf| {
                 cache.stats.prefetched.fetch_add(1, Ordering::Relaxed);
                 load(buf)
             });
         });
-        match self.ahead.get_or_init(spawn_worker).try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => self.forget(key, &slot),
+        // The queue has room (the reservation above); it is closed only when the thread
+        // could not be started.
+        if self.ahead.get_or_init(spawn_worker).try_send(job).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.forget(key, &slot);
         }
     }
 
     /// Adds an empty entry for `key` as the newest, evicting the oldest past the limit.
-    /// Returns it with the buffer of an evicted entry that fits `size` and that no reader
-    /// holds any more, if there is one.
+    /// Returns it with a spare buffer that fits `size`, if there is one; the entry is
+    /// then charged for the buffer's whole capacity.
     fn insert(&self, lru: &mut Lru, key: BlockKey, size: usize) -> (Arc<Slot>, Option<Vec<u8>>) {
         let slot = Arc::new(Slot::default());
         lru.map.put(key, (slot.clone(), size));
         lru.bytes += size;
-        let mut spare = None;
-        // The newest entry always stays, even when it alone exceeds the limit: a cache
-        // smaller than one lz4 frame would otherwise decode the whole frame again for
-        // every request inside it.
-        while lru.bytes > self.limit && lru.map.len() > 1 {
-            let Some((_, (old, evicted))) = lru.map.pop_lru() else { break };
-            lru.bytes -= evicted;
-            if spare.is_none() {
-                spare = reusable(old, size);
+        self.evict(lru);
+        let spare = lru
+            .spares
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| fits(b.capacity(), size))
+            .min_by_key(|(_, b)| b.capacity())
+            .map(|(i, _)| i)
+            .and_then(|i| lru.spares.remove(i));
+        if let Some(buf) = &spare {
+            lru.spare_bytes -= buf.capacity();
+            let extra = buf.capacity() - size;
+            if let Some((_, charged)) = lru.map.peek_mut(&key) {
+                *charged += extra;
+                lru.bytes += extra;
             }
+            self.evict(lru);
         }
         (slot, spare)
+    }
+
+    /// Drops the oldest entries until they fit in the limit less the spares' share, and
+    /// keeps the buffers of those nobody reads any more as spares, up to that share
+    /// (oldest dropped first). The newest entry always stays, even when it alone exceeds
+    /// the limit: a cache smaller than one lz4 frame would otherwise decode the whole
+    /// frame again for every request inside it.
+    fn evict(&self, lru: &mut Lru) {
+        let share = self.limit / SPARE_SHARE;
+        while lru.bytes > self.limit - share && lru.map.len() > 1 {
+            let Some((_, (old, charged))) = lru.map.pop_lru() else { break };
+            lru.bytes -= charged;
+            if let Some(buf) = unshared(old).filter(|b| b.capacity() >= MIN_SPARE) {
+                lru.spare_bytes += buf.capacity();
+                lru.spares.push_back(buf);
+            }
+        }
+        while lru.spare_bytes > share
+            && let Some(old) = lru.spares.pop_front()
+        {
+            lru.spare_bytes -= old.capacity();
+        }
     }
 
     /// The entry's bytes, running `load` if nobody has yet (under the entry's lock).
@@ -212,13 +265,26 @@ impl ReadCache {
     }
 }
 
-/// The bytes of an evicted entry, to decode the next one into, if nobody else holds them
-/// and their capacity is `size` or at most an eighth more (the cache counts an entry by
-/// its size: a much larger buffer kept under a small entry would pass the limit unseen).
-fn reusable(old: Arc<Slot>, size: usize) -> Option<Vec<u8>> {
+/// The share of the limit (1/4: 64 MiB, two upstream frames, of the default 256 MiB)
+/// that may hold spare buffers instead of entries. Decoding into a buffer whose pages are
+/// already mapped saves a page fault per 4 KiB: measured, faults were a sixth of the CPU
+/// of reading an lz4 image, and kept the FUSE threads waiting on the page-table lock.
+const SPARE_SHARE: usize = 4;
+
+/// Smaller buffers are not kept: glibc serves them from its heap, already mapped (vmback
+/// sets the mmap threshold to 1 MiB at start, see `main`).
+const MIN_SPARE: usize = 1 << 20;
+
+/// Whether a spare of `cap` bytes may take an entry of `size`: large enough, and at most
+/// twice as large, since the entry is charged for all of it.
+fn fits(cap: usize, size: usize) -> bool {
+    cap >= size && cap <= 2 * size
+}
+
+/// The bytes of an evicted entry, if it was filled and nobody else holds them.
+fn unshared(old: Arc<Slot>) -> Option<Vec<u8>> {
     let data = Arc::try_unwrap(old).ok()?.data.into_inner()?;
-    let buf = Arc::try_unwrap(data).ok()?;
-    (buf.capacity() >= size && buf.capacity() - size <= size / 8).then_some(buf)
+    Arc::try_unwrap(data).ok()
 }
 
 /// The prefetch thread: runs queued decodes until the cache is dropped. One thread: on
@@ -250,7 +316,8 @@ mod tests {
 
     #[test]
     fn evicts_by_bytes_in_lru_order() {
-        let c = ReadCache::new(300);
+        // 300 bytes for entries: a quarter of the limit is the spares' share.
+        let c = ReadCache::new(400);
         for f in 0..3 {
             c.get_or_load::<()>(key(f), 100, |_| Ok(vec![f as u8; 100])).unwrap();
         }
@@ -266,7 +333,7 @@ mod tests {
         assert_eq!(loads.load(Ordering::Relaxed), 0);
         c.get_or_load(key(1), 100, count).unwrap();
         assert_eq!(loads.load(Ordering::Relaxed), 1);
-        assert!(c.usage().1 <= 300);
+        assert!(c.usage().1 <= 400);
     }
 
     #[test]
@@ -309,34 +376,45 @@ mod tests {
     }
 
     #[test]
-    fn an_evicted_buffer_is_decoded_into_again() {
-        let c = ReadCache::new(200);
-        let first = c.get_or_load::<()>(key(1), 100, |_| Ok(vec![1; 100])).unwrap();
+    fn evicted_buffers_are_decoded_into_again() {
+        const M: usize = 1 << 20;
+        // 12 MiB for entries, 4 MiB for spares.
+        let c = ReadCache::new(16 * M);
+        let first = c.get_or_load::<()>(key(1), 4 * M, |_| Ok(vec![1; 4 * M])).unwrap();
         let at = first.as_ptr();
         drop(first);
-        c.get_or_load::<()>(key(2), 100, |_| Ok(vec![2; 100])).unwrap();
-        // key 1 is evicted for key 3, and nobody holds its bytes: key 3 gets them.
+        for k in 2..=3 {
+            c.get_or_load::<()>(key(k), 4 * M, |_| Ok(vec![k as u8; 4 * M])).unwrap();
+        }
+        // Key 1 is evicted for key 4, and nobody holds its bytes: they are kept, and key
+        // 4 is decoded into them.
         let got = c
-            .get_or_load::<()>(key(3), 100, |buf| {
-                assert_eq!((buf.as_ptr(), buf.len()), (at, 100), "not the evicted buffer");
+            .get_or_load::<()>(key(4), 3 * M, |buf| {
+                assert_eq!((buf.as_ptr(), buf.capacity()), (at, 4 * M), "not the evicted buffer");
                 Ok(buf)
             })
             .unwrap();
-        assert_eq!(&got[..], &[1; 100], "the loader decides what to write over it");
-        // A buffer a reader still holds (key 3's, in `got`), or one much larger than the
-        // new entry, is not handed out.
-        c.get_or_load::<()>(key(4), 100, |_| Ok(vec![4; 100])).unwrap();
-        c.get_or_load::<()>(key(5), 100, |buf| {
-            assert!(buf.is_empty(), "key 3's bytes are still held");
-            Ok(vec![5; 100])
-        })
-        .unwrap();
-        c.get_or_load::<()>(key(6), 10, |buf| {
-            assert!(buf.is_empty(), "a 100-byte buffer is too large for 10 bytes");
-            Ok(vec![6; 10])
+        assert!(got.iter().all(|&b| b == 1), "the loader decides what to write over it");
+        // ... and charged for all 4 MiB of it.
+        assert_eq!(c.usage(), (3, 12 * M));
+        // A buffer a reader still holds (key 4's, in `got`) is not kept.
+        c.get_or_load::<()>(key(5), 4 * M, |_| Ok(vec![5; 4 * M])).unwrap();
+        c.get_or_load::<()>(key(6), 4 * M, |_| Ok(vec![6; 4 * M])).unwrap();
+        c.get_or_load::<()>(key(7), 4 * M, |buf| {
+            assert!(buf.is_empty(), "key 4's bytes are still read");
+            Ok(vec![7; 4 * M])
         })
         .unwrap();
         drop(got);
+        // Nor is one more than twice as large as the new entry handed out.
+        c.get_or_load::<()>(key(8), 4 * M, |_| Ok(vec![8; 4 * M])).unwrap();
+        c.get_or_load::<()>(key(9), M, |buf| {
+            assert!(buf.is_empty(), "a 4 MiB buffer for 1 MiB");
+            Ok(vec![9; M])
+        })
+        .unwrap();
+        let (_, bytes) = c.usage();
+        assert!(bytes <= 16 * M, "{bytes}");
     }
 
     /// Waits until `key` is cached with bytes (a prefetch finished).
@@ -369,5 +447,19 @@ mod tests {
         wait_cached(&c, key(4));
         assert!(!c.lru.lock().map.contains(&key(3)), "failed prefetch stayed");
         assert!(c.get_or_load(key(3), 100, |_| Err("again")).is_err());
+
+        // With the thread busy and the queue full, a prefetch is refused before it makes
+        // an entry (which could evict another).
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        c.prefetch::<()>(key(10), 10, move |_| {
+            wait.recv().ok();
+            Ok(vec![0; 10])
+        });
+        for k in 11..=13 {
+            c.prefetch::<()>(key(k), 10, |_| Ok(vec![0; 10]));
+        }
+        assert!(!c.lru.lock().map.contains(&key(13)), "a refused prefetch made an entry");
+        go.send(()).unwrap();
+        wait_cached(&c, key(10));
     }
 }
