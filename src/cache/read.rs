@@ -35,7 +35,9 @@ struct Lru {
 /// Counters shown in the mount's `.stats` file.
 #[derive(Debug, Default)]
 pub struct CacheStats {
+    /// Reads that found their frame decoded (or waited for another thread to decode it).
     pub hits: AtomicU64,
+    /// Frames a reader decoded itself.
     pub misses: AtomicU64,
     /// Bytes read from backup files (payloads, compressed or not).
     pub bytes_read: AtomicU64,
@@ -121,15 +123,21 @@ impl ReadCache {
     ) -> Result<Arc<Vec<u8>>, E> {
         let (slot, spare) = {
             let mut lru = self.lru.lock();
-            if let Some((slot, _)) = lru.map.get(&key) {
-                self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                (slot.clone(), None)
-            } else {
-                self.stats.misses.fetch_add(1, Ordering::Relaxed);
-                self.insert(&mut lru, key, size)
+            match lru.map.get(&key) {
+                Some((slot, _)) => (slot.clone(), None),
+                None => self.insert(&mut lru, key, size),
             }
         };
-        self.fill(key, &slot, spare, load)
+        // A miss is a decode this reader did, also of an entry a prefetch had made but not
+        // yet started on; a hit found the bytes there (perhaps after waiting for them).
+        let mut decoded = false;
+        let got = self.fill(key, &slot, spare, |buf| {
+            decoded = true;
+            load(buf)
+        });
+        let counter = if decoded { &self.stats.misses } else { &self.stats.hits };
+        counter.fetch_add(1, Ordering::Relaxed);
+        got
     }
 
     /// Decodes `key` with `load` on the prefetch thread, unless it is cached (or being
@@ -459,7 +467,20 @@ mod tests {
             c.prefetch::<()>(key(k), 10, |_| Ok(vec![0; 10]));
         }
         assert!(!c.lru.lock().map.contains(&key(13)), "a refused prefetch made an entry");
+        // A reader that gets to a queued frame first decodes it, and counts a miss; the
+        // job then finds it done and decodes nothing.
+        let misses = c.stats.misses.load(Ordering::Relaxed);
+        let prefetched = c.stats.prefetched.load(Ordering::Relaxed);
+        let queued = if c.lru.lock().map.contains(&key(12)) { key(12) } else { key(11) };
+        c.get_or_load::<()>(queued, 10, |_| Ok(vec![9; 10])).unwrap();
+        assert_eq!(c.stats.misses.load(Ordering::Relaxed), misses + 1);
         go.send(()).unwrap();
         wait_cached(&c, key(10));
+        c.prefetch::<()>(key(20), 10, |_| Ok(vec![0; 10]));
+        wait_cached(&c, key(20));
+        assert_eq!(&c.get_or_load::<()>(queued, 10, |_| panic!("decoded")).unwrap()[..], &[9; 10]);
+        // Jobs 10 and 20 decoded, and 11 too when the reader took 12; the reader's never.
+        let eleven = u64::from(queued == key(12));
+        assert_eq!(c.stats.prefetched.load(Ordering::Relaxed), prefetched + 2 + eleven);
     }
 }
