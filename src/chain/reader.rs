@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
 use super::extent::{ExtentMap, Source};
-use super::scan::{Lz4Frame, Stored, StreamIndex};
+use super::scan::{Lz4Frame, Stored, StreamIndex, read_full_with};
 use crate::cache::{BlockKey, CacheStats, ReadCache};
 
 /// Bytes per read of compressed data while decoding: a few lz4 blocks (64 KiB each) per
@@ -74,16 +74,7 @@ fn read_full_via(
     buf: &mut [u8],
     offset: u64,
 ) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match io.read_at(index, &mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
+    read_full_with(buf, offset, |b, at| io.read_at(index, b, at))
 }
 
 /// A positional reader over `[pos, end)` of a stream file; `UnexpectedEof` if the file
@@ -277,8 +268,7 @@ impl ImageReader {
             let ext = &layer.index.extents[extent as usize];
             let Stored::Lz4(frames) = &ext.stored else { continue };
             let want = piece.start.max(from) - ext.start..piece.end.min(to) - ext.start;
-            let first = frames.partition_point(|f| f.extent_off + f.len <= want.start);
-            for &f in frames[first..].iter().take_while(|f| f.extent_off < want.end) {
+            for &f in frames_in(frames, want) {
                 let (io, index, cache) = (self.io.clone(), layer.index.clone(), self.cache.clone());
                 let key = BlockKey { file: layer.id, frame: f.file_off };
                 self.cache
@@ -309,11 +299,7 @@ impl ImageReader {
         out: &mut [u8],
     ) -> Result<(), ReadError> {
         let want = rel..rel + out.len() as u64;
-        let first = frames.partition_point(|f| f.extent_off + f.len <= want.start);
-        for f in &frames[first..] {
-            if f.extent_off >= want.end {
-                break;
-            }
+        for f in frames_in(frames, want.clone()) {
             let key = BlockKey { file: layer.id, frame: f.file_off };
             let data = self.cache.get_or_load(key, f.len as usize, |buf| {
                 decode(&*self.io, &layer.index, f, &self.cache.stats, buf)
@@ -324,6 +310,13 @@ impl ImageReader {
         }
         Ok(())
     }
+}
+
+/// The frames of an extent (sorted, tiling it) that hold bytes of `want`, extent-relative:
+/// found by binary search.
+fn frames_in(frames: &[Lz4Frame], want: Range<u64>) -> impl Iterator<Item = &Lz4Frame> {
+    let first = frames.partition_point(|f| f.extent_off + f.len <= want.start);
+    frames[first..].iter().take_while(move |f| f.extent_off < want.end)
 }
 
 /// Decodes one lz4 frame straight from the stream file (no copy of the compressed

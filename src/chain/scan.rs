@@ -220,9 +220,19 @@ impl StreamIndex {
 
 /// Reads as much of `buf` as the file has at `offset`; returns the count.
 pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    read_full_with(buf, offset, |b, at| file.read_at(b, at))
+}
+
+/// Fills `buf` from `offset` with positional reads `read_at(part, at)` (as `pread(2)`:
+/// a count, 0 at the end), retrying on EINTR; returns the count, short only at the end.
+pub fn read_full_with(
+    buf: &mut [u8],
+    offset: u64,
+    mut read_at: impl FnMut(&mut [u8], u64) -> io::Result<usize>,
+) -> io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
+        match read_at(&mut buf[done..], offset + done as u64) {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -37,6 +37,8 @@ use std::io::{self, Read, Seek, SeekFrom};
 use thiserror::Error;
 use tracing::warn;
 
+use crate::chain::scan::read_full_with;
+
 /// Sector size of virtual disks (see the module note).
 const SECTOR: u64 = 512;
 
@@ -160,19 +162,19 @@ impl Read for Disk<'_> {
         if self.block_at != Some(at) {
             self.block_at = None;
             self.block.resize((self.size - at).min(BLOCK) as usize, 0);
-            let mut got = 0;
-            while got < self.block.len() {
-                match (self.read_at)(&mut self.block[got..], at + got as u64) {
-                    Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(e) => {
-                        let copy = io::Error::new(e.kind(), e.to_string());
-                        self.failed.get_or_insert((at + got as u64, e));
-                        return Err(copy);
-                    }
+            let (read_at, mut last) = (&mut self.read_at, at);
+            let read = |b: &mut [u8], o| {
+                last = o;
+                read_at(b, o)
+            };
+            match read_full_with(&mut self.block, at, read) {
+                Ok(got) => self.block.truncate(got),
+                Err(e) => {
+                    let copy = io::Error::new(e.kind(), e.to_string());
+                    self.failed.get_or_insert((last, e));
+                    return Err(copy);
                 }
             }
-            self.block.truncate(got);
             self.block_at = Some(at);
         }
         let from = (offset - at) as usize;
