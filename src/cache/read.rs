@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{SyncSender, sync_channel};
+use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, OnceLock};
 
 use lru::LruCache;
@@ -71,8 +71,9 @@ pub struct ReadCache {
     limit: usize,
     pub stats: CacheStats,
     /// The queue of the prefetch thread, started by the first [`ReadCache::prefetch`].
-    ahead: OnceLock<SyncSender<Job>>,
-    /// Jobs queued and not yet started (at most `QUEUE`).
+    ahead: OnceLock<Sender<Job>>,
+    /// Jobs queued and not yet started: at most `QUEUE`, reserved before a job is made,
+    /// so the channel itself needs no bound.
     queued: AtomicUsize,
 }
 
@@ -141,7 +142,7 @@ impl ReadCache {
     }
 
     /// Decodes `key` with `load` on the prefetch thread, unless it is cached (or being
-    /// decoded) already, the thread has enough queued, or the frame would take more than
+    /// decoded) already, the queue is full, or the frame would take more than
     /// half the cache (it would evict the frame the reader is in). An entry is made at
     /// once, so a reader that gets there first decodes it itself and the queued job then
     /// finds it done. A failed load is forgotten: the reader meets the error itself.
@@ -177,9 +178,8 @@ impl ReadCache {
                 load(buf)
             });
         });
-        // The queue has room (the reservation above); it is closed only when the thread
-        // could not be started.
-        if self.ahead.get_or_init(spawn_worker).try_send(job).is_err() {
+        // The send fails only when the thread could not be started.
+        if self.ahead.get_or_init(spawn_worker).send(job).is_err() {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             self.forget(key, &slot);
         }
@@ -298,8 +298,8 @@ fn unshared(old: Arc<Slot>) -> Option<Vec<u8>> {
 /// The prefetch thread: runs queued decodes until the cache is dropped. One thread: on
 /// two cores, one decoding ahead while the FUSE threads serve the frame before it is
 /// what overlaps; more would compete with the serving itself.
-fn spawn_worker() -> SyncSender<Job> {
-    let (tx, rx) = sync_channel::<Job>(QUEUE);
+fn spawn_worker() -> Sender<Job> {
+    let (tx, rx) = channel::<Job>();
     let spawned = std::thread::Builder::new().name("vmback-prefetch".into()).spawn(move || {
         for job in rx {
             job();
@@ -307,7 +307,7 @@ fn spawn_worker() -> SyncSender<Job> {
     });
     if let Err(e) = spawned {
         // The queue's receiver is gone with the closure: every prefetch is then refused
-        // at `try_send` and readers decode for themselves, as without prefetching.
+        // at `send` and readers decode for themselves, as without prefetching.
         tracing::warn!("no prefetch thread ({e}); lz4 frames are decoded only when read");
     }
     tx
