@@ -12,6 +12,7 @@
 mod common {
     pub mod files;
     pub mod fuse;
+    pub mod ready;
     pub mod rng;
     pub mod sample;
 }

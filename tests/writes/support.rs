@@ -18,7 +18,7 @@ use nix::unistd::{Pid, Whence, lseek};
 use vmback::chain::{MAX_REQUEST, StreamMeta, StreamWriter};
 
 use crate::common::fuse::{Watched, die_with_parent, mount_entry, stdout_of_success, umount_quietly, unique};
-pub use crate::common::fuse::{is_fuse_mounted, path_str, wait_until, which};
+pub use crate::common::fuse::{is_fuse_mounted, path_str, wait_until};
 
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
@@ -46,24 +46,12 @@ impl Rng {
 // ---------------------------------------------------------------------------------------
 // Environment and commands
 
-/// Whether this machine can run the test; prints why not. `cmds` are extra commands it
-/// needs.
-pub fn ready(cmds: &[&str]) -> bool {
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!("skipping: /dev/fuse is missing");
-        return false;
-    }
-    for c in ["fusermount3", "timeout"].iter().chain(cmds) {
-        if which(c).is_none() {
-            eprintln!("skipping: {c} is not installed (contrib/install-deps.sh)");
-            return false;
-        }
-    }
-    true
-}
+pub use crate::common::ready::is_root;
 
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+/// Whether this machine can run the test; prints why not. `cmds` are extra commands it
+/// needs beyond `timeout`, which [`run`] wraps every command in.
+pub fn ready(cmds: &[&str]) -> bool {
+    crate::common::ready::ready(&[&["timeout"], cmds].concat())
 }
 
 /// Runs `cmd args` under `timeout 120` with the C locale.
