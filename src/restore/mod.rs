@@ -10,6 +10,7 @@
 
 pub mod copy;
 pub mod verify;
+pub mod vmconfig;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
