@@ -105,9 +105,9 @@ pub enum BackupError {
     #[error("{folder}: no checkpoint list ({}); take a full backup into it first", cpt_file.display())]
     NoChain { folder: PathBuf, cpt_file: PathBuf },
     #[error(
-        "{folder}: holds no chain ({} is missing), so an inc or diff cannot follow {domain}'s \
-         checkpoint(s) {}: they belong to another folder's chain or another tool. Back up into \
-         the folder that holds their chain, or start a chain here with -l full{}",
+        "{folder}: no checkpoint list ({}), so an inc or diff cannot continue {domain}'s \
+         checkpoint(s) {}, which belong to another folder's chain or another tool; back up \
+         into the folder that holds their chain, or take a full backup into it first{}",
         cpt_file.display(),
         checkpoints.join(", "),
         foreign_hint(domain, checkpoints)
@@ -130,9 +130,7 @@ pub enum BackupError {
 /// another tool's.
 fn foreign_hint(domain: &str, checkpoints: &[String]) -> String {
     match checkpoints.iter().find(|c| !c.starts_with(CPT_PREFIX)) {
-        Some(c) => format!(
-            " after deleting {c:?} (`virsh checkpoint-delete {domain} {c}`), which vmback did not make"
-        ),
+        Some(c) => format!(" (after `virsh checkpoint-delete {domain} {c}`: vmback did not make {c:?})"),
         None => String::new(),
     }
 }
@@ -339,9 +337,12 @@ mod tests {
             checkpoints: vec!["someone-elses".into(), "virtnbdbackup.0".into()],
         };
         let msg = err.to_string();
-        for want in
-            ["someone-elses", "virtnbdbackup.0", "-l full", "virsh checkpoint-delete vm someone-elses"]
-        {
+        for want in [
+            "someone-elses",
+            "virtnbdbackup.0",
+            "take a full backup",
+            "virsh checkpoint-delete vm someone-elses",
+        ] {
             assert!(msg.contains(want), "{want}: {msg}");
         }
     }

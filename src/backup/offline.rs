@@ -27,6 +27,10 @@ use super::{BackupError, BackupOptions, Level, Outcome, Progress};
 /// takes well under a second even for large images; 20 s allows for a loaded machine.
 const QEMU_NBD_START: Duration = Duration::from_secs(20);
 
+/// How long a qemu-nbd that refused our connection may take to exit: it exits at once
+/// when it cannot open the image; 2 s allows for a loaded machine.
+const QEMU_NBD_EXIT: Duration = Duration::from_secs(2);
+
 /// How often to look whether qemu-nbd listens yet: short against its start-up time.
 const QEMU_NBD_POLL: Duration = Duration::from_millis(20);
 
@@ -99,11 +103,17 @@ impl QemuNbd {
     /// Connects to it; when that fails because qemu-nbd exited, says why it did.
     fn connect(&mut self, context: &str) -> Result<Nbd, BackupError> {
         Nbd::connect_unix(&self.socket, &self.disk, context).map_err(|e| {
-            // The connection is refused when qemu-nbd gave up on the image in the meantime.
-            std::thread::sleep(QEMU_NBD_POLL);
-            match self.check() {
-                Err(q) => BackupError::QemuNbd(q),
-                Ok(()) => BackupError::Disk { disk: self.disk.clone(), source: e.into() },
+            // The connection is refused when qemu-nbd gave up on the image after making
+            // its socket: give it a moment to exit and say why.
+            let deadline = Instant::now() + QEMU_NBD_EXIT;
+            loop {
+                if let Err(q) = self.check() {
+                    return BackupError::QemuNbd(q);
+                }
+                if Instant::now() > deadline {
+                    return BackupError::Disk { disk: self.disk.clone(), source: e.into() };
+                }
+                std::thread::sleep(QEMU_NBD_POLL);
             }
         })
     }
