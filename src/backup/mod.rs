@@ -3,10 +3,10 @@
 //! chain.
 //!
 //! The run itself is here: which level (`auto`), which disks, and the checks that refuse
-//! a run before anything is written. The parts: [`folder`] (the chain folder, its `.cpt`,
-//! its lock, file naming), [`domxml`] (domain, backup and checkpoint XML), [`online`] (a
-//! running domain, through libvirt's pull-mode backup job), [`offline`] (a shut-off one,
-//! through our own `qemu-nbd`), [`save`] (the disks' data files), with `disk` (one disk's
+//! a run before anything is written. The parts: `folder` (the chain folder, its `.cpt`,
+//! its lock, file naming), [`domxml`] (domain, backup and checkpoint XML), `online` (a
+//! running domain, through libvirt's pull-mode backup job), `offline` (a shut-off one,
+//! through our own `qemu-nbd`), `save` (the disks' data files), with `disk` (one disk's
 //! stream), `nbd` (libnbd) and `libvirt` (the calls `virt` lacks) below them.
 //!
 //! Invariants: the output folder is locked for the whole run, so only a dead run's
