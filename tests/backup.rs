@@ -689,6 +689,164 @@ fn a_checkpoint_vmback_did_not_make_is_refused() {
     assert!(err.contains("someone-elses"), "{err}");
     assert!(names(&set).iter().all(|f| !f.ends_with(".data")), "{:?}", names(&set));
     assert_eq!(dom.checkpoints(), ["someone-elses".to_owned()].into());
+    // An inc into a folder with no chain names the checkpoint and says what to do, not
+    // only "no checkpoint list".
+    let err = support::vmback_fails(&["backup", "-d", name, "-l", "inc", "-o", path_str(&set)]);
+    assert!(
+        err.contains("someone-elses") && err.contains(&format!("virsh checkpoint-delete {name}")),
+        "{err}"
+    );
+    assert!(err.contains("take a full backup into it first"), "{err}");
+    assert_eq!(dom.checkpoints(), ["someone-elses".to_owned()].into());
+}
+
+#[test]
+fn output_to_stdout_is_refused_before_a_checkpoint_is_made() {
+    if !stack() {
+        return;
+    }
+    let name = "vmback-t-stdout";
+    let dom = Dom::new(name, vec![disk("vda", 64 * MIB)], false);
+    let cwd = tempdir(name);
+    let o = std::process::Command::new(support::VMBACK)
+        .args(["backup", "-d", name, "-l", "full", "-o", "-"])
+        .current_dir(cwd.path())
+        .output()
+        .expect("run vmback");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("-o -") && err.contains("not supported"), "{err}");
+    assert!(o.stdout.is_empty(), "wrote to stdout: {} bytes", o.stdout.len());
+    assert!(names(cwd.path()).is_empty(), "made {:?}", names(cwd.path()));
+    assert!(dom.checkpoints().is_empty(), "{:?}", dom.checkpoints());
+}
+
+/// An inc refused because another folder's full replaced this folder's checkpoints must
+/// not delete that folder's newer checkpoints first (it did: their bitmaps were gone and
+/// that folder's next offline inc failed). A qemu-nbd that cannot open an image another
+/// process holds fails clearly, and leaves every bitmap in place too.
+#[test]
+fn failed_incs_keep_every_bitmap_a_chain_needs() {
+    if !stack() {
+        return;
+    }
+    let name = "vmback-t-keepbitmaps";
+    let mut dom = Dom::new(name, vec![disk("vda", 64 * MIB), disk("vdb", 64 * MIB)], true);
+    let root = tempdir(name);
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    vmback_ok(&["backup", "-d", name, "-l", "full", "-o", path_str(&a)]);
+    vmback_ok(&["backup", "-d", name, "-l", "inc", "-o", path_str(&a)]);
+    let mut steps = Vec::new();
+    for (i, level) in ["full", "inc", "inc", "inc"].into_iter().enumerate() {
+        some_writes(&dom, i as u64);
+        steps.push(dom.backup(Tool::Vmback, level, &b, &[]));
+    }
+    let all: std::collections::BTreeSet<String> = (0..4).map(|n| format!("virtnbdbackup.{n}")).collect();
+    assert_eq!(dom.checkpoints(), all);
+    let err = support::vmback_fails(&["backup", "-d", name, "-l", "inc", "-o", path_str(&a)]);
+    assert!(err.contains("replaced"), "{err}");
+    assert_eq!(dom.checkpoints(), all, "the refused inc deleted checkpoints");
+
+    dom.shut_off();
+    let bitmaps = |target: &str| -> std::collections::BTreeSet<String> {
+        let o =
+            support::run_ok("qemu-img", &["info", "-U", "--output", "json", path_str(&dom.image(target))]);
+        let j: serde_json::Value = serde_json::from_str(&o).expect("qemu-img info json");
+        j["format-specific"]["data"]["bitmaps"]
+            .as_array()
+            .map(|v| v.iter().map(|b| b["name"].as_str().expect("name").to_owned()).collect())
+            .unwrap_or_default()
+    };
+    for d in ["vda", "vdb"] {
+        assert_eq!(bitmaps(d), all, "{d}");
+    }
+    // Another process holds vdb (qemu-io has it open for writing).
+    let mut holder = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", path_str(&dom.image("vdb"))])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io");
+    // Held once a plain `qemu-img info` (which wants a shared lock) is refused.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::process::Command::new("qemu-img")
+        .args(["info", path_str(&dom.image("vdb"))])
+        .output()
+        .expect("qemu-img")
+        .status
+        .success()
+    {
+        assert!(std::time::Instant::now() < deadline, "qemu-io did not open vdb");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let before = support::snapshot(&b);
+    let err = support::vmback_fails(&["backup", "-d", name, "-l", "inc", "-o", path_str(&b)]);
+    assert!(err.contains("qemu-nbd") && err.contains("vdb.qcow2") && err.contains("lock"), "{err}");
+    assert!(support::snapshot(&b) == before, "the failed offline inc changed the set");
+    drop(holder.stdin.take());
+    assert!(holder.wait().expect("qemu-io").success());
+    for d in ["vda", "vdb"] {
+        assert_eq!(bitmaps(d), all, "{d}");
+    }
+    assert_eq!(dom.checkpoints(), all);
+    some_writes(&dom, 5);
+    next_second();
+    steps.push(dom.backup(Tool::Vmback, "inc", &b, &[]));
+    assert_steps_differ(&steps);
+    check_set(&b, &steps);
+}
+
+/// A second run into the folder of one still running fails at once, naming the first's
+/// PID, and leaves its `.partial` alone; the first completes.
+#[test]
+fn a_second_run_into_a_busy_folder_fails_and_spares_the_first_runs_partial() {
+    if !stack() {
+        return;
+    }
+    let name = "vmback-t-lock";
+    let mut dom = Dom::new(name, vec![disk("vda", 1024 * MIB)], false);
+    let root = tempdir(name);
+    let set = root.path().join("set");
+    let file = set.join("vda.full.data");
+    let partial = support::partial_of(&file);
+    for (attempt, mib) in [256u64, 512, 768].into_iter().enumerate() {
+        lots_of_data(&dom, "vda", 0, mib, 20 + attempt as u64);
+        let _ = std::fs::remove_dir_all(&set);
+        let mut first = std::process::Command::new(support::VMBACK)
+            .args(["backup", "-d", name, "-l", "full", "-o", path_str(&set)])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn vmback");
+        while !partial.exists() && first.try_wait().expect("try_wait").is_none() {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let second = support::vmback(&["backup", "-d", name, "-l", "copy", "-o", path_str(&set)]);
+        let still_running = first.try_wait().expect("try_wait").is_none();
+        let status = first.wait().expect("wait");
+        assert!(status.success(), "the first run failed: {status}");
+        if !still_running {
+            continue; // It finished before the second started: try with more data.
+        }
+        let err = String::from_utf8_lossy(&second.stderr);
+        assert_eq!(second.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains(&format!("PID {}", first.id())) && err.contains("another vmback backup"),
+            "{err}"
+        );
+        assert!(file.exists() && !partial.exists(), "{:?}", names(&set));
+        assert!(!names(&set).contains(&".vmback.lock".to_owned()), "{:?}", names(&set));
+        let step = Step {
+            tool: Tool::Vmback,
+            level: "full".into(),
+            set: set.clone(),
+            files: [("vda".to_owned(), "vda.full.data".to_owned())].into(),
+            truth: dom.truth(),
+        };
+        check_set(&set, &[step]);
+        return;
+    }
+    panic!("every full finished before a second run could start");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -879,6 +1037,8 @@ fn auto_takes_full_then_inc_and_full_or_copy_into_a_chain_is_refused() {
     for level in ["inc", "diff"] {
         let err = support::vmback_fails(&["backup", "-d", name, "-l", level, "-o", path_str(&empty)]);
         assert!(err.contains("take a full backup into it first"), "{err}");
+        // It names the checkpoints it cannot continue (another folder's chain).
+        assert!(err.contains("virtnbdbackup.0, virtnbdbackup.1"), "{err}");
         assert_eq!(dom.checkpoints(), cpts);
     }
     assert_eq!(support::regular_files(&empty), Vec::<String>::new());

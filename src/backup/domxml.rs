@@ -1,4 +1,12 @@
-//! The disks of a libvirt domain XML, and which of them a backup takes.
+//! The XML a backup reads and writes: the disks of a libvirt domain XML, the
+//! `<domainbackup>` and `<domaincheckpoint>` documents that start a pull-mode backup job,
+//! and what tells two checkpoints of one name apart.
+//!
+//! Every name written into a document is XML-escaped; the documents are built as strings
+//! because their shape is fixed and small.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use quick_xml::events::{BytesStart, Event};
 
@@ -70,9 +78,122 @@ pub fn disks(xml: &str) -> Result<Vec<DomDisk>, quick_xml::Error> {
     }
 }
 
+fn esc(s: &str) -> String {
+    quick_xml::escape::escape(s).into_owned()
+}
+
+/// The scratch file of `disk` for this process's job, in `scratch`.
+pub fn scratch_file(scratch: &Path, disk: &str) -> std::path::PathBuf {
+    scratch.join(format!("vmback.{}.{disk}.scratch", std::process::id()))
+}
+
+/// `<domainbackup mode='pull'>`: an NBD server on `socket` serving `disks`, with the
+/// changes since checkpoint `parent` (inc, diff) or everything (full, copy).
+pub fn backup_xml(socket: &Path, parent: Option<&str>, disks: &[DomDisk], scratch: &Path) -> String {
+    let mut x = format!(
+        "<domainbackup mode='pull'><server transport='unix' socket='{}'/>",
+        esc(&socket.to_string_lossy())
+    );
+    if let Some(p) = parent {
+        x.push_str(&format!("<incremental>{}</incremental>", esc(p)));
+    }
+    x.push_str("<disks>");
+    for d in disks {
+        x.push_str(&format!(
+            "<disk name='{}' backup='yes' type='file'><scratch file='{}'/></disk>",
+            esc(&d.target),
+            esc(&scratch_file(scratch, &d.target).to_string_lossy())
+        ));
+    }
+    x.push_str("</disks></domainbackup>");
+    x
+}
+
+/// `<domaincheckpoint>` of checkpoint `name` after `parent`, with a bitmap in every disk
+/// but raw ones (which cannot hold one).
+pub fn checkpoint_xml(name: &str, parent: Option<&str>, disks: &[DomDisk]) -> String {
+    // The nonce makes this checkpoint distinguishable from a namesake (see
+    // `checkpoint_identity`).
+    let nonce = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut x = format!(
+        "<domaincheckpoint><description>Backup checkpoint (vmback {nonce:x}.{})</description><name>{}</name>",
+        std::process::id(),
+        esc(name)
+    );
+    if let Some(p) = parent {
+        x.push_str(&format!("<parent><name>{}</name></parent>", esc(p)));
+    }
+    x.push_str("<disks>");
+    for d in disks.iter().filter(|d| d.format != "raw") {
+        x.push_str(&format!("<disk name='{}' checkpoint='bitmap'/>", esc(&d.target)));
+    }
+    x.push_str("</disks></domaincheckpoint>");
+    x
+}
+
+/// What tells two checkpoints of one name apart: the `<creationTime>` (seconds) and the
+/// `<description>`, which for vmback's checkpoints holds a nonce (two fulls within one
+/// second have the same creation time).
+pub fn checkpoint_identity(xml: &str) -> (Option<&str>, Option<&str>) {
+    let element = |tag: &str| {
+        let open = format!("<{tag}>");
+        let start = xml.find(&open)? + open.len();
+        let len = xml[start..].find(&format!("</{tag}>"))?;
+        Some(xml[start..start + len].trim())
+    };
+    (element("creationTime"), element("description"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dd(target: &str, format: &str) -> DomDisk {
+        DomDisk { target: target.into(), device: "disk".into(), format: format.into(), source: None }
+    }
+
+    #[test]
+    fn backup_xml_names_socket_parent_and_scratch_files() {
+        let disks = [dd("vda", "qcow2"), dd("v'b", "qcow2")];
+        let x = backup_xml(Path::new("/run/s.sock"), Some("virtnbdbackup.1"), &disks, Path::new("/tmp"));
+        let pid = std::process::id();
+        assert_eq!(
+            x,
+            format!(
+                "<domainbackup mode='pull'><server transport='unix' socket='/run/s.sock'/>\
+                 <incremental>virtnbdbackup.1</incremental><disks>\
+                 <disk name='vda' backup='yes' type='file'><scratch file='/tmp/vmback.{pid}.vda.scratch'/></disk>\
+                 <disk name='v&apos;b' backup='yes' type='file'><scratch file='/tmp/vmback.{pid}.v&apos;b.scratch'/></disk>\
+                 </disks></domainbackup>"
+            )
+        );
+        let full = backup_xml(Path::new("/s"), None, &disks[..1], Path::new("/tmp"));
+        assert!(!full.contains("<incremental>"), "{full}");
+    }
+
+    #[test]
+    fn checkpoint_xml_has_a_bitmap_per_qcow2_disk_and_a_nonce() {
+        let disks = [dd("vda", "qcow2"), dd("vdb", "raw")];
+        let a = checkpoint_xml("virtnbdbackup.2", Some("virtnbdbackup.1"), &disks);
+        assert!(
+            a.contains("<name>virtnbdbackup.2</name><parent><name>virtnbdbackup.1</name></parent>"),
+            "{a}"
+        );
+        assert!(a.contains("<disks><disk name='vda' checkpoint='bitmap'/></disks>"), "{a}");
+        assert!(!a.contains("vdb"), "{a}");
+        let b = checkpoint_xml("virtnbdbackup.2", Some("virtnbdbackup.1"), &disks);
+        assert_ne!(checkpoint_identity(&a), checkpoint_identity(&b), "namesakes differ by nonce");
+        assert!(!checkpoint_xml("virtnbdbackup.0", None, &disks).contains("<parent>"));
+    }
+
+    #[test]
+    fn checkpoint_identity_reads_time_and_description() {
+        let x = "<domaincheckpoint><name>c</name><description> d </description>\
+                 <creationTime>1700000000</creationTime></domaincheckpoint>";
+        assert_eq!(checkpoint_identity(x), (Some("1700000000"), Some("d")));
+        assert_eq!(checkpoint_identity("<domaincheckpoint/>"), (None, None));
+        assert_eq!(checkpoint_identity("<creationTime>1"), (None, None));
+    }
 
     #[test]
     fn finds_disks_and_their_kinds() {

@@ -1,0 +1,171 @@
+//! Backing up a shut-off domain, as virtnbdbackup does: a read-only `qemu-nbd` of our own
+//! per disk, serving the image's allocation (copy) or the persistent bitmap of the
+//! chain's last checkpoint (inc, diff).
+//!
+//! Invariants: nothing here writes to an image or deletes a checkpoint or bitmap (the
+//! images are opened `-r`, and libvirt is not called), so a failure leaves the chain's
+//! bitmaps as they were; no new checkpoint is made. Each `qemu-nbd` exits when our one
+//! connection closes and is killed on drop, so none outlives the run. Its stderr is kept
+//! and named in the error when it fails (another process holding the image, a missing or
+//! inconsistent bitmap).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use super::disk::Extents;
+use super::domxml::DomDisk;
+use super::folder::{CPT_PREFIX, Folder};
+use super::nbd::Nbd;
+use super::save::{Plan, save_disks, save_side_files};
+use super::{BackupError, BackupOptions, Level, Outcome, Progress};
+
+/// How long to wait for our own qemu-nbd to listen: it opens the image first, which
+/// takes well under a second even for large images; 20 s allows for a loaded machine.
+const QEMU_NBD_START: Duration = Duration::from_secs(20);
+
+/// How long a qemu-nbd that refused our connection may take to exit: it exits at once
+/// when it cannot open the image; 2 s allows for a loaded machine.
+const QEMU_NBD_EXIT: Duration = Duration::from_secs(2);
+
+/// How often to look whether qemu-nbd listens yet: short against its start-up time.
+const QEMU_NBD_POLL: Duration = Duration::from_millis(20);
+
+/// Why a disk's qemu-nbd did not serve.
+#[derive(Debug, Error)]
+pub enum QemuNbdError {
+    #[error("{disk}: the domain XML names no source file to read while it is shut off")]
+    NoSource { disk: String },
+    #[error("{disk}: cannot run qemu-nbd")]
+    Spawn {
+        disk: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{disk}: qemu-nbd could not serve {image} ({status}): {}", stderr.trim())]
+    Exited { disk: String, image: String, status: ExitStatus, stderr: String },
+    #[error("{disk}: qemu-nbd did not listen on {} within {QEMU_NBD_START:?}", socket.display())]
+    NoSocket { disk: String, socket: PathBuf },
+}
+
+/// A qemu-nbd serving one disk of a shut-off domain, stopped on drop.
+struct QemuNbd {
+    child: Child,
+    socket: PathBuf,
+    disk: String,
+    image: String,
+}
+
+impl QemuNbd {
+    fn start(d: &DomDisk, bitmap: Option<&str>, scratch: &Path) -> Result<QemuNbd, QemuNbdError> {
+        let image = d.source.clone().ok_or_else(|| QemuNbdError::NoSource { disk: d.target.clone() })?;
+        let socket = scratch.join(format!("vmback.{}.{}.sock", std::process::id(), d.target));
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new("qemu-nbd");
+        // No --persistent: qemu-nbd exits when our one connection closes, also when vmback
+        // is killed, so no server outlives the backup.
+        cmd.arg("-r").arg(format!("--format={}", d.format));
+        cmd.args(["-x", &d.target]).arg("-k").arg(&socket);
+        if let Some(b) = bitmap {
+            cmd.arg(format!("--bitmap={b}"));
+        }
+        cmd.arg(&image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let child = cmd.spawn().map_err(|source| QemuNbdError::Spawn { disk: d.target.clone(), source })?;
+        let mut q = QemuNbd { child, socket, disk: d.target.clone(), image };
+        let deadline = Instant::now() + QEMU_NBD_START;
+        // qemu-nbd may make its socket before it opens the image: it listens only once
+        // the socket exists and the process still runs.
+        loop {
+            q.check()?;
+            if q.socket.exists() {
+                return Ok(q);
+            }
+            if Instant::now() > deadline {
+                return Err(QemuNbdError::NoSocket { disk: q.disk.clone(), socket: q.socket.clone() });
+            }
+            std::thread::sleep(QEMU_NBD_POLL);
+        }
+    }
+
+    /// An error with qemu-nbd's own words once it has exited.
+    fn check(&mut self) -> Result<(), QemuNbdError> {
+        let Ok(Some(status)) = self.child.try_wait() else { return Ok(()) };
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        Err(QemuNbdError::Exited { disk: self.disk.clone(), image: self.image.clone(), status, stderr })
+    }
+
+    /// Connects to it; when that fails because qemu-nbd exited, says why it did.
+    fn connect(&mut self, context: &str) -> Result<Nbd, BackupError> {
+        Nbd::connect_unix(&self.socket, &self.disk, context).map_err(|e| {
+            // The connection is refused when qemu-nbd gave up on the image after making
+            // its socket: give it a moment to exit and say why.
+            let deadline = Instant::now() + QEMU_NBD_EXIT;
+            loop {
+                if let Err(q) = self.check() {
+                    return BackupError::QemuNbd(q);
+                }
+                if Instant::now() > deadline {
+                    return BackupError::Disk { disk: self.disk.clone(), source: e.into() };
+                }
+                std::thread::sleep(QEMU_NBD_POLL);
+            }
+        })
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Backs up the shut-off domain (`level` is copy, inc or diff).
+pub fn offline(
+    xml: &str,
+    disks: &[DomDisk],
+    level: Level,
+    folder: &Folder,
+    opts: &BackupOptions,
+    progress: Progress<'_>,
+) -> Result<Outcome, BackupError> {
+    let parent = folder.checkpoints.last().cloned().filter(|_| level != Level::Copy);
+    let bitmap = parent.clone();
+    let mut servers = disks
+        .iter()
+        .map(|d| QemuNbd::start(d, bitmap.as_deref(), &opts.scratch_dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ident = match level {
+        Level::Copy => "copy".to_owned(),
+        _ => folder.unique_time()?,
+    };
+    // An offline inc or diff holds every change since the last checkpoint and makes no
+    // new one: its checkpointName is its parent (§1.4).
+    let plan = Plan {
+        level,
+        kind: if bitmap.is_some() { Extents::Dirty } else { Extents::Allocation },
+        meta_cpt: parent.clone().unwrap_or_else(|| format!("{CPT_PREFIX}0")),
+        parent: parent.unwrap_or_default(),
+        ident: ident.clone(),
+    };
+    let context = match &bitmap {
+        Some(b) => format!("qemu:dirty-bitmap:{b}"),
+        None => "base:allocation".to_owned(),
+    };
+    let outcome = save_disks(disks, &plan, opts, progress, |d| {
+        let i = disks.iter().position(|x| x.target == d.target).expect("one of ours");
+        servers[i].connect(&context)
+    })?;
+    drop(servers);
+    if let Outcome::Saved { .. } = outcome {
+        save_side_files(&folder.out, xml, disks, &ident);
+    }
+    Ok(outcome)
+}

@@ -1,0 +1,232 @@
+//! Backing up a running domain through libvirt's pull-mode backup job: libvirt starts an
+//! NBD server on a unix socket, vmback asks it which extents to save (`base:allocation`
+//! for full and copy, the job's dirty bitmap for inc and diff) and reads them with libnbd.
+//! A full or inc creates its checkpoint atomically with the job; a diff reads the changes
+//! since the last checkpoint without creating one; a copy has no checkpoint at all.
+//!
+//! Invariants: the job is always ended (also on error and on unwinding). Before an inc or
+//! diff the domain's checkpoints are brought in step with the folder's chain, and every
+//! check that can refuse runs before anything is deleted: a checkpoint vmback did not make
+//! refuses the run, so does one of the chain's names that libvirt holds with another
+//! identity (a full into another folder replaced it: that folder's chain still needs every
+//! bitmap it has). Only then are the checkpoints libvirt has and the chain lacks (a killed
+//! or failed run's, newer than the chain's last) deleted, and the chain's ones libvirt
+//! lost (a transient domain) redefined. `.cpt` and `checkpoints/` change only after every
+//! disk is saved.
+
+use tracing::{info, warn};
+use virt::domain::Domain;
+
+use super::disk::Extents;
+use super::domxml::{self, DomDisk};
+use super::folder::{CPT_PREFIX, Folder, cpt_number, next_checkpoint};
+use super::libvirt;
+use super::nbd::Nbd;
+use super::save::{Plan, save_disks, save_side_files};
+use super::{BackupError, BackupOptions, Level, Outcome, Progress};
+
+type Result<T, E = BackupError> = std::result::Result<T, E>;
+
+/// A job that is always ended: on success, on error, and on unwinding.
+struct Job<'a>(&'a Domain);
+
+impl Drop for Job<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = libvirt::abort_job(self.0) {
+            warn!("{}", crate::error_chain(&e));
+        }
+    }
+}
+
+/// What to change in libvirt's checkpoints (`ours`: the ones named `virtnbdbackup.N`) for
+/// an inc or diff to continue the folder's `chain`.
+#[derive(Debug, PartialEq, Eq)]
+struct Reconcile {
+    /// In libvirt, not in the chain: left by a run that did not finish.
+    delete: Vec<String>,
+    /// In the chain, not in libvirt: lost with a transient domain.
+    redefine: Vec<String>,
+    /// In both: must be the same checkpoints (see `domxml::checkpoint_identity`).
+    compare: Vec<String>,
+}
+
+fn reconcile(chain: &[String], ours: &[String]) -> Reconcile {
+    let mut delete: Vec<String> = ours.iter().filter(|c| !chain.contains(c)).cloned().collect();
+    // Newest first: libvirt deletes a leaf without merging its bitmap into another.
+    delete.sort_by_key(|c| std::cmp::Reverse(cpt_number(c)));
+    Reconcile {
+        delete,
+        redefine: chain.iter().filter(|c| !ours.contains(c)).cloned().collect(),
+        compare: chain.iter().filter(|c| ours.contains(c)).cloned().collect(),
+    }
+}
+
+/// Backs up the running domain.
+pub fn online(
+    dom: &Domain,
+    xml: &str,
+    disks: &[DomDisk],
+    level: Level,
+    folder: &mut Folder,
+    opts: &BackupOptions,
+    progress: Progress<'_>,
+) -> Result<Outcome> {
+    // A job left by a killed run blocks a new one: end it first (no job is fine).
+    if libvirt::abort_job(dom).is_ok() {
+        warn!("{}: ended a backup job an earlier run left running", opts.domain);
+    }
+    let existing = libvirt::checkpoint_names(dom)?;
+    if let Some(foreign) = existing.iter().find(|c| !c.starts_with(CPT_PREFIX))
+        && level != Level::Copy
+    {
+        return Err(BackupError::ForeignCheckpoint {
+            domain: opts.domain.clone(),
+            checkpoint: foreign.clone(),
+        });
+    }
+    let mut ours: Vec<String> = existing.into_iter().filter(|c| c.starts_with(CPT_PREFIX)).collect();
+    ours.sort_by_key(|c| std::cmp::Reverse(cpt_number(c)));
+    let (new_cpt, parent) = match level {
+        Level::Copy => (None, None),
+        Level::Full => {
+            if !opts.print_only {
+                for c in &ours {
+                    delete_checkpoint(dom, c)?;
+                }
+                folder.clear_checkpoints()?;
+            }
+            (Some(next_checkpoint(0)), None)
+        }
+        Level::Inc | Level::Diff => {
+            let plan = reconcile(&folder.checkpoints, &ours);
+            // The checkpoints libvirt has must be the ones this folder's chain was taken
+            // with, not namesakes a full into another folder made since.
+            for c in &plan.compare {
+                let saved = folder.read_checkpoint(c)?;
+                let live = libvirt::checkpoint_xml(dom, c)?;
+                if domxml::checkpoint_identity(&saved) != domxml::checkpoint_identity(&live) {
+                    return Err(BackupError::ReplacedCheckpoint {
+                        checkpoint: c.clone(),
+                        folder: folder.out.clone(),
+                    });
+                }
+            }
+            for c in &plan.delete {
+                warn!("{c}: checkpoint not in {}; deleting it", folder.cpt_file.display());
+                delete_checkpoint(dom, c)?;
+            }
+            for c in &plan.redefine {
+                let saved = folder.read_checkpoint(c)?;
+                info!("{c}: redefining the checkpoint from {}", folder.checkpoint_path(c).display());
+                libvirt::create_checkpoint(dom, &saved, libvirt::REDEFINE)?;
+            }
+            let parent = folder.checkpoints.last().cloned().expect("run() checked there is a chain");
+            let new = next_checkpoint(folder.checkpoints.len());
+            (if level == Level::Inc { Some(new) } else { None }, Some(parent))
+        }
+        Level::Auto => unreachable!("resolved by run()"),
+    };
+    let socket = opts.scratch_dir.join(format!("vmback.{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let backup_xml = domxml::backup_xml(&socket, parent.as_deref(), disks, &opts.scratch_dir);
+    let checkpoint_xml = new_cpt
+        .as_ref()
+        .filter(|_| !opts.print_only)
+        .map(|c| domxml::checkpoint_xml(c, parent.as_deref(), disks));
+    let frozen = freeze(dom);
+    let begun = libvirt::backup_begin(dom, &backup_xml, checkpoint_xml.as_deref());
+    if frozen {
+        thaw(dom);
+    }
+    begun?;
+    let job = Job(dom);
+    let kind = if matches!(level, Level::Inc | Level::Diff) { Extents::Dirty } else { Extents::Allocation };
+    let ident = match level {
+        Level::Copy => "copy".to_owned(),
+        Level::Diff => folder.unique_time()?,
+        _ => new_cpt.clone().expect("full and inc have one"),
+    };
+    let meta_cpt = match level {
+        Level::Copy => next_checkpoint(0),
+        // A diff carries the name the next checkpoint will have (upstream, §1.4).
+        Level::Diff => next_checkpoint(folder.checkpoints.len()),
+        _ => new_cpt.clone().expect("full and inc have one"),
+    };
+    let plan =
+        Plan { level, kind, meta_cpt, parent: parent.clone().unwrap_or_default(), ident: ident.clone() };
+    let outcome = save_disks(disks, &plan, opts, progress, |d| {
+        let context = match kind {
+            Extents::Allocation => "base:allocation".to_owned(),
+            Extents::Dirty => format!("qemu:dirty-bitmap:backup-{}", d.target),
+        };
+        Nbd::connect_unix(&socket, &d.target, &context)
+            .map_err(|e| BackupError::Disk { disk: d.target.clone(), source: e.into() })
+    })?;
+    if let Outcome::Saved { .. } = outcome {
+        if let Some(c) = &new_cpt {
+            folder.add_checkpoint(c, &libvirt::checkpoint_xml(dom, c)?)?;
+        }
+        save_side_files(&folder.out, xml, disks, &ident);
+    } else if let Some(c) = &new_cpt
+        && checkpoint_xml.is_some()
+    {
+        // Below the threshold: the checkpoint made with the job must not outlive it.
+        drop(job);
+        delete_checkpoint(dom, c)?;
+        return Ok(outcome);
+    }
+    drop(job);
+    let _ = std::fs::remove_file(&socket);
+    Ok(outcome)
+}
+
+/// Deletes a checkpoint with its bitmaps, or only its metadata when the bitmaps are gone.
+fn delete_checkpoint(dom: &Domain, name: &str) -> Result<()> {
+    if let Err(e) = libvirt::delete_checkpoint(dom, name, 0) {
+        warn!("{}; deleting its metadata only", crate::error_chain(&e));
+        libvirt::delete_checkpoint(dom, name, libvirt::METADATA_ONLY)?;
+    }
+    Ok(())
+}
+
+/// Freezes the guest's filesystems through the qemu guest agent, when one answers.
+fn freeze(dom: &Domain) -> bool {
+    match dom.qemu_agent_command(r#"{"execute":"guest-fsfreeze-freeze"}"#, 5, 0) {
+        Ok(_) => true,
+        Err(_) => {
+            warn!("no guest agent answered: backing up without freezing the guest's filesystems");
+            false
+        }
+    }
+}
+
+fn thaw(dom: &Domain) {
+    if let Err(e) = dom.qemu_agent_command(r#"{"execute":"guest-fsfreeze-thaw"}"#, 5, 0) {
+        warn!("thawing the guest's filesystems failed: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_killed_runs_checkpoints_go_newest_first_and_lost_ones_come_back() {
+        let chain = names(&["virtnbdbackup.0", "virtnbdbackup.1"]);
+        let r = reconcile(
+            &chain,
+            &names(&["virtnbdbackup.2", "virtnbdbackup.1", "virtnbdbackup.10", "virtnbdbackup.0"]),
+        );
+        assert_eq!(r.delete, ["virtnbdbackup.10", "virtnbdbackup.2"]);
+        assert!(r.redefine.is_empty());
+        assert_eq!(r.compare, chain);
+        let r = reconcile(&chain, &[]);
+        assert_eq!((r.delete.len(), r.redefine.clone(), r.compare.len()), (0, chain.clone(), 0));
+        let r = reconcile(&chain, &chain);
+        assert_eq!(r, Reconcile { delete: vec![], redefine: vec![], compare: chain });
+    }
+}
