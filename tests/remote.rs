@@ -1,0 +1,131 @@
+//! Backups of a domain on a second host, as a virtnbdbackup user takes them: libvirt over
+//! `qemu+ssh://`, the backup job's NBD server on the remote address over TCP, and again
+//! with TLS. The host is a network namespace with its own sshd and libvirtd
+//! (contrib/realstack/remote-host.sh); the domain has two qcow2 disks and UEFI NVRAM.
+//!
+//! Here Debian's virtnbdbackup takes the sets: every point of each set, restored by
+//! virtnbdrestore, equals the disks' truth taken on the remote host, and the boot files
+//! came over with each backup. Needs root (namespaces, libvirt); skips otherwise.
+
+#[path = "remote"]
+mod remote {
+    pub mod host;
+}
+
+use std::path::Path;
+use std::process::Command;
+
+use remote::host::{Host, check};
+
+const DISKS: [&str; 2] = ["vda", "vdb"];
+
+fn skip() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipping: the remote host needs root (network namespace, libvirtd)");
+        return true;
+    }
+    false
+}
+
+/// One virtnbdbackup run of `level` of `dom` into `set`; its NBD server on the remote
+/// address at `port` (a port of this test's own: backups of the tests sharing the host
+/// may run at the same time).
+fn backup(host: &Host, dom: &str, level: &str, set: &Path, port: u16, tls: bool) {
+    let mut c = host.client(tls, "virtnbdbackup");
+    c.args(["-U", host.get("SSH_URI"), "--ssh-user", "root", "-I", host.get("ADDR")])
+        .args(["-P", &port.to_string(), "-d", dom, "-l", level, "-n", "-o"])
+        .arg(set);
+    if tls {
+        c.arg("--tls");
+    }
+    let out =
+        check(c.output().expect("run virtnbdbackup"), &format!("virtnbdbackup -l {level} (tls: {tls})"));
+    // the data went over the network, to the remote address: nbd:// (nbds:// with TLS)
+    let log = String::from_utf8_lossy(&out.stderr);
+    let url = format!("{}://{}:{port}/vda", if tls { "nbds" } else { "nbd" }, host.get("ADDR"));
+    assert!(log.contains(&url), "virtnbdbackup did not use {url}:\n{log}");
+}
+
+/// virtnbdrestore of `set` up to checkpoint `until` equals the truth files
+/// `truth/<disk>.raw`.
+fn restores_to(set: &Path, dom: &str, until: &str, truth: &Path, work: &Path) {
+    let out = work.join(format!("restore-{until}"));
+    check(
+        Command::new("virtnbdrestore")
+            .arg("-i")
+            .arg(set)
+            .arg("-o")
+            .arg(&out)
+            .args(["--until", until])
+            .output()
+            .expect("run virtnbdrestore"),
+        &format!("virtnbdrestore --until {until}"),
+    );
+    for disk in DISKS {
+        // virtnbdrestore names each image after the original disk file
+        let image = out.join(format!("{dom}-{disk}.qcow2"));
+        let cmp = Command::new("qemu-img")
+            .args(["compare", "-q", "-f", "qcow2", "-F", "raw"])
+            .arg(&image)
+            .arg(truth.join(format!("{disk}.raw")))
+            .output()
+            .expect("run qemu-img compare");
+        assert!(
+            cmp.status.success(),
+            "{dom} {disk} restored up to {until} differs from the truth: {}{}",
+            String::from_utf8_lossy(&cmp.stdout),
+            String::from_utf8_lossy(&cmp.stderr)
+        );
+    }
+}
+
+fn full_and_inc(dom: &str, port: u16, tls: bool) {
+    if skip() {
+        return;
+    }
+    let host = Host::start();
+    host.domain(dom);
+    let work = tempfile::tempdir().expect("tempdir");
+    let set = work.path().join("set");
+
+    // full: data at both ends of each disk (64 MiB) and in the middle
+    host.write(dom, "vda", &["write -P 0xa1 0 1M", "write -P 0xa2 10M 3M", "write -P 0xa3 67104768 4096"]);
+    host.write(dom, "vdb", &["write -P 0xb1 64K 64K", "write -P 0xb2 1234567 100000"]);
+    backup(&host, dom, "full", &set, port, tls);
+    let truth0 = work.path().join("truth0");
+    std::fs::create_dir(&truth0).expect("mkdir");
+    for disk in DISKS {
+        host.truth(dom, disk, &truth0.join(format!("{disk}.raw")));
+    }
+
+    // inc: overwrites, zeroes (with and without unmap) and a discard
+    host.write(dom, "vda", &["write -P 0xa4 11M 64K", "write -z 0 4096", "write -P 0xa5 40M 1M"]);
+    host.write(dom, "vdb", &["discard 64K 64K", "write -z -u 1200000 50000", "write -P 0xb3 3 1000"]);
+    backup(&host, dom, "inc", &set, port, tls);
+    let truth1 = work.path().join("truth1");
+    std::fs::create_dir(&truth1).expect("mkdir");
+    for disk in DISKS {
+        host.truth(dom, disk, &truth1.join(format!("{disk}.raw")));
+    }
+
+    // the boot files came over ssh with each backup: loader and NVRAM
+    for n in 0..2 {
+        for f in [format!("OVMF_CODE_4M.fd.virtnbdbackup.{n}"), format!("{dom}_VARS.fd.virtnbdbackup.{n}")] {
+            let p = set.join(&f);
+            assert!(p.metadata().is_ok_and(|m| m.len() > 0), "{f} missing or empty in the set");
+        }
+    }
+    restores_to(&set, dom, "virtnbdbackup.0", &truth0, work.path());
+    restores_to(&set, dom, "virtnbdbackup.1", &truth1, work.path());
+}
+
+#[test]
+fn virtnbdbackup_over_ssh_and_nbd_tcp_restores_to_the_remote_truth() {
+    // NBD ports: 10809 is virtnbdbackup's default; one per test (see backup())
+    full_and_inc("vmb-rt-vnb-tcp", 10809, false);
+}
+
+#[test]
+fn virtnbdbackup_over_ssh_and_nbd_tls_restores_to_the_remote_truth() {
+    full_and_inc("vmb-rt-vnb-tls", 10810, true);
+}
