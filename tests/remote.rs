@@ -129,3 +129,28 @@ fn virtnbdbackup_over_ssh_and_nbd_tcp_restores_to_the_remote_truth() {
 fn virtnbdbackup_over_ssh_and_nbd_tls_restores_to_the_remote_truth() {
     full_and_inc("vmb-rt-vnb-tls", 10810, true);
 }
+
+#[test]
+fn every_uri_reaches_the_remote_libvirtd_and_not_the_local_one() {
+    if skip() {
+        return;
+    }
+    let host = Host::start();
+    for key in ["SSH_URI", "LIBSSH_URI", "LIBSSH2_URI", "TCP_URI", "TLS_URI"] {
+        let uri = host.get(key);
+        let out =
+            check(Command::new("virsh").args(["-c", uri, "hostname"]).output().expect("run virsh"), uri);
+        // the remote host's own UTS name is its address (see remote-host.sh)
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), host.get("ADDR"), "{uri}");
+        let out = check(
+            Command::new("virsh").args(["-c", uri, "list", "--all", "--name"]).output().expect("run virsh"),
+            uri,
+        );
+        let names = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            names.lines().any(|n| n == host.get("DOMAIN")),
+            "{uri}: no {} in {names}",
+            host.get("DOMAIN")
+        );
+    }
+}

@@ -29,7 +29,11 @@
 #    (unix socket in the private /run, TCP 16509 and TLS 16514 on 10.203.0.2);
 #  - TLS: one CA; a server certificate for 10.203.0.2 used by libvirtd and by qemu's NBD
 #    server of backup jobs (backup_tls_x509_cert_dir, client certificates verified); a
-#    client certificate for this side, laid out for libvirt (pkipath=) and for libnbd.
+#    client certificate for this side, laid out for libvirt (pkipath=) and for libnbd;
+#  - URIs (see `env`): qemu+ssh:// (through an ssh wrapper with its own ssh_config: key,
+#    known_hosts, StrictHostKeyChecking yes), qemu+libssh:// and qemu+libssh2:// (key and
+#    known_hosts in the URI), qemu+tcp:// (no auth) and qemu+tls:// (client certificate).
+# Tests sharing the host use domain names and NBD ports of their own (see `domain`).
 # Everything lives under one state folder, $VMBACK_REMOTE_STATE (default
 # /var/tmp/vmback-remote); keys and certificates are made once and reused. Every
 # subcommand that changes the host takes a lock on that folder, so test binaries running
@@ -80,6 +84,11 @@ anchor_pid() {
 ssh_uri="qemu+ssh://root@$addr/system?command=$ssh_dir/ssh"
 tcp_uri="qemu+tcp://$addr/system"
 tls_uri="qemu+tls://$addr/system?pkipath=$pki/libvirt-client"
+# libvirt's built-in ssh clients take the key and known_hosts from the URI itself (the
+# ssh binary behind qemu+ssh:// would check /root/.ssh/known_hosts: hence the wrapper)
+libssh_q="keyfile=$ssh_dir/client_key&known_hosts=$ssh_dir/known_hosts&known_hosts_verify=normal&sshauth=privkey"
+libssh_uri="qemu+libssh://root@$addr/system?$libssh_q"
+libssh2_uri="qemu+libssh2://root@$addr/system?$libssh_q"
 
 print_env() {
   cat <<EOF
@@ -91,6 +100,8 @@ VMBACK_REMOTE_NETNS=$ns
 VMBACK_REMOTE_SSH_URI=$ssh_uri
 VMBACK_REMOTE_TCP_URI=$tcp_uri
 VMBACK_REMOTE_TLS_URI=$tls_uri
+VMBACK_REMOTE_LIBSSH_URI=$libssh_uri
+VMBACK_REMOTE_LIBSSH2_URI=$libssh2_uri
 VMBACK_REMOTE_SSH=$ssh_dir/ssh
 VMBACK_REMOTE_SSH_KEY=$ssh_dir/client_key
 VMBACK_REMOTE_KNOWN_HOSTS=$ssh_dir/known_hosts
