@@ -11,6 +11,9 @@
 #                                   through HMP, then flush (as make-corpus.sh does)
 #   remote-host.sh truth NAME DISK OUT.raw   the disk's true contents, taken on the host
 #   remote-host.sh exec CMD...      run CMD on the host (its network, mount, UTS namespace)
+#   remote-host.sh link up|down     the veth link, from this side (fault tests: a cut
+#                                   network); `start` brings it up again
+#   remote-host.sh sshd up|down     the host's sshd (fault tests); `start` restarts it
 #   remote-host.sh client CMD...    run CMD here with the client certificates where
 #                                   libnbd run as root looks (/etc/pki/libnbd, a private
 #                                   overlay on /etc) and HOME holding the ssh key and
@@ -73,13 +76,15 @@ alive() {
   case "$st" in Z*) return 1 ;; *) return 0 ;; esac
 }
 
-anchor_pid() {
+# pid_in FILE: the live process FILE names (else fails)
+pid_in() {
   local p
-  [ -s "$run/anchor.pid" ] || return 1
-  p=$(cat "$run/anchor.pid")
+  [ -s "$1" ] || return 1
+  p=$(cat "$1")
   alive "$p" || return 1
   echo "$p"
 }
+anchor_pid() { pid_in "$run/anchor.pid"; }
 
 ssh_uri="qemu+ssh://root@$addr/system?command=$ssh_dir/ssh"
 tcp_uri="qemu+tcp://$addr/system"
@@ -123,6 +128,21 @@ virsh_host() { on_host virsh -q -c qemu:///system "$@"; }
 
 answers() {
   anchor_pid >/dev/null && timeout 15 virsh -q -c "$ssh_uri" list --all >/dev/null 2>&1
+}
+
+sshd_pid() { pid_in "$run/sshd.pid"; }
+
+sshd_ctl() {
+  local p
+  case "$1" in
+    up) sshd_pid >/dev/null || on_host /usr/sbin/sshd -f "$ssh_dir/sshd_config" -E "$log/sshd.log" ;;
+    down)
+      if p=$(sshd_pid); then
+        kill "$p"
+        for _ in $(seq 1 50); do alive "$p" || break; sleep 0.1; done
+      fi ;;
+    *) die "usage: sshd up|down" ;;
+  esac
 }
 
 lock() {
@@ -300,6 +320,11 @@ stop_host() {
 }
 
 start_host() {
+  # undo what fault tests may have left: a link cut, sshd stopped
+  if anchor_pid >/dev/null; then
+    ip link set "$if_here" up 2>/dev/null || true
+    sshd_ctl up
+  fi
   if answers; then
     echo "remote-host: already running" >&2
   else
@@ -419,7 +444,8 @@ write_disk() {
 
 truth() {
   local name=$1 disk=$2 out=$3
-  write_disk "$name" "$disk"
+  # a live disk is flushed first; a shut-off one has nothing in flight
+  [ "$(virsh_host domstate "$name")" = "shut off" ] || write_disk "$name" "$disk"
   on_host qemu-img convert -U -O raw "$host/disks/$name-$disk.qcow2" "$out"
 }
 
@@ -442,13 +468,16 @@ cmd=${1:-}
 case "$cmd" in
   start) lock; start_host ;;
   stop) lock; stop_host; echo "remote-host: stopped" >&2 ;;
-  status) if answers; then print_env; else echo "remote-host: not running" >&2; exit 1; fi ;;
+  status) if answers; then print_env; else echo "remote-host: not running or not answering on $ssh_uri" >&2; exit 1; fi ;;
   env) print_env ;;
   domain) [ $# = 1 ] || die "usage: domain NAME"; lock; make_domain "$1" ;;
   write) [ $# -ge 3 ] || die "usage: write NAME DISK QEMU-IO-CMD..."; write_disk "$@" ;;
   truth) [ $# = 3 ] || die "usage: truth NAME DISK OUT.raw"; truth "$@" ;;
   exec) [ $# -ge 1 ] || die "usage: exec CMD..."; on_host "$@" ;;
   client) [ $# -ge 1 ] || die "usage: client CMD..."; client "$@" ;;
-  *) echo "usage: $0 start|stop|status|env|domain NAME|write NAME DISK CMD...|truth NAME DISK OUT|exec CMD...|client CMD..." >&2
+  link)
+    case "${1:-}" in up | down) ip link set "$if_here" "$1" ;; *) die "usage: link up|down" ;; esac ;;
+  sshd) [ $# = 1 ] || die "usage: sshd up|down"; lock; sshd_ctl "$1" ;;
+  *) echo "usage: $0 start|stop|status|env|domain NAME|write NAME DISK CMD...|truth NAME DISK OUT|exec CMD...|client CMD...|link up|down|sshd up|down" >&2
      exit 2 ;;
 esac
