@@ -1,0 +1,92 @@
+//! The second host (contrib/realstack/remote-host.sh) as the tests see it: started once
+//! per run and shared (the script locks its state folder, so test binaries may call
+//! `start` at the same time), then driven through the script's subcommands. Each test
+//! makes its own domain (a name of its own, recreated from nothing) and gives each backup
+//! an NBD port of its own, so tests sharing the host never meet.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A started host: the script's `KEY=VALUE` lines (VMBACK_REMOTE_*).
+pub struct Host {
+    script: PathBuf,
+    env: HashMap<String, String>,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/realstack/remote-host.sh")
+}
+
+/// `out`'s status was success; otherwise fails the test with `what` and both streams.
+pub fn check(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+impl Host {
+    /// Starts the host, or finds it running.
+    pub fn start() -> Host {
+        let script = script();
+        let out = check(
+            Command::new(&script).arg("start").output().expect("run remote-host.sh"),
+            "remote-host.sh start",
+        );
+        let env = String::from_utf8(out.stdout)
+            .expect("env lines are UTF-8")
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Host { script, env }
+    }
+
+    /// The value of `VMBACK_REMOTE_<key>`.
+    pub fn get(&self, key: &str) -> &str {
+        let k = format!("VMBACK_REMOTE_{key}");
+        self.env.get(&k).unwrap_or_else(|| panic!("remote-host.sh start printed no {k}"))
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let what = format!("remote-host.sh {}", args.join(" "));
+        check(Command::new(&self.script).args(args).output().expect("run remote-host.sh"), &what)
+    }
+
+    /// (Re)creates domain `name`: new empty disks vda and vdb, fresh NVRAM, paused.
+    pub fn domain(&self, name: &str) {
+        self.run(&["domain", name]);
+    }
+
+    /// Runs qemu-io commands (`write -P 0xab 0 1M`, ...) on a live disk, then flushes.
+    pub fn write(&self, name: &str, disk: &str, cmds: &[&str]) {
+        let mut args = vec!["write", name, disk];
+        args.extend_from_slice(cmds);
+        self.run(&args);
+    }
+
+    /// The disk's true contents now, as a raw image at `out` (taken on the host).
+    pub fn truth(&self, name: &str, disk: &str, out: &Path) {
+        self.run(&["truth", name, disk, out.to_str().expect("UTF-8 path")]);
+    }
+
+    /// A command run from this side as a client of the host: HOME holds the ssh key and
+    /// known_hosts (paramiko reads only $HOME/.ssh); with `tls`, inside the script's
+    /// `client` wrapper, which gives libnbd its client certificates.
+    pub fn client(&self, tls: bool, program: &str) -> Command {
+        let mut c = if tls {
+            let mut c = Command::new(&self.script);
+            c.args(["client", program]);
+            c
+        } else {
+            Command::new(program)
+        };
+        c.env("HOME", self.get("HOME"));
+        c
+    }
+}
