@@ -1,19 +1,115 @@
-//! `vmback restore`, `dump` and `verify`: choosing what to restore, progress, summaries.
+//! `vmback restore`, `dump` and `verify`: the restore flags (turned into the library's
+//! [`RestoreOptions`] and a [`What`]), the action they ask for, choosing what to restore
+//! (the restore plan: a restore point of the catalog, or a `--sequence` of files),
+//! progress, summaries.
+//!
+//! The action follows virtnbdrestore: `-a dump|restore|verify`, and an output named
+//! `dump` or `verify` with the default action means that action (its `-o dump`), so a
+//! restore never writes into a folder of either name.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use super::Result;
+use super::cores;
 use super::ls::{human, status_words};
 use crate::cache::ReadCache;
 use crate::catalog::{Catalog, Status};
 use crate::chain::{ImageReader, Layer, StreamIndex};
-use crate::restore::{RestoreOptions, restore_image, verify::verify as verify_catalog};
+use crate::restore::{Format, RestoreOptions, Sparse, restore_image, verify::verify as verify_catalog};
 
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+/// What `vmback restore` does (virtnbdrestore's `-a`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Action {
+    /// Print the metadata of every stream file as JSON.
+    Dump,
+    /// Rebuild disk images into the output.
+    Restore,
+    /// Read every stream file and check its `.chksum`; exits 1 on damage.
+    Verify,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// What to do: restore, dump (metadata as JSON) or verify (as `vmback verify`).
+    #[arg(short = 'a', long = "action", value_enum, default_value = "restore")]
+    pub action: Action,
+    /// The backup set (or a folder tree of sets; then --domain may be needed).
+    #[arg(short = 'i', long = "input")]
+    pub input: PathBuf,
+    /// Output folder (created if missing) or a block device (with -d); `dump` or `verify`
+    /// instead ask for that action, as with virtnbdrestore. Not needed by -a dump|verify.
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// The restore point, named as `vmback ls` and the mount show it (a bare checkpoint
+    /// name such as virtnbdbackup.2 works when it is unique).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Restore only this disk (e.g. sda).
+    #[arg(short = 'd', long = "disk")]
+    pub disk: Option<String>,
+    /// Apply exactly these stream files (relative to -i), in this order.
+    #[arg(long, value_delimiter = ',')]
+    pub sequence: Vec<PathBuf>,
+    /// Output image format.
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: Format,
+    /// Leave holes (always), or write zeros over them (never: for block devices).
+    #[arg(long, value_enum, default_value = "always")]
+    pub sparse: Sparse,
+    /// The domain, when the input holds several.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Worker threads per disk [default: one per core].
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl RestoreArgs {
+    /// The action asked for: `-a`, or with the default action an output named `dump` or
+    /// `verify` (virtnbdrestore's rule).
+    pub fn action(&self) -> Action {
+        match (self.action, self.output.as_deref().and_then(Path::to_str)) {
+            (Action::Restore, Some("dump")) => Action::Dump,
+            (Action::Restore, Some("verify")) => Action::Verify,
+            (action, _) => action,
+        }
+    }
+}
+
+impl From<&RestoreArgs> for RestoreOptions {
+    fn from(a: &RestoreArgs) -> RestoreOptions {
+        RestoreOptions { format: a.format, sparse: a.sparse, threads: a.threads.unwrap_or_else(cores) }
+    }
+}
+
+impl From<&RestoreArgs> for What {
+    fn from(a: &RestoreArgs) -> What {
+        What {
+            until: a.until.clone(),
+            disk: a.disk.clone(),
+            sequence: a.sequence.clone(),
+            domain: a.domain.clone(),
+        }
+    }
+}
+
+/// Runs `vmback restore` with the action it asks for.
+pub fn run(a: &RestoreArgs) -> Result<ExitCode> {
+    match (a.action(), &a.output) {
+        (Action::Dump, _) => dump(&a.input),
+        (Action::Verify, _) => verify(&a.input, false, a.threads.unwrap_or_else(cores)),
+        (Action::Restore, Some(output)) => {
+            restore(&a.input, output, &What::from(a), &RestoreOptions::from(a))
+        }
+        (Action::Restore, None) => Err("restore needs an output: -o FOLDER (or a block device)".into()),
+    }
+}
 
 /// Cache for decoded frames during a restore: a few 32 MiB frames per worker, so two
 /// workers inside one frame share its decode.
