@@ -296,7 +296,7 @@ fn restores_equal_virtnbdrestore_on_the_same_chains() {
         for c in &cpts {
             // virtnbdrestore --until C stops after the first file (by mtime) that carries
             // checkpointName C; a diff carries the NEXT checkpoint's name and shadows it
-            // (stream-format.md §3.1): such points are not the checkpoint's.
+            // (doc/FORMAT.md §3.3): such points are not the checkpoint's.
             let stops: Vec<String> = disks
                 .iter()
                 .map(|d| {

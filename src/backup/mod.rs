@@ -405,7 +405,7 @@ fn online(
     };
     let meta_cpt = match level {
         Level::Copy => format!("{CPT_PREFIX}0"),
-        // A diff carries the name the next checkpoint will have (upstream, §1.4).
+        // A diff carries the name the next checkpoint will have (upstream, FORMAT.md §1.4).
         Level::Diff => format!("{CPT_PREFIX}{}", folder.checkpoints.len()),
         _ => new_cpt.clone().expect("full and inc have one"),
     };
@@ -492,7 +492,7 @@ impl Plan {
             Level::Copy => format!("{disk}.copy.data"),
             Level::Inc if self.meta_cpt == self.parent => {
                 // An offline inc: upstream names it after the parent checkpoint and so
-                // overwrites the online inc of that name (§4.3); the time keeps it apart.
+                // overwrites the online inc of that name (FORMAT.md §4.1); the time keeps it apart.
                 format!("{disk}.inc.{}.{}.data", self.parent, self.ident)
             }
             Level::Inc => format!("{disk}.inc.{}.data", self.meta_cpt),
@@ -752,7 +752,7 @@ fn offline(
         _ => unique_time(&folder.out),
     };
     // An offline inc or diff holds every change since the last checkpoint and makes no
-    // new one: its checkpointName is its parent (§1.4).
+    // new one: its checkpointName is its parent (FORMAT.md §1.4).
     let plan = Plan {
         level,
         kind: if bitmap.is_some() { Extents::Dirty } else { Extents::Allocation },
