@@ -48,13 +48,13 @@ pub struct RestoreArgs {
     pub output: Option<PathBuf>,
     /// The restore point, named as `vmback ls` and the mount show it (a bare checkpoint
     /// name such as virtnbdbackup.2 works when it is unique).
-    #[arg(long)]
+    #[arg(short = 'u', long)]
     pub until: Option<String>,
     /// Restore only this disk (e.g. sda).
     #[arg(short = 'd', long = "disk")]
     pub disk: Option<String>,
     /// Apply exactly these stream files (relative to -i), in this order.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(short = 's', long, value_delimiter = ',')]
     pub sequence: Vec<PathBuf>,
     /// Output image format.
     #[arg(long, value_enum, default_value = "raw")]
@@ -68,6 +68,9 @@ pub struct RestoreArgs {
     /// Worker threads per disk [default: one per core].
     #[arg(long)]
     pub threads: Option<usize>,
+    /// No progress bars (there are none anyway when stderr is not a terminal).
+    #[arg(short = 'n', long = "noprogress")]
+    pub no_progress: bool,
 }
 
 impl RestoreArgs {
@@ -105,7 +108,8 @@ pub fn run(a: &RestoreArgs) -> Result<ExitCode> {
         (Action::Dump, _) => dump(&a.input),
         (Action::Verify, _) => verify(&a.input, false, a.threads.unwrap_or_else(cores)),
         (Action::Restore, Some(output)) => {
-            restore(&a.input, output, &What::from(a), &RestoreOptions::from(a))
+            let progress = !a.no_progress && std::io::stderr().is_terminal();
+            restore(&a.input, output, &What::from(a), &RestoreOptions::from(a), progress)
         }
         (Action::Restore, None) => Err("restore needs an output: -o FOLDER (or a block device)".into()),
     }
@@ -129,7 +133,14 @@ struct Job {
     layers: Vec<Layer>,
 }
 
-pub fn restore(input: &Path, output: &Path, what: &What, opts: &RestoreOptions) -> Result<ExitCode> {
+/// Restores the images `what` names into `output`, with progress bars when `progress`.
+pub fn restore(
+    input: &Path,
+    output: &Path,
+    what: &What,
+    opts: &RestoreOptions,
+    progress: bool,
+) -> Result<ExitCode> {
     let (jobs, vmconfig) = if what.sequence.is_empty() {
         from_catalog(input, what)?
     } else {
@@ -145,7 +156,6 @@ pub fn restore(input: &Path, output: &Path, what: &What, opts: &RestoreOptions) 
     }
     let cache = Arc::new(ReadCache::new(RESTORE_CACHE));
     let bars = MultiProgress::new();
-    let show = std::io::stderr().is_terminal();
     let mut failed = 0;
     for job in jobs {
         let reader = ImageReader::new(job.layers, cache.clone());
@@ -154,8 +164,11 @@ pub fn restore(input: &Path, output: &Path, what: &What, opts: &RestoreOptions) 
         } else {
             output.join(format!("{}.{}", job.disk, opts.format.extension()))
         };
-        let bar =
-            if show { bars.add(ProgressBar::new(reader.map().data_bytes())) } else { ProgressBar::hidden() };
+        let bar = if progress {
+            bars.add(ProgressBar::new(reader.map().data_bytes()))
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
             ProgressStyle::with_template(
                 "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -286,4 +299,42 @@ pub fn verify(source: &Path, json: bool, threads: usize) -> Result<ExitCode> {
         );
     }
     Ok(if report.findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn restore_args(args: &[&str]) -> RestoreArgs {
+        let cli = Cli::try_parse_from(["vmback", "restore"].iter().chain(args)).expect("parses");
+        let Command::Restore(a) = cli.command else { panic!("not a restore: {:?}", cli.command) };
+        a
+    }
+
+    /// virtnbdrestore's short flags work as its scripts write them.
+    #[test]
+    fn virtnbdrestore_short_flags() {
+        let a =
+            restore_args(&["-i", "in", "-o", "out", "-u", "virtnbdbackup.2", "-s", "a.full.data,b", "-n"]);
+        assert_eq!(a.until.as_deref(), Some("virtnbdbackup.2"));
+        assert_eq!(a.sequence, [PathBuf::from("a.full.data"), PathBuf::from("b")]);
+        assert!(a.no_progress);
+        assert_eq!(a.action(), Action::Restore);
+    }
+
+    /// `-a` chooses the action; with the default action, an output named `dump` or
+    /// `verify` does (virtnbdrestore's `-o dump`); any other output is a folder.
+    #[test]
+    fn the_action_follows_virtnbdrestore() {
+        let action = |args: &[&str]| restore_args(args).action();
+        assert_eq!(action(&["-i", "in", "-o", "dump"]), Action::Dump);
+        assert_eq!(action(&["-i", "in", "-o", "verify"]), Action::Verify);
+        assert_eq!(action(&["-i", "in", "-o", "./verify"]), Action::Restore);
+        assert_eq!(action(&["-i", "in", "-a", "verify"]), Action::Verify);
+        assert_eq!(action(&["-i", "in", "-a", "dump", "-o", "out"]), Action::Dump);
+        assert_eq!(action(&["-i", "in", "--action", "restore", "-o", "verify"]), Action::Verify);
+    }
 }
