@@ -4,7 +4,7 @@
 # Needs a nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`).
 #
 # Each target starts from the small committed seeds in fuzz/corpus/<target> (written by
-# vmback's own stream writer and the examples of stream-format.md) and grows its corpus in
+# vmback's own stream writer and the examples of doc/FORMAT.md) and grows its corpus in
 # FUZZ_WORK (default /var/tmp/vmback-fuzz), which is kept between runs. Crashes land in
 # fuzz/artifacts/<target>/. Per target, the log is FUZZ_WORK/<target>.log; the summary
 # printed at the end gives executions and seconds.

@@ -150,7 +150,7 @@ fn chain_test(name: &str, compress: bool) {
         assert!(f[3].starts_with(&format!("{d}.diff.")), "{}", f[3]);
         assert_eq!(f[4], format!("{d}.inc.virtnbdbackup.3.data"));
         assert_eq!(f[5], format!("{d}.copy.data"));
-        // The metadata upstream writes for each level (stream-format.md §1.4).
+        // The metadata upstream writes for each level (doc/FORMAT.md §1.4).
         let want = [
             ("virtnbdbackup.0", "", false),
             ("virtnbdbackup.1", "virtnbdbackup.0", true),
@@ -335,7 +335,7 @@ fn shut_off_domain_copy_inc_diff_from_persistent_bitmaps_then_online_inc() {
     for d in ["vda", "vdb"] {
         assert_eq!(steps[2].files[d], format!("{d}.copy.data"));
         // Offline incs are named after their parent and the time: never the online inc's
-        // name (upstream's collision, stream-format.md §4.3).
+        // name (upstream's collision, doc/FORMAT.md §4.1).
         for s in [&steps[3], &steps[5]] {
             let f = &s.files[d];
             let ts = f

@@ -159,6 +159,10 @@ fn umount_live_busy_lazy_and_refusals() {
     assert!(!is_fuse_mounted(&mnt));
     let status = m.wait_exit();
     assert!(status.success(), "vmback exited with {status}:\n{}", m.log());
+    // A clean unmount logs no warning (issue 18.8: fuser's own second unmount logged
+    // "Failed to umount filesystem: Invalid argument" every time).
+    assert!(!m.log().contains("WARN"), "a clean unmount warned:\n{}", m.log());
+    assert!(m.log().contains("INFO unmounted"), "{}", m.log());
 
     // Lazy while a file is open: gone from the tree at once, the open file still reads,
     // vmback exits when it is closed.
@@ -173,6 +177,7 @@ fn umount_live_busy_lazy_and_refusals() {
     drop(held);
     let status = m.wait_exit();
     assert!(status.success(), "vmback exited with {status}:\n{}", m.log());
+    assert!(!m.log().contains("WARN"), "a lazy unmount warned:\n{}", m.log());
 
     // Not a mount, and not a FUSE mount: refused, nothing unmounted.
     let plain = t.path().join("plain");
@@ -685,6 +690,44 @@ fn man_pages_render() {
         n == "vmback-completions.1" || n == "vmback-man.1"
     });
     assert!(!hidden, "pages for the set-up's hidden commands");
+}
+
+/// `vmback ls` of a folder with no backup says so, and why files in it were not taken
+/// (issue 18.8); a point's date reads `2026-06-01 08:00:00`.
+#[test]
+fn ls_says_when_nothing_was_found_and_shows_plain_dates() {
+    let t = tmp();
+    let empty = t.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let said = run_ok(env!("CARGO_BIN_EXE_vmback"), &["ls", path_str(&empty)]);
+    assert_eq!(
+        said.trim_end(),
+        format!(
+            "no backup found in {}: it holds no stream file (*.data) of virtnbdbackup or vmback",
+            empty.display()
+        )
+    );
+    let partial = empty.join("sda.full.data.partial");
+    std::fs::write(&partial, b"in progress").unwrap();
+    let said = run_ok(env!("CARGO_BIN_EXE_vmback"), &["ls", path_str(&empty)]);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("no backup found in {}; files not taken:", empty.display()),
+            format!("warning: {}: backup in progress or aborted; skipped", partial.display()),
+        ],
+        "{said}"
+    );
+
+    let src = sample(t.path());
+    let said = run_ok(env!("CARGO_BIN_EXE_vmback"), &["ls", path_str(&src)]);
+    let point = said.lines().find(|l| l.trim_start().starts_with("virtnbdbackup.0 ")).expect("point 0");
+    let date = point.split_whitespace().skip(1).take(2).collect::<Vec<_>>().join(" ");
+    assert!(
+        chrono::NaiveDateTime::parse_from_str(&date, "%Y-%m-%d %H:%M:%S").is_ok(),
+        "date {date:?} in {point:?}"
+    );
 }
 
 /// `--log-level` wins over `VMBACK_LOG`; both filter; a bad filter is an error.

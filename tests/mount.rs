@@ -773,7 +773,7 @@ fn qemu_img_info_map_and_convert() {
     qemu_img_checks(&mnt, td.path(), &picks);
 }
 
-/// The stream format does not require aligned extents (stream-format.md §1.8): a data
+/// The stream format does not require aligned extents (doc/FORMAT.md §1.8): a data
 /// extent starting 1 byte into a sector must survive `qemu-img convert` too.
 #[test]
 fn qemu_img_convert_keeps_unaligned_extents() {

@@ -1,7 +1,7 @@
 //! Malformed stream files, byte by byte.
 //!
-//! The baselines are the two worked examples of stream-format.md §1.11 (a 4096-byte disk,
-//! `ABCDEFGH` at 0, zeros after), copied here from the spec's hex dumps. Each test breaks
+//! The baselines are the two worked examples of doc/FORMAT.md §1.11 (a 4096-byte disk,
+//! `ABCDEFGH` at 0, zeros after), copied here from its hex dumps. Each test breaks
 //! one thing and checks what `StreamIndex::open` says: an error (metadata unusable) or a
 //! `Damage` (the frames before the break stay readable) whose message names the file and
 //! the byte offset of the break. A few catalog-level cases at the end check that one bad
@@ -17,9 +17,9 @@ use vmback::chain::scan::{Format, Stored};
 use vmback::chain::{ImageReader, Layer, ReadError, ScanError, StreamIndex, StreamMeta, StreamWriter};
 
 // ---------------------------------------------------------------------------------------
-// The worked examples (stream-format.md §1.11)
+// The worked examples (doc/FORMAT.md §1.11)
 
-/// `xxd` of the uncompressed example, as printed in the spec.
+/// `xxd` of the uncompressed example, as printed in doc/FORMAT.md.
 const UNCOMPRESSED_DUMP: &str = "\
 00000000: 6d65 7461 2030 3030 3030 3030 3030 3030  meta 00000000000
 00000010: 3030 3030 3020 3030 3030 3030 3030 3030  00000 0000000000
@@ -377,7 +377,7 @@ fn tolerated_variants_open_cleanly() {
 // ---------------------------------------------------------------------------------------
 // The file start and the meta frame: the stream cannot be used at all
 
-/// `-z 0` (§1.7, §4.3): metadata `"compressed": 0`, lz4 payloads, and no trailer, which
+/// `-z 0` (FORMAT.md §1.7, §4.4): metadata `"compressed": 0`, lz4 payloads, and no trailer, which
 /// upstream cannot read. Walking the lz4 frames recovers every byte.
 #[test]
 fn level_zero_compression_without_trailer_is_readable() {
@@ -390,7 +390,7 @@ fn level_zero_compression_without_trailer_is_readable() {
 
 #[test]
 fn files_not_starting_with_meta_are_raw_images() {
-    // §1.12: anything not starting with `meta ` is a raw disk image, garbage included.
+    // FORMAT.md §1.12: anything not starting with `meta ` is a raw disk image, garbage included.
     for bytes in
         [&b""[..], b"meta", b"data 0000000000000000 0000000000000008\r\nABCDEFGH\r\n", b"\x00garbage"]
     {
@@ -664,7 +664,7 @@ fn data_size_mismatch() {
 // ---------------------------------------------------------------------------------------
 // Compressed streams: the trailer
 
-/// A lost or broken trailer: the lz4 frames are found by walking them (§1.9), so every
+/// A lost or broken trailer: the lz4 frames are found by walking them (FORMAT.md §1.9), so every
 /// extent stays readable; the stream is still reported as damaged (from the virtual size,
 /// i.e. no unreadable range), naming the trailer problem.
 #[test]
@@ -1261,7 +1261,7 @@ fn damaged_layer_marks_its_points_damaged_and_reads_before_the_damage() {
 #[test]
 
 fn inc_file_with_a_garbage_header_is_broken_not_a_raw_image() {
-    // Raw images only exist as full/copy files (stream-format.md §1.12); an `inc` whose
+    // Raw images only exist as full/copy files (doc/FORMAT.md §1.12); an `inc` whose
     // first bytes are garbage is a damaged stream, and its points cannot be rebuilt.
     let dir = TempDir::new().unwrap();
     let d = dir.path();

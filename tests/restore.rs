@@ -296,7 +296,7 @@ fn restores_equal_virtnbdrestore_on_the_same_chains() {
         for c in &cpts {
             // virtnbdrestore --until C stops after the first file (by mtime) that carries
             // checkpointName C; a diff carries the NEXT checkpoint's name and shadows it
-            // (stream-format.md §3.1): such points are not the checkpoint's.
+            // (doc/FORMAT.md §3.3): such points are not the checkpoint's.
             let stops: Vec<String> = disks
                 .iter()
                 .map(|d| {
@@ -439,6 +439,8 @@ fn dump_matches_virtnbdrestore_dump() {
         let ours = vmback_ok(&["dump", "-i", path_str(&set)]);
         let again = vmback_ok(&["restore", "-i", path_str(&set), "-o", "dump"]);
         assert_eq!(ours.stdout, again.stdout, "`restore -o dump` and `dump` print the same");
+        let action = vmback_ok(&["restore", "-a", "dump", "-i", path_str(&set)]);
+        assert_eq!(ours.stdout, action.stdout, "`restore -a dump` and `dump` print the same");
         let list: Vec<Value> = serde_json::from_slice(&ours.stdout).expect("vmback dump is JSON");
         let mut mine: BTreeMap<String, Value> = BTreeMap::new();
         for mut v in list {
@@ -877,6 +879,43 @@ fn verify_checks_chksum_sidecars() {
     let v = verify(&set);
     let problem = v.json["findings"][0]["problem"].as_str().expect("problem");
     assert!(problem.contains(&sum.to_string()) && problem.contains(&(sum + 1).to_string()), "{problem}");
+}
+
+/// virtnbdrestore's actions (issue 18.7): `-o verify`, like `-o dump`, names the action,
+/// not a folder to restore into; `-a verify` is the same; both verify as `vmback verify`
+/// does, exit code included, and write nothing.
+#[test]
+fn restore_o_verify_and_a_verify_verify_instead_of_restoring() {
+    let Some(corpus) = corpus() else { return };
+    let tmp = tempdir();
+    let set = intact_copy(&corpus, "sets/plain", tmp.path());
+    let cwd = tmp.path().join("cwd");
+    fs::create_dir(&cwd).expect("cwd");
+    let run = |args: &[&str]| {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_vmback")).args(args).current_dir(&cwd).output().expect("vmback");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let check = |want: Option<i32>| {
+        let plain = vmback(&["verify", path_str(&set)]);
+        let plain = (plain.status.code(), String::from_utf8_lossy(&plain.stdout).into_owned());
+        assert_eq!(plain.0, want, "vmback verify: {}", plain.1);
+        for args in [
+            &["restore", "-i", path_str(&set), "-o", "verify"][..],
+            &["restore", "-a", "verify", "-i", path_str(&set)],
+            &["restore", "--action", "verify", "-i", path_str(&set), "-o", "anything"],
+        ] {
+            assert_eq!(run(args), plain, "{args:?} prints and exits as `vmback verify`");
+        }
+        assert_eq!(names(&cwd), Vec::<String>::new(), "a verify wrote into the current folder");
+    };
+    check(Some(0));
+    fs::write(set.join("vdb.full.data.chksum"), "1").expect("wrong sidecar");
+    check(Some(1));
+    // A restore without an output has nowhere to go: refused, naming -o.
+    let out = vmback(&["restore", "-i", path_str(&set)]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && said.contains("-o"), "{:?}: {said}", out.status);
 }
 
 // ---------------------------------------------------------------------------------------

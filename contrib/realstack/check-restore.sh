@@ -13,7 +13,7 @@
 #          that row's truth.
 # For sets/copy and sets/copy-z: the whole set, compared with the copy's truth.
 #
-# Known upstream quirk (shared/docs/stream-format.md §3.1, real-stack.md): a diff file
+# Known upstream quirk (doc/FORMAT.md §3.3; shared/docs/real-stack.md): a diff file
 # carries the NEXT checkpoint's name, so `--until virtnbdbackup.N` stops at a diff taken
 # before inc N and restores the diff's state instead of inc N's. Such a comparison is
 # reported as QUIRK (not a corpus bug) when the restored image equals the truth of the

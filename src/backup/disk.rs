@@ -62,7 +62,7 @@ pub fn query_extents(nbd: &mut Nbd, size: u64, kind: Extents) -> Result<Vec<Exte
                 break;
             }
             // base:allocation: bit 0 is "hole"; an allocated range that reads as zeros is
-            // still saved as data, as upstream does (§5.3). Dirty bitmaps: bit 0 is "dirty".
+            // still saved as data, as upstream does (FORMAT.md §1.13). Dirty bitmaps: bit 0 is "dirty".
             let data = match kind {
                 Extents::Allocation => flags & 1 == 0,
                 Extents::Dirty => flags & 1 == 1,

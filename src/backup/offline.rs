@@ -147,7 +147,7 @@ pub fn offline(
         _ => folder.unique_time()?,
     };
     // An offline inc or diff holds every change since the last checkpoint and makes no
-    // new one: its checkpointName is its parent (§1.4).
+    // new one: its checkpointName is its parent (FORMAT.md §1.4).
     let plan = Plan {
         level,
         kind: if bitmap.is_some() { Extents::Dirty } else { Extents::Allocation },

@@ -148,7 +148,7 @@ pub fn online(
     };
     let meta_cpt = match level {
         Level::Copy => next_checkpoint(0),
-        // A diff carries the name the next checkpoint will have (upstream, §1.4).
+        // A diff carries the name the next checkpoint will have (upstream, FORMAT.md §1.4).
         Level::Diff => next_checkpoint(folder.checkpoints.len()),
         _ => new_cpt.clone().expect("full and inc have one"),
     };

@@ -51,7 +51,7 @@ impl Plan {
             Level::Copy => format!("{disk}.copy.data"),
             Level::Inc if self.meta_cpt == self.parent => {
                 // An offline inc: upstream names it after the parent checkpoint and so
-                // overwrites the online inc of that name (§4.3); the time keeps it apart.
+                // overwrites the online inc of that name (FORMAT.md §4.1); the time keeps it apart.
                 format!("{disk}.inc.{}.{}.data", self.parent, self.ident)
             }
             Level::Inc => format!("{disk}.inc.{}.data", self.meta_cpt),

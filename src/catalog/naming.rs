@@ -1,4 +1,4 @@
-//! File names of a backup set (stream-format.md §2) and names that are safe to show.
+//! File names of a backup set (doc/FORMAT.md §2.1) and names that are safe to show.
 
 /// The backup level a data file's name says it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]

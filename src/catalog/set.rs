@@ -1,6 +1,6 @@
 //! One backup set (a folder written by one virtnbdbackup chain) and its restore points.
 //!
-//! Chains are ordered by metadata, not by mtime (stream-format.md §6): per disk the base
+//! Chains are ordered by metadata, not by mtime (doc/FORMAT.md §3.2): per disk the base
 //! (`full`), then the online incrementals by the number of their checkpoint, each of which
 //! must name the one before as its parent. A stream that is not incremental resets the
 //! chain (a lost-CBT full inside an `inc` name). Differentials and offline incrementals
@@ -123,7 +123,7 @@ fn disk_points(disk: &str, files: Vec<Found>, set_has_full: bool) -> Vec<DiskPoi
     for f in files {
         match &f.name.level {
             Level::Full => bases.push(f),
-            // A raw-format disk is saved as `copy` inside a full backup (§1.12).
+            // A raw-format disk is saved as `copy` inside a full backup (FORMAT.md §1.12).
             Level::Copy if set_has_full && f.is_raw() => bases.push(f),
             Level::Copy => copies.push(f),
             Level::Inc(_) if f.parent().is_some_and(|p| p == f.checkpoint()) => derived.push((true, f)),
@@ -211,10 +211,10 @@ fn config_for(key: &PointKey, diff_ts: Option<u64>, configs: &BTreeMap<String, P
     match key {
         PointKey::Checkpoint(c) => configs.get(c).cloned(),
         PointKey::Copy { .. } => configs.get("copy").cloned(),
-        // Offline incrementals are named after their parent checkpoint (§2).
+        // Offline incrementals are named after their parent checkpoint (FORMAT.md §2.4).
         PointKey::Derived { parent, offline: true, .. } => configs.get(parent).cloned(),
         // A diff run names each file with the unix time when that file was started, so
-        // its config and data file can be seconds apart (§2): take the closest, within
+        // its config and data file can be seconds apart (FORMAT.md §2.4): take the closest, within
         // a minute.
         PointKey::Derived { offline: false, .. } => {
             let ts = diff_ts?;

@@ -1,4 +1,4 @@
-//! The 40-byte frame header of a stream file (stream-format.md §1.2).
+//! The 40-byte frame header of a stream file (doc/FORMAT.md §1.2).
 //!
 //! `KIND SP START SP LENGTH CR LF`, both numbers as 16 lowercase hex digits. The parser is
 //! strict where upstream's is lenient (it checks the separators, the CRLF and the kind):

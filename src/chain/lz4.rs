@@ -3,7 +3,7 @@
 //!
 //! A compressed stream normally says where each lz4 frame ends in its trailer. When the
 //! trailer is missing or damaged (a truncated file), the frames can still be found by
-//! walking their structure (stream-format.md §1.9): header, then blocks each prefixed by
+//! walking their structure (doc/FORMAT.md §1.9): header, then blocks each prefixed by
 //! a 4-byte size word (high bit = stored uncompressed) and followed by a 4-byte checksum
 //! when the frame has block checksums, a zero end mark, and a 4-byte content checksum.
 

@@ -1,5 +1,5 @@
-//! The metadata JSON of a stream (`meta` frame, stream-format.md §1.4 and §1.7) and the
-//! compression trailer (§1.6).
+//! The metadata JSON of a stream (`meta` frame, doc/FORMAT.md §1.4 and §1.5) and the
+//! compression trailer (§1.7).
 //!
 //! Reading is tolerant of every writer generation: stream version 1 and 2, the version
 //! under `streamVersion` or `stream-version`, `compressed` as bool or lz4 level, a
@@ -101,7 +101,7 @@ impl StreamMeta {
                 None => false,
                 Some(v) => v.as_bool().ok_or(MetaError::WrongType("incremental"))?,
             },
-            // Version 1 streams are never compressed (§1.7), whatever a stray key says.
+            // Version 1 streams are never compressed (FORMAT.md §1.5), whatever a stray key says.
             compressed: if version == 2 { compressed } else { None },
             stream_version: version as u32,
         })
@@ -307,7 +307,7 @@ pub fn trailer_json(entries: &[(bool, Vec<u64>)]) -> String {
 mod tests {
     use super::*;
 
-    /// The metadata of the worked example in stream-format.md §1.11 (314 bytes).
+    /// The metadata of the worked example in doc/FORMAT.md §1.11 (314 bytes).
     pub const EXAMPLE: &str = "{\n    \"virtualSize\": 4096,\n    \"dataSize\": 8,\n    \"date\": \"2026-06-30T08:21:01.123456\",\n    \"diskName\": \"sda\",\n    \"diskFormat\": \"qcow2\",\n    \"checkpointName\": \"virtnbdbackup.0\",\n    \"compressed\": false,\n    \"compressionMethod\": \"lz4\",\n    \"parentCheckpoint\": \"\",\n    \"incremental\": false,\n    \"streamVersion\": 2\n}";
 
     #[test]

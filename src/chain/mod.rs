@@ -2,7 +2,7 @@
 //!
 //! A stream file is a `meta` frame (JSON), then `data` and `zero` frames each naming a disk
 //! range, a `stop` frame, and, when compressed, a JSON trailer giving the lz4 frame sizes
-//! of each data frame (../shared/docs/stream-format.md is the spec). A disk at a restore
+//! of each data frame (doc/FORMAT.md describes it). A disk at a restore
 //! point is the chain of stream files leading to it: a full or copy, then incrementals or
 //! one differential, each laid over the ones before.
 //!

@@ -342,7 +342,7 @@ fn scan_stream(path: PathBuf, file: File, file_len: u64) -> Result<StreamIndex, 
         None => (Payloads::Plain { body_end: file_len }, None),
         Some(_) => match read_trailer(&index) {
             Ok((sizes, body_end)) => (Payloads::Trailer { sizes, body_end }, None),
-            // Without a trailer the lz4 frames are found by walking them (§1.9).
+            // Without a trailer the lz4 frames are found by walking them (FORMAT.md §1.9).
             Err(e) => (Payloads::Walk, Some(e)),
         },
     };

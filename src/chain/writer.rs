@@ -1,4 +1,4 @@
-//! Writes stream files byte-compatible with upstream (stream-format.md §1.10).
+//! Writes stream files byte-compatible with upstream (doc/FORMAT.md §1.10).
 //!
 //! Used by `vmback sample`, by the tests to build chains, and by `backup`. A data extent
 //! of `len >= max_request` bytes is read and (when compressing) lz4-framed in pieces of

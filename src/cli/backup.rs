@@ -1,18 +1,87 @@
-//! `vmback backup`: progress bars, Ctrl-C, and the summary.
+//! `vmback backup`: its flags (turned into the library's [`BackupOptions`]), progress
+//! bars, Ctrl-C, and the summary.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
+use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use nix::sys::signal::{SigSet, Signal};
 use tracing::{info, warn};
 
 use super::ls::human;
-use crate::backup::{BackupOptions, Outcome, run};
+use super::{Result, cores, parse_bytes};
+use crate::backup::{BackupOptions, Level, Outcome, run};
 
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// The domain to back up.
+    #[arg(short = 'd', long = "domain")]
+    pub domain: String,
+    /// Backup level: auto is full into an empty folder, else inc.
+    #[arg(short = 'l', long = "level", value_enum, default_value = "copy")]
+    pub level: Level,
+    /// Output folder (one chain per folder).
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    /// lz4-compress the data (optionally with a level, as upstream's -z).
+    #[arg(short = 'z', long = "compress", num_args = 0..=1, default_missing_value = "2", require_equals = true)]
+    pub compress: Option<u32>,
+    /// Disks to leave out (comma-separated target names, e.g. vdb,vdc).
+    #[arg(short = 'x', long = "exclude", value_delimiter = ',')]
+    pub exclude: Vec<String>,
+    /// Back up only these disks.
+    #[arg(short = 'i', long = "include", value_delimiter = ',')]
+    pub include: Vec<String>,
+    /// libvirt connection URI.
+    #[arg(short = 'U', long = "uri", default_value = "qemu:///system")]
+    pub uri: String,
+    /// Disks backed up in parallel.
+    #[arg(short = 'w', long = "worker")]
+    pub worker: Option<usize>,
+    /// Skip an inc/diff that would save fewer bytes than this.
+    #[arg(long, value_parser = parse_bytes)]
+    pub threshold: Option<u64>,
+    /// Print how much a backup would save, and exit.
+    #[arg(short = 'p', long = "printonly")]
+    pub print_only: bool,
+    /// Output type: stream (default) or raw images (full and copy only).
+    #[arg(short = 't', long = "type", default_value = "stream", value_parser = ["stream", "raw"])]
+    pub output_type: String,
+    /// Include raw-format disks (saved as raw images in full and copy backups).
+    #[arg(long)]
+    pub raw: bool,
+    /// Where checkpoint XML files are kept [default: OUTPUT/checkpoints].
+    #[arg(short = 'C', long = "checkpointdir")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Folder for the NBD socket and libvirt's scratch files.
+    #[arg(long = "scratchdir", default_value = "/var/tmp")]
+    pub scratch_dir: PathBuf,
+}
+
+impl From<&BackupArgs> for BackupOptions {
+    fn from(a: &BackupArgs) -> BackupOptions {
+        BackupOptions {
+            workers: a.worker.unwrap_or_else(cores),
+            domain: a.domain.clone(),
+            level: a.level,
+            output: a.output.clone(),
+            compress: a.compress,
+            exclude: a.exclude.clone(),
+            include: a.include.clone(),
+            uri: a.uri.clone(),
+            threshold: a.threshold,
+            print_only: a.print_only,
+            raw_output: a.output_type == "raw",
+            raw_disks: a.raw,
+            checkpoint_dir: a.checkpoint_dir.clone(),
+            scratch_dir: a.scratch_dir.clone(),
+        }
+    }
+}
 
 pub fn backup(opts: &BackupOptions) -> Result<ExitCode> {
     stop_on_signal(opts);

@@ -144,22 +144,10 @@ mod tests {
             helper(&["/backup", "/mnt/vmback", "-o", opts, "-t", "fuse.vmback", "-n"]).unwrap().unwrap();
         assert_eq!(cli.log_level.as_deref(), Some("debug"));
         assert_eq!(cli.log_file.as_deref(), Some(std::path::Path::new("/var/log/v.log")));
-        let Command::Mount {
-            source,
-            mountpoint,
-            read_only,
-            allow_other,
-            cache_size,
-            threads,
-            background,
-            ..
-        } = cli.command
-        else {
-            panic!("not a mount: {:?}", cli.command)
-        };
-        assert_eq!((source.to_str(), mountpoint.to_str()), (Some("/backup"), Some("/mnt/vmback")));
-        assert!(read_only && allow_other && background);
-        assert_eq!((cache_size, threads), (1 << 30, Some(3)));
+        let Command::Mount(m) = cli.command else { panic!("not a mount: {:?}", cli.command) };
+        assert_eq!((m.source.to_str(), m.mountpoint.to_str()), (Some("/backup"), Some("/mnt/vmback")));
+        assert!(m.read_only && m.allow_other && m.background);
+        assert_eq!((m.cache_size, m.threads), (1 << 30, Some(3)));
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! `vmback ls`: the catalog as a table or as JSON.
+//! `vmback ls`: the catalog as a table or as JSON. A SOURCE holding no backup says so,
+//! with the catalog's warnings as the reasons files were not taken.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -6,10 +7,9 @@ use std::path::Path;
 use serde_json::json;
 
 use crate::cache::ReadCache;
-use crate::catalog::{Catalog, RestorePoint, Status, stamp};
+use crate::catalog::{Catalog, RestorePoint, Status};
 use crate::chain::ImageReader;
 
-/// `(virtual size, stored size)` of each disk of a point; (0, 0) when it is broken.
 /// `(virtual size, stored size)` of every disk of every point, keyed by the chain's
 /// stream file ids; (0, 0) for a broken one.
 struct Sizes(HashMap<Vec<u32>, (u64, u64)>);
@@ -104,15 +104,28 @@ pub fn ls_json(catalog: &Catalog) -> serde_json::Value {
     json!({ "domains": domains, "warnings": catalog.warnings })
 }
 
-pub fn ls_text(catalog: &Catalog) -> String {
+/// A point's date as people write it, in local time: `2026-12-03 11:21:24`.
+fn shown_date(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Local>::from(t).format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+pub fn ls_text(catalog: &Catalog, source: &Path) -> String {
     let sizes = Sizes::of(catalog);
     let mut out = String::new();
+    if catalog.domains.is_empty() {
+        let why = if catalog.warnings.is_empty() {
+            ": it holds no stream file (*.data) of virtnbdbackup or vmback"
+        } else {
+            "; files not taken:"
+        };
+        out.push_str(&format!("no backup found in {}{why}\n", source.display()));
+    }
     for d in &catalog.domains {
         out.push_str(&format!("{}\n", d.name));
         for p in &d.points {
             let st = p.status();
             let (status, reason) = status_words(&st);
-            out.push_str(&format!("  {:<40} {}  {status}", p.name, stamp(p.date)));
+            out.push_str(&format!("  {:<40} {}  {status}", p.name, shown_date(p.date)));
             if let Some(r) = reason {
                 out.push_str(&format!(": {r}"));
             }

@@ -1,5 +1,8 @@
 //! The command line: clap definitions, and each command turned into a call of the library.
-//! The output of `ls` lives in [`ls`], of `restore`, `dump` and `verify` in [`restore`];
+//! A command with many flags has an `Args` struct in its own module, turned into the
+//! library's options with `From` (or `TryFrom`); this file only dispatches. `mount` and
+//! `umount` live in [`mount`], `backup` in [`backup`], the output of `ls` in [`ls`], of
+//! `restore`, `dump` and `verify` (and the restore plan) in [`restore`];
 //! `mount -t fuse.vmback` (the `mount.fuse.vmback` helper name) in [`helper`], and the
 //! detached server of `mount --background` in [`background`].
 
@@ -20,12 +23,18 @@ mod background;
 mod backup;
 mod helper;
 mod ls;
+mod mount;
 mod restore;
 
-use crate::catalog::{Catalog, Watched};
-use crate::fs::session::{MountOptions, Unmounted, mount, umount};
-use crate::fs::{FsConfig, Writes};
-use crate::restore::{Format, Sparse};
+use backup::BackupArgs;
+use mount::{MountArgs, UmountArgs};
+use restore::RestoreArgs;
+
+use crate::backup::BackupOptions;
+use crate::catalog::Catalog;
+
+/// Every command's result: the exit code, or an error that `main` prints with its causes.
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,7 +58,7 @@ pub struct Cli {
 /// Parses the command line `args` (with the program name first). Called as
 /// `mount.fuse.vmback` (mount(8)'s helper for `-t fuse.vmback`), it takes mount(8)'s
 /// helper arguments instead; `None` then means there is nothing to do (`-f`, a fake mount).
-pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Option<Cli>, clap::Error> {
+pub fn parse(args: Vec<std::ffi::OsString>) -> std::result::Result<Option<Cli>, clap::Error> {
     let name = args.first().map(Path::new).and_then(Path::file_name);
     if name.is_some_and(|n| n == helper::NAME) {
         return helper::parse(args);
@@ -60,51 +69,10 @@ pub fn parse(args: Vec<std::ffi::OsString>) -> Result<Option<Cli>, clap::Error> 
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Show backup sets as raw disk images: MOUNT/<domain>/<restore point>/<disk>.raw
-    Mount {
-        /// A backup set (virtnbdbackup output folder) or a folder tree holding many.
-        source: PathBuf,
-        /// An empty directory to mount on.
-        mountpoint: PathBuf,
-        /// Memory for decoded (lz4) data shared by all images, e.g. 256M or 1G.
-        #[arg(long, default_value = "256M", value_parser = parse_bytes)]
-        cache_size: u64,
-        /// Let other users read the mount (file modes are then enforced).
-        #[arg(long)]
-        allow_other: bool,
-        /// Make every image read-only (writes fail with EROFS).
-        #[arg(long)]
-        read_only: bool,
-        /// Memory for written data, shared by all images; past it, written data goes to
-        /// overlay files.
-        #[arg(long, default_value = "256M", value_parser = parse_bytes)]
-        dirty_size: u64,
-        /// Where overlay files go: a fresh folder is made in it and removed at unmount.
-        #[arg(long, default_value = "/var/tmp", conflicts_with = "keep_overlay")]
-        overlay_dir: PathBuf,
-        /// Keep written data in DIR across mounts (resume a VM booted from a backup).
-        #[arg(long, value_name = "DIR")]
-        keep_overlay: Option<PathBuf>,
-        /// Threads serving requests [default: two per core, at most 16].
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Look for new, changed and removed backups in SOURCE every SECONDS (0: never);
-        /// they show in the mount without a remount.
-        #[arg(long, value_name = "SECONDS", default_value = "1")]
-        rescan: f64,
-        /// Return once the mount is up, serving it from a detached process (what
-        /// `mount -t fuse.vmback` does); stop it with `vmback umount MOUNTPOINT`.
-        #[arg(long)]
-        background: bool,
-    },
+    Mount(MountArgs),
     /// Unmount a vmback (or other FUSE) mount, as `fusermount3 -u` does; also clears a
     /// mount left stale by a killed vmback.
-    Umount {
-        mountpoint: PathBuf,
-        /// Detach it even while in use: it leaves the tree now; files still open there keep
-        /// working, and vmback exits when the last one is closed.
-        #[arg(long, short = 'l')]
-        lazy: bool,
-    },
+    Umount(UmountArgs),
     /// List domains, restore points and disks found in SOURCE.
     Ls {
         source: PathBuf,
@@ -113,82 +81,11 @@ pub enum Command {
         json: bool,
     },
     /// Back up a libvirt domain in virtnbdbackup's format (full, inc, diff, copy).
-    Backup {
-        /// The domain to back up.
-        #[arg(short = 'd', long = "domain")]
-        domain: String,
-        /// Backup level: auto is full into an empty folder, else inc.
-        #[arg(short = 'l', long = "level", value_enum, default_value = "copy")]
-        level: crate::backup::Level,
-        /// Output folder (one chain per folder).
-        #[arg(short = 'o', long = "output")]
-        output: PathBuf,
-        /// lz4-compress the data (optionally with a level, as upstream's -z).
-        #[arg(short = 'z', long = "compress", num_args = 0..=1, default_missing_value = "2", require_equals = true)]
-        compress: Option<u32>,
-        /// Disks to leave out (comma-separated target names, e.g. vdb,vdc).
-        #[arg(short = 'x', long = "exclude", value_delimiter = ',')]
-        exclude: Vec<String>,
-        /// Back up only these disks.
-        #[arg(short = 'i', long = "include", value_delimiter = ',')]
-        include: Vec<String>,
-        /// libvirt connection URI.
-        #[arg(short = 'U', long = "uri", default_value = "qemu:///system")]
-        uri: String,
-        /// Disks backed up in parallel.
-        #[arg(short = 'w', long = "worker")]
-        worker: Option<usize>,
-        /// Skip an inc/diff that would save fewer bytes than this.
-        #[arg(long, value_parser = parse_bytes)]
-        threshold: Option<u64>,
-        /// Print how much a backup would save, and exit.
-        #[arg(short = 'p', long = "printonly")]
-        print_only: bool,
-        /// Output type: stream (default) or raw images (full and copy only).
-        #[arg(short = 't', long = "type", default_value = "stream", value_parser = ["stream", "raw"])]
-        output_type: String,
-        /// Include raw-format disks (saved as raw images in full and copy backups).
-        #[arg(long)]
-        raw: bool,
-        /// Where checkpoint XML files are kept [default: OUTPUT/checkpoints].
-        #[arg(short = 'C', long = "checkpointdir")]
-        checkpoint_dir: Option<PathBuf>,
-        /// Folder for the NBD socket and libvirt's scratch files.
-        #[arg(long = "scratchdir", default_value = "/var/tmp")]
-        scratch_dir: PathBuf,
-    },
+    Backup(BackupArgs),
     /// Rebuild disk images from a backup set: every disk at the newest restore point, or at
-    /// --until POINT. `-o dump` prints the stream metadata instead.
-    Restore {
-        /// The backup set (or a folder tree of sets; then --domain may be needed).
-        #[arg(short = 'i', long = "input")]
-        input: PathBuf,
-        /// Output folder (created if missing), a block device (with -d), or `dump`.
-        #[arg(short = 'o', long = "output")]
-        output: PathBuf,
-        /// The restore point, named as `vmback ls` and the mount show it (a bare checkpoint
-        /// name such as virtnbdbackup.2 works when it is unique).
-        #[arg(long)]
-        until: Option<String>,
-        /// Restore only this disk (e.g. sda).
-        #[arg(short = 'd', long = "disk")]
-        disk: Option<String>,
-        /// Apply exactly these stream files (relative to -i), in this order.
-        #[arg(long, value_delimiter = ',')]
-        sequence: Vec<PathBuf>,
-        /// Output image format.
-        #[arg(long, value_enum, default_value = "raw")]
-        format: Format,
-        /// Leave holes (always), or write zeros over them (never: for block devices).
-        #[arg(long, value_enum, default_value = "always")]
-        sparse: Sparse,
-        /// The domain, when the input holds several.
-        #[arg(long)]
-        domain: Option<String>,
-        /// Worker threads per disk [default: one per core].
-        #[arg(long)]
-        threads: Option<usize>,
-    },
+    /// --until POINT. `-a dump` (or `-o dump`) prints the stream metadata instead, `-a
+    /// verify` (or `-o verify`) verifies the set.
+    Restore(RestoreArgs),
     /// Print the metadata of every stream file of a backup set as JSON.
     Dump {
         #[arg(short = 'i', long = "input")]
@@ -214,7 +111,7 @@ pub enum Command {
     Man { dir: PathBuf },
 }
 
-fn parse_bytes(s: &str) -> Result<u64, String> {
+fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     parse_size::Config::new().with_binary().parse_size(s).map_err(|e| e.to_string())
 }
 
@@ -234,129 +131,23 @@ fn cores() -> usize {
 }
 
 /// Runs one command; errors are printed with their causes by `main`.
-pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Mount {
-            source,
-            mountpoint,
-            cache_size,
-            allow_other,
-            read_only,
-            dirty_size,
-            overlay_dir,
-            keep_overlay,
-            threads,
-            rescan,
-            background,
-        } => {
-            if background && !background::is_child() {
-                return background::serve_detached(&mountpoint);
-            }
-            let (watched, catalog) = Watched::open(&source)?;
-            let every = std::time::Duration::try_from_secs_f64(rescan)
-                .map_err(|e| format!("--rescan {rescan}: {e}"))?;
-            let watch = (!every.is_zero()).then_some((watched, every));
-            // The scratch folder lives until this arm ends, i.e. until unmount.
-            let mut scratch = None;
-            let writes = match (read_only, keep_overlay) {
-                (true, _) => Writes::ReadOnly,
-                (false, Some(dir)) => {
-                    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                    Writes::Keep(dir)
-                }
-                (false, None) => {
-                    let dir = tempfile::Builder::new()
-                        .prefix("vmback-overlay-")
-                        .tempdir_in(&overlay_dir)
-                        .map_err(|e| format!("{}: {e}", overlay_dir.display()))?;
-                    let path = dir.path().to_owned();
-                    scratch = Some(dir);
-                    Writes::Scratch(path)
-                }
-            };
-            let opts = MountOptions {
-                allow_other,
-                threads: threads.unwrap_or_else(MountOptions::default_threads),
-                fs_name: std::fs::canonicalize(&source)
-                    .unwrap_or_else(|_| source.clone())
-                    .display()
-                    .to_string(),
-                fs: FsConfig {
-                    cache_size: usize::try_from(cache_size)?,
-                    dirty_size,
-                    writes,
-                    io: std::sync::Arc::new(crate::chain::Direct),
-                },
-            };
-            mount(&catalog, watch, &mountpoint, &opts)?;
-            drop(scratch);
-        }
+        Command::Mount(a) => return mount::mount(&a),
+        Command::Umount(a) => return mount::umount(&a),
         Command::Ls { source, json } => {
             let catalog = Catalog::discover(&source)?;
             if json {
                 outln!("{}", serde_json::to_string_pretty(&ls::ls_json(&catalog))?);
             } else {
-                outln!("{}", ls::ls_text(&catalog).trim_end());
+                outln!("{}", ls::ls_text(&catalog, &source).trim_end());
             }
         }
-        Command::Backup {
-            domain,
-            level,
-            output,
-            compress,
-            exclude,
-            include,
-            uri,
-            worker,
-            threshold,
-            print_only,
-            output_type,
-            raw,
-            checkpoint_dir,
-            scratch_dir,
-        } => {
-            let opts = crate::backup::BackupOptions {
-                workers: worker.unwrap_or_else(cores),
-                domain,
-                level,
-                output,
-                compress,
-                exclude,
-                include,
-                uri,
-                threshold,
-                print_only,
-                raw_output: output_type == "raw",
-                raw_disks: raw,
-                checkpoint_dir,
-                scratch_dir,
-            };
-            return backup::backup(&opts);
-        }
-        Command::Restore { input, output, until, disk, sequence, format, sparse, domain, threads } => {
-            if output.as_os_str() == "dump" {
-                return restore::dump(&input);
-            }
-            let opts =
-                crate::restore::RestoreOptions { format, sparse, threads: threads.unwrap_or_else(cores) };
-            let what = restore::What { until, disk, sequence, domain };
-            return restore::restore(&input, &output, &what, &opts);
-        }
+        Command::Backup(a) => return backup::backup(&BackupOptions::from(&a)),
+        Command::Restore(a) => return restore::run(&a),
         Command::Dump { input } => return restore::dump(&input),
         Command::Verify { source, json, threads } => {
             return restore::verify(&source, json, threads.unwrap_or_else(cores));
-        }
-        Command::Umount { mountpoint, lazy } => {
-            let shown = mountpoint.display();
-            match umount(&mountpoint, lazy)? {
-                Unmounted::Live => tracing::info!("unmounted {shown}"),
-                Unmounted::Stale => {
-                    tracing::info!("{shown} was stale (its server was killed); detached it");
-                }
-                Unmounted::Lazy => {
-                    tracing::info!("detached {shown}; it ends when its last open file is closed")
-                }
-            }
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "vmback", &mut std::io::stdout());

@@ -1,19 +1,119 @@
-//! `vmback restore`, `dump` and `verify`: choosing what to restore, progress, summaries.
+//! `vmback restore`, `dump` and `verify`: the restore flags (turned into the library's
+//! [`RestoreOptions`] and a [`What`]), the action they ask for, choosing what to restore
+//! (the restore plan: a restore point of the catalog, or a `--sequence` of files),
+//! progress, summaries.
+//!
+//! The action follows virtnbdrestore: `-a dump|restore|verify`, and an output named
+//! `dump` or `verify` with the default action means that action (its `-o dump`), so a
+//! restore never writes into a folder of either name.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use super::Result;
+use super::cores;
 use super::ls::{human, status_words};
 use crate::cache::ReadCache;
 use crate::catalog::{Catalog, Status};
 use crate::chain::{ImageReader, Layer, StreamIndex};
-use crate::restore::{RestoreOptions, restore_image, verify::verify as verify_catalog};
+use crate::restore::{Format, RestoreOptions, Sparse, restore_image, verify::verify as verify_catalog};
 
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+/// What `vmback restore` does (virtnbdrestore's `-a`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Action {
+    /// Print the metadata of every stream file as JSON.
+    Dump,
+    /// Rebuild disk images into the output.
+    Restore,
+    /// Read every stream file and check its `.chksum`; exits 1 on damage.
+    Verify,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// What to do: restore, dump (metadata as JSON) or verify (as `vmback verify`).
+    #[arg(short = 'a', long = "action", value_enum, default_value = "restore")]
+    pub action: Action,
+    /// The backup set (or a folder tree of sets; then --domain may be needed).
+    #[arg(short = 'i', long = "input")]
+    pub input: PathBuf,
+    /// Output folder (created if missing) or a block device (with -d); `dump` or `verify`
+    /// instead ask for that action, as with virtnbdrestore. Not needed by -a dump|verify.
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// The restore point, named as `vmback ls` and the mount show it (a bare checkpoint
+    /// name such as virtnbdbackup.2 works when it is unique).
+    #[arg(short = 'u', long)]
+    pub until: Option<String>,
+    /// Restore only this disk (e.g. sda).
+    #[arg(short = 'd', long = "disk")]
+    pub disk: Option<String>,
+    /// Apply exactly these stream files (relative to -i), in this order.
+    #[arg(short = 's', long, value_delimiter = ',')]
+    pub sequence: Vec<PathBuf>,
+    /// Output image format.
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: Format,
+    /// Leave holes (always), or write zeros over them (never: for block devices).
+    #[arg(long, value_enum, default_value = "always")]
+    pub sparse: Sparse,
+    /// The domain, when the input holds several.
+    #[arg(long)]
+    pub domain: Option<String>,
+    /// Worker threads per disk [default: one per core].
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bars (there are none anyway when stderr is not a terminal).
+    #[arg(short = 'n', long = "noprogress")]
+    pub no_progress: bool,
+}
+
+impl RestoreArgs {
+    /// The action asked for: `-a`, or with the default action an output named `dump` or
+    /// `verify` (virtnbdrestore's rule).
+    pub fn action(&self) -> Action {
+        match (self.action, self.output.as_deref().and_then(Path::to_str)) {
+            (Action::Restore, Some("dump")) => Action::Dump,
+            (Action::Restore, Some("verify")) => Action::Verify,
+            (action, _) => action,
+        }
+    }
+}
+
+impl From<&RestoreArgs> for RestoreOptions {
+    fn from(a: &RestoreArgs) -> RestoreOptions {
+        RestoreOptions { format: a.format, sparse: a.sparse, threads: a.threads.unwrap_or_else(cores) }
+    }
+}
+
+impl From<&RestoreArgs> for What {
+    fn from(a: &RestoreArgs) -> What {
+        What {
+            until: a.until.clone(),
+            disk: a.disk.clone(),
+            sequence: a.sequence.clone(),
+            domain: a.domain.clone(),
+        }
+    }
+}
+
+/// Runs `vmback restore` with the action it asks for.
+pub fn run(a: &RestoreArgs) -> Result<ExitCode> {
+    match (a.action(), &a.output) {
+        (Action::Dump, _) => dump(&a.input),
+        (Action::Verify, _) => verify(&a.input, false, a.threads.unwrap_or_else(cores)),
+        (Action::Restore, Some(output)) => {
+            let progress = !a.no_progress && std::io::stderr().is_terminal();
+            restore(&a.input, output, &What::from(a), &RestoreOptions::from(a), progress)
+        }
+        (Action::Restore, None) => Err("restore needs an output: -o FOLDER (or a block device)".into()),
+    }
+}
 
 /// Cache for decoded frames during a restore: a few 32 MiB frames per worker, so two
 /// workers inside one frame share its decode.
@@ -33,7 +133,14 @@ struct Job {
     layers: Vec<Layer>,
 }
 
-pub fn restore(input: &Path, output: &Path, what: &What, opts: &RestoreOptions) -> Result<ExitCode> {
+/// Restores the images `what` names into `output`, with progress bars when `progress`.
+pub fn restore(
+    input: &Path,
+    output: &Path,
+    what: &What,
+    opts: &RestoreOptions,
+    progress: bool,
+) -> Result<ExitCode> {
     let (jobs, vmconfig) = if what.sequence.is_empty() {
         from_catalog(input, what)?
     } else {
@@ -49,7 +156,6 @@ pub fn restore(input: &Path, output: &Path, what: &What, opts: &RestoreOptions) 
     }
     let cache = Arc::new(ReadCache::new(RESTORE_CACHE));
     let bars = MultiProgress::new();
-    let show = std::io::stderr().is_terminal();
     let mut failed = 0;
     for job in jobs {
         let reader = ImageReader::new(job.layers, cache.clone());
@@ -58,8 +164,11 @@ pub fn restore(input: &Path, output: &Path, what: &What, opts: &RestoreOptions) 
         } else {
             output.join(format!("{}.{}", job.disk, opts.format.extension()))
         };
-        let bar =
-            if show { bars.add(ProgressBar::new(reader.map().data_bytes())) } else { ProgressBar::hidden() };
+        let bar = if progress {
+            bars.add(ProgressBar::new(reader.map().data_bytes()))
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
             ProgressStyle::with_template(
                 "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -190,4 +299,42 @@ pub fn verify(source: &Path, json: bool, threads: usize) -> Result<ExitCode> {
         );
     }
     Ok(if report.findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    fn restore_args(args: &[&str]) -> RestoreArgs {
+        let cli = Cli::try_parse_from(["vmback", "restore"].iter().chain(args)).expect("parses");
+        let Command::Restore(a) = cli.command else { panic!("not a restore: {:?}", cli.command) };
+        a
+    }
+
+    /// virtnbdrestore's short flags work as its scripts write them.
+    #[test]
+    fn virtnbdrestore_short_flags() {
+        let a =
+            restore_args(&["-i", "in", "-o", "out", "-u", "virtnbdbackup.2", "-s", "a.full.data,b", "-n"]);
+        assert_eq!(a.until.as_deref(), Some("virtnbdbackup.2"));
+        assert_eq!(a.sequence, [PathBuf::from("a.full.data"), PathBuf::from("b")]);
+        assert!(a.no_progress);
+        assert_eq!(a.action(), Action::Restore);
+    }
+
+    /// `-a` chooses the action; with the default action, an output named `dump` or
+    /// `verify` does (virtnbdrestore's `-o dump`); any other output is a folder.
+    #[test]
+    fn the_action_follows_virtnbdrestore() {
+        let action = |args: &[&str]| restore_args(args).action();
+        assert_eq!(action(&["-i", "in", "-o", "dump"]), Action::Dump);
+        assert_eq!(action(&["-i", "in", "-o", "verify"]), Action::Verify);
+        assert_eq!(action(&["-i", "in", "-o", "./verify"]), Action::Restore);
+        assert_eq!(action(&["-i", "in", "-a", "verify"]), Action::Verify);
+        assert_eq!(action(&["-i", "in", "-a", "dump", "-o", "out"]), Action::Dump);
+        assert_eq!(action(&["-i", "in", "--action", "restore", "-o", "verify"]), Action::Verify);
+    }
 }

@@ -41,6 +41,9 @@ pub struct FuseAdapter {
     pub gid: u32,
     /// Where overlays are written: `statfs` reports its free space.
     pub overlay_dir: Option<std::path::PathBuf>,
+    /// Run once by `destroy`, when the session's workers have stopped (see
+    /// [`super::session::mount`], which uses it to end the mount cleanly).
+    pub at_end: Option<Box<dyn FnOnce() + Send + Sync>>,
 }
 
 fn errno(op: &str, err: &FsError) -> Errno {
@@ -363,6 +366,9 @@ impl Filesystem for FuseAdapter {
     fn destroy(&mut self) {
         if let Err(e) = self.fs.sync_all() {
             errno("saving kept overlays", &e);
+        }
+        if let Some(end) = self.at_end.take() {
+            end();
         }
     }
 }

@@ -8,9 +8,19 @@
 //! not keep it), but only after /proc/self/mountinfo confirms it is a FUSE mount; nothing
 //! else is ever unmounted implicitly. A live mount is only unmounted when asked, and a busy
 //! one is left mounted with the processes that hold it named.
+//!
+//! When its session ends, fuser 0.18 unmounts the mountpoint again if it thinks the mount
+//! is still there; its check reads the poll result of /dev/fuse backwards, so it always
+//! does, and an ordinary unmount (from outside or on a signal) ended with `WARN Failed to
+//! umount filesystem: Invalid argument`. [`mount`] therefore takes fuser's handle of the
+//! mount itself when the session's workers stop and, the connection being gone (POLLERR
+//! on /dev/fuse), lets its unmount fail quietly; a mount still connected then is left to
+//! fuser, which unmounts it and warns if that fails.
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use fuser::{Config, MountOption, SessionACL};
 use nix::sys::signal::{SigSet, Signal};
@@ -335,11 +345,22 @@ pub fn mount(
         Writes::Scratch(d) | Writes::Keep(d) => Some(d.clone()),
     };
     let fs = std::sync::Arc::new(ImageFs::new(catalog, &opts.fs)?);
+    // Filled in once the session exists; the adapter's `destroy` runs it.
+    let ending: Arc<Mutex<Option<Ending>>> = Arc::default();
+    let at_end = {
+        let ending = ending.clone();
+        move || {
+            if let Some(e) = ending.lock().ok().and_then(|mut e| e.take()) {
+                e.finish();
+            }
+        }
+    };
     let adapter = FuseAdapter {
         fs,
         uid: nix::unistd::getuid().as_raw(),
         gid: nix::unistd::getgid().as_raw(),
         overlay_dir,
+        at_end: Some(Box::new(at_end)),
     };
     // Block the stop signals before any thread exists, so every fuser worker inherits the
     // mask and only the waiter below sees them.
@@ -354,7 +375,11 @@ pub fn mount(
     adapter.fs.on_alias_change(Box::new(move |ino, off, len| {
         let _ = changed.send((ino, off, len));
     }));
-    let session = fuser::Session::new(adapter, mountpoint, &fuser_config(opts)).map_err(mount_err)?;
+    let mut session = fuser::Session::new(adapter, mountpoint, &fuser_config(opts)).map_err(mount_err)?;
+    let device = session.as_fd().try_clone_to_owned().map_err(mount_err)?;
+    if let Ok(mut e) = ending.lock() {
+        *e = Some(Ending { unmounter: session.unmount_callable(), device });
+    }
     // Dropping the kernel's pages of a file whose bytes changed under another (an image
     // and its partition files) is done from a thread of its own: the kernel may wait on
     // page locks held by reads that need a worker of this session to finish.
@@ -399,6 +424,28 @@ pub fn mount(
     session.run().map_err(mount_err)?;
     info!("unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// fuser's handle of a mount, and the mount's /dev/fuse, for the end of its session.
+struct Ending {
+    unmounter: fuser::SessionUnmounter,
+    device: OwnedFd,
+}
+
+impl Ending {
+    /// Takes the mount from fuser's session (so the session's end does not unmount it a
+    /// second time) once the kernel has dropped the connection: /dev/fuse then polls
+    /// POLLERR (libfuse's test in `fuse_kern_unmount`).
+    fn finish(mut self) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let mut fd = [PollFd::new(self.device.as_fd(), PollFlags::empty())];
+        let gone = poll(&mut fd, PollTimeout::ZERO).is_ok()
+            && fd[0].revents().is_some_and(|r| r.contains(PollFlags::POLLERR));
+        if gone {
+            // Nothing is mounted there any more: fuser's umount(2) fails with EINVAL.
+            let _ = self.unmounter.unmount();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ fn online_inc(step: &Step, disk: &str) -> bool {
 /// - the whole chain gives the last step's truth;
 /// - `--until virtnbdbackup.K` gives the truth of the first file (in time order) whose
 ///   checkpointName is K: the inc that made K, or a diff taken before it (a diff carries
-///   the next checkpoint's name, stream-format.md §3.1);
+///   the next checkpoint's name, doc/FORMAT.md §3.3);
 /// - `--sequence` of every prefix of each disk's files gives that step's truth, and so
 ///   does the base with only the online incs up to each online inc (diffs and offline
 ///   incs left out: each inc holds every change since its parent checkpoint).

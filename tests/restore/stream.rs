@@ -1,4 +1,4 @@
-//! An independent reader of the stream format (written from stream-format.md §1, not
+//! An independent reader of the stream format (written from doc/FORMAT.md §1, not
 //! from vmback's scanner), used to find where to plant damage and what `verify` must
 //! report; and a small writer of synthetic sets through the library's stream writer.
 
