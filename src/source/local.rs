@@ -152,7 +152,7 @@ impl ReadAt for LocalFile {
         self.0.read_at(buf, offset)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
 
@@ -225,7 +225,7 @@ mod tests {
         let mut buf = [0u8; 8];
         assert_eq!(file.read_at(&mut buf, 1).expect("read"), 4);
         assert_eq!(&buf[..4], b"ello");
-        assert_eq!(file.len().expect("len"), 5);
+        assert_eq!(file.size().expect("size"), 5);
     }
 
     #[test]

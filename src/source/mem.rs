@@ -138,7 +138,7 @@ impl ReadAt for MemFileReader {
         Ok(n)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.0.len() as u64)
     }
 }

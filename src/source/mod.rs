@@ -121,12 +121,12 @@ pub trait ReadAt: Debug + Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
 
     /// The file's length now (it may have changed since it was opened).
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
 
     /// The ranges of `[0, len)` that hold data, sorted; the rest reads as zeros. Only a
     /// sparse local file has holes; every other source answers "all data".
     fn data_runs(&self, len: u64) -> io::Result<Vec<Range<u64>>> {
-        Ok(if len > 0 { vec![0..len] } else { Vec::new() })
+        Ok((len > 0).then_some(0..len).into_iter().collect())
     }
 }
 
