@@ -281,12 +281,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     .unwrap_or_else(|_| source.clone())
                     .display()
                     .to_string(),
-                fs: FsConfig {
-                    cache_size: usize::try_from(cache_size)?,
-                    dirty_size,
-                    writes,
-                    io: std::sync::Arc::new(crate::chain::Direct),
-                },
+                fs: FsConfig { cache_size: usize::try_from(cache_size)?, dirty_size, writes },
             };
             mount(&catalog, watch, &mountpoint, &opts)?;
             drop(scratch);

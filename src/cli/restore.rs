@@ -12,6 +12,7 @@ use crate::cache::ReadCache;
 use crate::catalog::{Catalog, Status};
 use crate::chain::{ImageReader, Layer, StreamIndex};
 use crate::restore::{RestoreOptions, restore_image, verify::verify as verify_catalog};
+use crate::source::SourcePath;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -90,13 +91,15 @@ pub fn restore(input: &Path, output: &Path, what: &What, opts: &RestoreOptions) 
         }
     }
     if let (Some(cfg), false) = (vmconfig, device) {
-        std::fs::copy(&cfg, output.join("vmconfig.xml")).map_err(|e| format!("{}: {e}", cfg.display()))?;
+        let xml = cfg.source.read_whole(&cfg.path, crate::catalog::MAX_CONFIG)?;
+        let to = output.join("vmconfig.xml");
+        std::fs::write(&to, xml).map_err(|e| format!("{}: {e}", to.display()))?;
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// The disks of the chosen restore point.
-fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Option<PathBuf>)> {
+fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Option<SourcePath>)> {
     let catalog = Catalog::discover(input)?;
     let domain = catalog.domain(what.domain.as_deref())?;
     let point = match &what.until {
@@ -122,7 +125,7 @@ fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Option<PathBuf>)
 }
 
 /// Exactly the listed files, in order (virtnbdrestore's `--sequence`).
-fn from_sequence(input: &Path, files: &[PathBuf]) -> Result<(Vec<Job>, Option<PathBuf>)> {
+fn from_sequence(input: &Path, files: &[PathBuf]) -> Result<(Vec<Job>, Option<SourcePath>)> {
     let mut layers = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let path = input.join(f);

@@ -156,6 +156,10 @@ impl ReadAt for LocalFile {
         Ok(self.0.metadata()?.len())
     }
 
+    fn modified(&self) -> Option<std::time::SystemTime> {
+        self.0.metadata().and_then(|m| m.modified()).ok()
+    }
+
     /// From SEEK_DATA / SEEK_HOLE; a filesystem without them is all data.
     fn data_runs(&self, len: u64) -> io::Result<Vec<Range<u64>>> {
         use nix::errno::Errno;

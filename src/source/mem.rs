@@ -114,7 +114,8 @@ impl Source for MemSource {
     }
 
     fn open(&self, path: &Path) -> Result<Arc<dyn ReadAt>, SourceError> {
-        Ok(Arc::new(MemFileReader(self.file(path)?.bytes)))
+        let f = self.file(path)?;
+        Ok(Arc::new(MemFileReader(f.bytes, f.mtime)))
     }
 
     fn read_whole(&self, path: &Path, max: u64) -> Result<Vec<u8>, SourceError> {
@@ -128,7 +129,7 @@ impl Source for MemSource {
 
 /// An opened [`MemSource`] file.
 #[derive(Debug)]
-struct MemFileReader(Arc<[u8]>);
+struct MemFileReader(Arc<[u8]>, SystemTime);
 
 impl ReadAt for MemFileReader {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -140,6 +141,10 @@ impl ReadAt for MemFileReader {
 
     fn size(&self) -> io::Result<u64> {
         Ok(self.0.len() as u64)
+    }
+
+    fn modified(&self) -> Option<SystemTime> {
+        Some(self.1)
     }
 }
 

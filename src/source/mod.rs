@@ -123,6 +123,9 @@ pub trait ReadAt: Debug + Send + Sync {
     /// The file's length now (it may have changed since it was opened).
     fn size(&self) -> io::Result<u64>;
 
+    /// When the file was last written, if the source knows.
+    fn modified(&self) -> Option<SystemTime>;
+
     /// The ranges of `[0, len)` that hold data, sorted; the rest reads as zeros. Only a
     /// sparse local file has holes; every other source answers "all data".
     fn data_runs(&self, len: u64) -> io::Result<Vec<Range<u64>>> {
@@ -157,7 +160,7 @@ pub struct SourcePath {
 
 impl SourcePath {
     /// How the file is named in messages.
-    pub fn display(&self) -> PathBuf {
+    pub fn shown(&self) -> PathBuf {
         self.source.display(&self.path)
     }
 }
