@@ -24,7 +24,7 @@ use super::io::{RangeRead, read_exact, read_full};
 pub use super::lz4::Lz4Frame;
 use super::lz4::{self, MAX_LZ4_FRAME};
 use super::meta::{MAX_META_LEN, MAX_TRAILER_LEN, StreamMeta, parse_trailer};
-use crate::source::{LocalSource, ReadAt, Source, SourceError};
+use crate::source::{LocalSource, ReadAt, Source};
 
 /// Where the bytes of one stored extent are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,10 +166,7 @@ fn open_local(path: &Path) -> Result<Arc<dyn ReadAt>, ScanError> {
     LocalSource::new(dir).open(name).map_err(|e| ScanError::Io {
         path: path.to_owned(),
         offset: 0,
-        source: match e {
-            SourceError::Io { source, .. } => source,
-            other => other.into_io(),
-        },
+        source: e.into_io(),
     })
 }
 

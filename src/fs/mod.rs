@@ -14,6 +14,8 @@ pub mod fuse;
 pub mod image;
 pub mod inode;
 pub mod live;
+#[cfg(test)]
+mod mem_source;
 pub mod partition;
 pub mod session;
 

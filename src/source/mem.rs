@@ -159,9 +159,8 @@ mod tests {
         src.insert("a.cpt", b"[]".to_vec());
         src.insert("b/c/y.xml", b"<domain/>".to_vec());
         let tree = src.list(16).expect("list");
-        let listed: Vec<_> = tree.entries.iter().map(|e| (e.path.to_str().unwrap(), e.kind)).collect();
         assert_eq!(
-            listed,
+            super::super::kinds(&tree),
             [
                 ("a.cpt", Kind::File),
                 ("b", Kind::Dir),

@@ -165,6 +165,12 @@ impl SourcePath {
     }
 }
 
+/// The paths and kinds of a tree's entries, for tests to compare with what they made.
+#[cfg(test)]
+fn kinds(tree: &Tree) -> Vec<(&str, Kind)> {
+    tree.entries.iter().map(|e| (e.path.to_str().expect("test paths are UTF-8"), e.kind)).collect()
+}
+
 /// Refuses a path that could name something outside the root.
 fn check_relative(source: &dyn Source, path: &Path) -> Result<(), SourceError> {
     if path.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir)) {
