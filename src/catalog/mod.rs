@@ -35,7 +35,7 @@ use thiserror::Error;
 use tracing::warn;
 
 use crate::chain::{Layer, ScanError, StreamIndex};
-use crate::source::{Kind, LocalSource, Source, SourceError, SourcePath, Stamp};
+use crate::source::{Kind, LocalSource, Source, SourcePath, Stamp};
 
 pub use set::{DiskChain, PointKey, Status};
 use set::{Found, SetPoint, build_points, stream_date};
@@ -47,7 +47,7 @@ pub enum CatalogError {
     Root {
         path: PathBuf,
         #[source]
-        source: SourceError,
+        source: std::io::Error,
     },
     #[error(
         "{path}: the filesystem the backups were on is no longer mounted there (the folder is \
@@ -59,8 +59,6 @@ pub enum CatalogError {
 /// Why a data file has no index. Cloned into every restore point it breaks.
 #[derive(Debug, Clone, Error)]
 pub enum IndexError {
-    #[error(transparent)]
-    Open(Arc<SourceError>),
     #[error(transparent)]
     Scan(Arc<ScanError>),
     #[error("{path}: vanished while indexing")]
@@ -186,7 +184,7 @@ impl Listing {
     pub fn walk(source: &dyn Source) -> Result<Listing, CatalogError> {
         let tree = source
             .list(MAX_DEPTH)
-            .map_err(|e| CatalogError::Root { path: source.display(Path::new("")), source: e })?;
+            .map_err(|e| CatalogError::Root { path: source.display(Path::new("")), source: e.into_io() })?;
         let mut listing = Listing { volume: tree.volume, entries: Vec::new(), unreadable: tree.unreadable };
         for entry in tree.entries {
             let name = entry.path.file_name().unwrap_or_default().to_string_lossy();
@@ -426,12 +424,16 @@ fn open_data_file(
     path: &Path,
     name: &naming::StreamName,
 ) -> Result<StreamIndex, IndexError> {
-    let file = source.open(path).map_err(|e| IndexError::Open(Arc::new(e)))?;
+    let shown = source.display(path);
     let raw_disk = match name.level {
         naming::Level::Full | naming::Level::Copy => Some(name.disk.as_str()),
         naming::Level::Inc(_) | naming::Level::Diff(_) => None,
     };
-    StreamIndex::scan(source.display(path), file, raw_disk).map_err(|e| IndexError::Scan(Arc::new(e)))
+    let scanned = match source.open(path) {
+        Ok(file) => StreamIndex::scan(shown, file, raw_disk),
+        Err(e) => Err(ScanError::opening(&shown, e)),
+    };
+    scanned.map_err(|e| IndexError::Scan(Arc::new(e)))
 }
 
 /// Indexes every data file with a known name, on [`INDEX_THREADS`] threads.

@@ -11,7 +11,7 @@ use thiserror::Error;
 
 use super::frame::FrameError;
 use super::meta::MetaError;
-use crate::source::ReadAt;
+use crate::source::{ReadAt, SourceError};
 
 /// A problem with a stream file, always with the file and byte offset.
 #[derive(Debug, Error)]
@@ -65,6 +65,11 @@ impl ScanError {
 
     pub(crate) fn invalid(path: &Path, offset: u64, what: impl Into<String>) -> ScanError {
         ScanError::Invalid { path: path.to_owned(), offset, what: what.into() }
+    }
+
+    /// The file `path` could not be opened: a read failing at offset 0.
+    pub fn opening(path: &Path, error: SourceError) -> ScanError {
+        ScanError::Io { path: path.to_owned(), offset: 0, source: error.into_io() }
     }
 }
 

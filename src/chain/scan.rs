@@ -163,11 +163,7 @@ fn open_local(path: &Path) -> Result<Arc<dyn ReadAt>, ScanError> {
         (Some(dir), Some(name)) => (dir, Path::new(name)),
         _ => (Path::new(""), path),
     };
-    LocalSource::new(dir).open(name).map_err(|e| ScanError::Io {
-        path: path.to_owned(),
-        offset: 0,
-        source: e.into_io(),
-    })
+    LocalSource::new(dir).open(name).map_err(|e| ScanError::opening(path, e))
 }
 
 fn read_header(path: &Path, file: &dyn ReadAt, offset: u64) -> Result<FrameHeader, ScanError> {
