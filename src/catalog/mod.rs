@@ -564,6 +564,27 @@ mod tests {
         assert_ne!(Listing::walk(&source).expect("walk"), before);
     }
 
+    #[test]
+    fn a_catalog_in_memory_follows_its_changes() {
+        let mem = Arc::new(crate::source::MemSource::new());
+        for (path, bytes) in crate::sample::sample_files().expect("sample") {
+            mem.insert(path, bytes);
+        }
+        let (mut watched, cat) = Watched::open_from(mem.clone()).expect("catalog");
+        assert_eq!(cat.domain(None).expect("one domain").points.len(), 4);
+        assert!(watched.poll().expect("poll").is_none(), "nothing changed");
+        assert!(mem.remove(Path::new("sda.diff.1780560000.data")));
+        let changed = watched.poll().expect("poll").expect("a change");
+        let point = changed.domains[0].points.last().expect("points");
+        let disks: Vec<_> = point.disks.iter().map(|d| d.disk.as_str()).collect();
+        assert_eq!(disks, ["sdb"], "the diff point lost sda");
+        let err = changed.domain(Some("other")).expect_err("no such domain");
+        assert!(
+            matches!(err, DomainError::NotFound { .. }) && err.to_string().contains("sample-vm"),
+            "{err}"
+        );
+    }
+
     /// Needs root (mounts a tmpfs).
     #[test]
     fn an_unmounted_source_keeps_its_catalog() {
