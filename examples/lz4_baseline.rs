@@ -32,7 +32,8 @@ use std::time::Instant;
 
 use vmback::chain::ExtentMap;
 use vmback::chain::extent::Source;
-use vmback::chain::scan::{Stored, StreamIndex, read_full};
+use vmback::chain::io::read_full;
+use vmback::chain::scan::{Stored, StreamIndex};
 
 fn usage() -> ! {
     eprintln!("usage: lz4_baseline STREAM_FILE... [--disk sda] [--repeat N]");
@@ -92,7 +93,7 @@ fn main() {
             let Stored::Lz4(frames) = &index.extents[extent as usize].stored else { unreachable!() };
             let f = frames[fi];
             let mut comp = vec![0u8; f.comp_len as usize];
-            let n = read_full(&index.file, &mut comp, f.file_off).expect("read");
+            let n = read_full(&*index.file, &mut comp, f.file_off).expect("read");
             assert_eq!(n, comp.len(), "short read");
             (comp, f.len as usize)
         })

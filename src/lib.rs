@@ -12,6 +12,7 @@ pub mod cli;
 pub mod fs;
 pub mod restore;
 pub mod sample;
+pub mod source;
 
 /// An error with its causes on one line (`what: why: deeper why`), for logs and the
 /// command line; `std::error::Report` does this but is not stable yet.

@@ -5,8 +5,8 @@
 //! incrementals and a differential, laid out exactly as virtnbdbackup lays out a set.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter};
-use std::path::Path;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 
 use crate::chain::{MAX_REQUEST, StreamMeta, StreamWriter};
 
@@ -23,8 +23,28 @@ struct Run {
 }
 
 /// Writes the sample set into `dir` (created if missing; must not hold a set already).
+/// Each data file is written as `.partial` and renamed when complete, as upstream does.
 pub fn write_sample(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir.join("checkpoints"))?;
+    for (path, bytes) in sample_files()? {
+        let to = dir.join(&path);
+        if path.extension().is_some_and(|e| e == "data") {
+            let partial = dir.join(format!("{}.partial", path.display()));
+            let mut file = File::create(&partial)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            fs::rename(partial, to)?;
+        } else {
+            fs::write(to, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// The files of the sample set, by path relative to the set's folder, in the order
+/// virtnbdbackup writes them.
+pub fn sample_files() -> io::Result<Vec<(PathBuf, Vec<u8>)>> {
+    let mut files = Vec::new();
     let runs = |disk: &str| -> Vec<Run> {
         let w = |off: u64, len: u64, what: &str| (off, len, format!("{disk} {what} "));
         vec![
@@ -60,31 +80,26 @@ pub fn write_sample(dir: &Path) -> io::Result<()> {
     };
     for (disk, size, compressed) in [("sda", 64 * MIB, None), ("sdb", 16 * MIB, Some(2))] {
         for (i, run) in runs(disk).into_iter().enumerate() {
-            write_run(dir, disk, size, compressed, i == 0, &run)?;
+            files.push((PathBuf::from(&run.file), stream(disk, size, compressed, i == 0, &run)?));
         }
     }
-    fs::write(dir.join("sample-vm.cpt"), r#"["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2"]"#)?;
+    let cpt = r#"["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2"]"#;
+    files.push(("sample-vm.cpt".into(), cpt.into()));
     for ident in ["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2", "1780560000"] {
         let xml = format!(
             "<domain type='kvm'>\n  <name>sample-vm</name>\n  <memory unit='KiB'>65536</memory>\n  <description>vmback sample, backup {ident}</description>\n</domain>\n"
         );
-        fs::write(dir.join(format!("vmconfig.{ident}.xml")), xml)?;
+        files.push((format!("vmconfig.{ident}.xml").into(), xml.into_bytes()));
     }
     for cpt in ["virtnbdbackup.0", "virtnbdbackup.1", "virtnbdbackup.2"] {
         let xml = format!("<domaincheckpoint>\n  <name>{cpt}</name>\n</domaincheckpoint>\n");
-        fs::write(dir.join("checkpoints").join(format!("{cpt}.xml")), xml)?;
+        files.push((Path::new("checkpoints").join(format!("{cpt}.xml")), xml.into_bytes()));
     }
-    Ok(())
+    Ok(files)
 }
 
-fn write_run(
-    dir: &Path,
-    disk: &str,
-    size: u64,
-    compressed: Option<u32>,
-    full: bool,
-    run: &Run,
-) -> io::Result<()> {
+/// The stream file of one run.
+fn stream(disk: &str, size: u64, compressed: Option<u32>, full: bool, run: &Run) -> io::Result<Vec<u8>> {
     let meta = StreamMeta {
         virtual_size: size,
         data_size: run.writes.iter().map(|w| w.1).sum(),
@@ -97,8 +112,7 @@ fn write_run(
         compressed,
         stream_version: 2,
     };
-    let partial = dir.join(format!("{}.partial", run.file));
-    let mut w = StreamWriter::new(BufWriter::new(File::create(&partial)?), &meta, MAX_REQUEST)?;
+    let mut w = StreamWriter::new(Vec::new(), &meta, MAX_REQUEST)?;
     let mut pos = 0;
     for (off, len, text) in &run.writes {
         if full && *off > pos {
@@ -111,6 +125,5 @@ fn write_run(
     if full && pos < size {
         w.zero(pos, size - pos)?;
     }
-    w.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    fs::rename(partial, dir.join(&run.file))
+    w.finish()
 }

@@ -1,6 +1,6 @@
 //! Faults while mounted (issue 7, part 3): stream files deleted, replaced or truncated
-//! under an open image, a read error from the disk under SOURCE (through the reader's
-//! `StreamRead` seam on the filesystem core; for real with SOURCE on an ext4 over a loop
+//! under an open image, a read error from the disk under SOURCE (through a `Source` whose
+//! reader fails, on the filesystem core; for real with SOURCE on an ext4 over a loop
 //! device over an nbdkit export whose ddrescue map marks blocks bad; and with a
 //! device-mapper `error` target where the kernel has device-mapper), and the scratch disk
 //! for overlays filling up.
@@ -32,9 +32,10 @@ use common::fuse::{path_str, stdout_of_success};
 use common::logged_mount::{LoggedMount, assert_untouched, sha256_tree};
 use common::ready::{is_root, ready};
 use vmback::catalog::Catalog;
+use vmback::chain::StreamIndex;
 use vmback::chain::scan::Stored;
-use vmback::chain::{Direct, StreamIndex, StreamRead};
 use vmback::fs::{FsConfig, ImageFs, Ino, ROOT, Writes};
+use vmback::source::{Entry, LocalSource, ReadAt, Source, SourceError, Tree};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -243,23 +244,67 @@ fn truncated_stream_fails_only_the_ranges_past_the_cut() {
 // ---------------------------------------------------------------------------------------
 // A read error from the disk under SOURCE
 
-/// A disk that fails (EIO) every read touching `bad` in the file named `name`.
+/// SOURCE on a disk that fails (EIO) every read touching `bad` in the file named `name`.
 #[derive(Debug)]
 struct FailingDisk {
+    disk: LocalSource,
     name: &'static str,
     bad: Range<u64>,
 }
 
-impl StreamRead for FailingDisk {
-    fn read_at(&self, index: &StreamIndex, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+/// An open file of a [`FailingDisk`].
+#[derive(Debug)]
+struct FailingFile {
+    file: Arc<dyn ReadAt>,
+    bad: Range<u64>,
+}
+
+impl ReadAt for FailingFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let end = offset + buf.len() as u64;
-        if index.path.file_name().is_some_and(|n| n == self.name)
-            && offset < self.bad.end
-            && self.bad.start < end
-        {
+        if offset < self.bad.end && self.bad.start < end {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
-        Direct.read_at(index, buf, offset)
+        self.file.read_at(buf, offset)
+    }
+
+    fn size(&self) -> io::Result<u64> {
+        self.file.size()
+    }
+
+    fn modified(&self) -> Option<std::time::SystemTime> {
+        self.file.modified()
+    }
+
+    fn data_runs(&self, len: u64) -> io::Result<Vec<Range<u64>>> {
+        self.file.data_runs(len)
+    }
+}
+
+impl Source for FailingDisk {
+    fn display(&self, path: &Path) -> PathBuf {
+        self.disk.display(path)
+    }
+
+    fn list(&self, max_depth: usize) -> Result<Tree, SourceError> {
+        self.disk.list(max_depth)
+    }
+
+    fn stat(&self, path: &Path) -> Result<Entry, SourceError> {
+        self.disk.stat(path)
+    }
+
+    fn open(&self, path: &Path) -> Result<Arc<dyn ReadAt>, SourceError> {
+        let file = self.disk.open(path)?;
+        Ok(if path.file_name().is_some_and(|n| n == self.name) {
+            Arc::new(FailingFile { file, bad: self.bad.clone() })
+        } else {
+            file
+        })
+    }
+
+    fn read_whole(&self, path: &Path, max: u64) -> Result<Vec<u8>, SourceError> {
+        self.disk.read_whole(path, max)
     }
 }
 
@@ -285,12 +330,7 @@ fn disk_read_error_fails_only_the_requests_that_need_the_bad_bytes() {
     let catalog = Catalog::discover(&src).expect("catalog");
     let scratch = t.path().join("scratch");
     std::fs::create_dir_all(&scratch).expect("scratch");
-    let config = FsConfig {
-        cache_size: 0,
-        dirty_size: 64 * KIB,
-        writes: Writes::Scratch(scratch.clone()),
-        io: Arc::new(Direct),
-    };
+    let config = FsConfig { cache_size: 0, dirty_size: 64 * KIB, writes: Writes::Scratch(scratch.clone()) };
     let good = ImageFs::new(&catalog, &config).expect("fs");
     for (name, disk) in [("sda.full.data", "sda"), ("sdb.full.data", "sdb")] {
         let stored = stored_range(&src.join(name), 8 * MIB);
@@ -301,12 +341,10 @@ fn disk_read_error_fails_only_the_requests_that_need_the_bad_bytes() {
             _ => (stored.start + stored.end) / 2..(stored.start + stored.end) / 2 + 1,
         };
         std::fs::create_dir_all(scratch.join(disk)).expect("scratch");
-        let config = FsConfig {
-            writes: Writes::Scratch(scratch.join(disk)),
-            io: Arc::new(FailingDisk { name, bad: bad.clone() }),
-            ..config.clone()
-        };
-        let fs = ImageFs::new(&catalog, &config).expect("fs");
+        let config = FsConfig { writes: Writes::Scratch(scratch.join(disk)), ..config.clone() };
+        let failing = FailingDisk { disk: LocalSource::new(&src), name, bad: bad.clone() };
+        let failing = Catalog::discover_from(Arc::new(failing)).expect("catalog on the failing disk");
+        let fs = ImageFs::new(&failing, &config).expect("fs");
         let path = format!("sample-vm/virtnbdbackup.0/{disk}.raw");
         let fh = open_path(&fs, &path);
         let want = |off: u64, len: u32| good.read(open_path(&good, &path), off, len).expect("good read");

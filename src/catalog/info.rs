@@ -95,7 +95,7 @@ pub fn point_info(domain: &str, point: &RestorePoint) -> PointInfo {
         },
         date: rfc3339(point.date),
         set: point.set_dir.display().to_string(),
-        vmconfig: point.vmconfig.as_deref().map(|p| relative(p, &point.set_dir)),
+        vmconfig: point.vmconfig.as_ref().map(|p| relative(&p.shown(), &point.set_dir)),
         status,
         reason,
         disks: point
@@ -132,7 +132,7 @@ fn stream_info(layer: &Layer, set_dir: &Path) -> StreamInfo {
     StreamInfo {
         file,
         level,
-        date: rfc3339(stream_date(Some(index), &index.path)),
+        date: rfc3339(stream_date(Some(index), index.file.modified())),
         size: index.file_len,
         data_bytes: index.data_bytes(),
         compression: meta.compressed.map_or_else(|| "none".into(), |l| format!("lz4-{l}")),

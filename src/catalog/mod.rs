@@ -34,7 +34,8 @@ use std::time::SystemTime;
 use thiserror::Error;
 use tracing::warn;
 
-use crate::chain::{Layer, StreamIndex};
+use crate::chain::{Layer, ScanError, StreamIndex};
+use crate::source::{Kind, LocalSource, Source, SourcePath, Stamp};
 
 pub use set::{DiskChain, PointKey, Status};
 use set::{Found, SetPoint, build_points, stream_date};
@@ -55,12 +56,32 @@ pub enum CatalogError {
     Unmounted { path: PathBuf },
 }
 
+/// Why a data file has no index. Cloned into every restore point it breaks.
+#[derive(Debug, Clone, Error)]
+pub enum IndexError {
+    #[error(transparent)]
+    Scan(Arc<ScanError>),
+    #[error("{path}: vanished while indexing")]
+    Vanished { path: PathBuf },
+}
+
+/// No domain to pick (the `--domain` choice of the commands).
+#[derive(Debug, Error)]
+pub enum DomainError {
+    #[error("no domain {name:?}; found: {found}")]
+    NotFound { name: String, found: String },
+    #[error("no backup sets found")]
+    Empty,
+    #[error("several domains found ({found}); choose one with --domain")]
+    Ambiguous { found: String },
+}
+
 /// Deepest folder level searched for sets. Rotation trees are two or three levels deep;
 /// the bound only stops a pathological tree from being walked forever.
 const MAX_DEPTH: usize = 16;
 
 /// Largest `vmconfig.*.xml` read. Domain XML is a few KiB; this bounds the allocation.
-const MAX_CONFIG: u64 = 16 << 20;
+pub const MAX_CONFIG: u64 = 16 << 20;
 
 /// A restore point as shown in the mount and by `vmback ls`.
 #[derive(Debug, Clone)]
@@ -70,7 +91,7 @@ pub struct RestorePoint {
     pub date: SystemTime,
     pub set_dir: PathBuf,
     pub disks: Vec<DiskChain>,
-    pub vmconfig: Option<PathBuf>,
+    pub vmconfig: Option<SourcePath>,
 }
 
 impl RestorePoint {
@@ -119,35 +140,16 @@ impl Domain {
 pub struct Catalog {
     pub domains: Vec<Domain>,
     pub warnings: Vec<String>,
+    /// Where each layer's file is in SOURCE, by layer id.
+    files: HashMap<u32, SourcePath>,
 }
 
-/// What one folder holds.
+/// What one folder holds (paths relative to SOURCE; configs with their mtime).
 #[derive(Default)]
 struct Folder {
     data: Vec<PathBuf>,
-    configs: BTreeMap<String, PathBuf>,
+    configs: BTreeMap<String, (PathBuf, SystemTime)>,
     cpt: Option<String>,
-}
-
-/// What tells one version of a file from the next: a file replaced, rewritten, grown or
-/// truncated changes at least one of these; so does a `chmod` or `chown` (the ctime),
-/// which may be what makes an unreadable file readable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileStamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-    ctime_ns: i128,
-}
-
-impl FileStamp {
-    fn of(meta: &std::fs::Metadata) -> FileStamp {
-        use std::os::unix::fs::MetadataExt;
-        let ns = |s: i64, ns: i64| i128::from(s) * 1_000_000_000 + i128::from(ns);
-        let (mtime_ns, ctime_ns) = (ns(meta.mtime(), meta.mtime_nsec()), ns(meta.ctime(), meta.ctime_nsec()));
-        FileStamp { dev: meta.dev(), ino: meta.ino(), len: meta.len(), mtime_ns, ctime_ns }
-    }
 }
 
 /// What a file found in SOURCE is to the catalog.
@@ -161,41 +163,34 @@ enum EntryKind {
     Symlink,
 }
 
-/// One walk of SOURCE: every file that matters, with its stamp. Two listings are equal
-/// exactly when the catalog built from them would be, so a refresh compares listings
-/// (a few `lstat`s per set) and only rebuilds when they differ.
+/// A file of a [`Listing`]: its relative path, what it is, and its stamp and mtime.
+type Listed = (PathBuf, EntryKind, Option<(Stamp, SystemTime)>);
+
+/// One walk of SOURCE: every file that matters, with its stamp and mtime. Two listings
+/// are equal exactly when the catalog built from them would be, so a refresh compares
+/// listings (a few `lstat`s per set) and only rebuilds when they differ.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listing {
-    root: PathBuf,
-    /// The filesystem SOURCE was on (see [`Watched::poll`]).
-    root_dev: u64,
-    entries: Vec<(PathBuf, EntryKind, Option<FileStamp>)>,
+    /// The volume SOURCE was on (see [`Watched::poll`]).
+    volume: Option<u64>,
+    /// Relative paths; no stamp for entries whose changes do not matter (see `walk`).
+    entries: Vec<Listed>,
     /// Entries the walk could not read.
     unreadable: Vec<String>,
 }
 
 impl Listing {
-    /// Walks `root` without following symlinks.
-    pub fn walk(root: &Path) -> Result<Listing, CatalogError> {
-        use std::os::unix::fs::MetadataExt;
-        let root_err = |source| CatalogError::Root { path: root.to_owned(), source };
-        std::fs::read_dir(root).map_err(root_err)?;
-        let root_dev = std::fs::metadata(root).map_err(root_err)?.dev();
-        let mut listing =
-            Listing { root: root.to_owned(), root_dev, entries: Vec::new(), unreadable: Vec::new() };
-        let walk = walkdir::WalkDir::new(root).follow_links(false).max_depth(MAX_DEPTH).sort_by_file_name();
-        for entry in walk {
-            let entry = match entry {
-                Ok(e) => e,
-                Err(e) => {
-                    listing.unreadable.push(e.to_string());
-                    continue;
-                }
-            };
-            let name = entry.file_name().to_string_lossy();
-            let kind = if entry.path_is_symlink() {
+    /// Walks `source` (which never follows symlinks).
+    pub fn walk(source: &dyn Source) -> Result<Listing, CatalogError> {
+        let tree = source
+            .list(MAX_DEPTH)
+            .map_err(|e| CatalogError::Root { path: source.display(Path::new("")), source: e.into_io() })?;
+        let mut listing = Listing { volume: tree.volume, entries: Vec::new(), unreadable: tree.unreadable };
+        for entry in tree.entries {
+            let name = entry.path.file_name().unwrap_or_default().to_string_lossy();
+            let kind = if entry.kind == Kind::Symlink {
                 (name.ends_with(".data") || name.ends_with(".xml")).then_some(EntryKind::Symlink)
-            } else if !entry.file_type().is_file() {
+            } else if entry.kind != Kind::File {
                 None
             } else if name.ends_with(".data.partial") {
                 Some(EntryKind::Partial)
@@ -211,9 +206,9 @@ impl Listing {
                 // and going (renamed to `.data`) changes the catalog.
                 let stamp = match kind {
                     EntryKind::Partial | EntryKind::Symlink => None,
-                    _ => entry.metadata().ok().map(|m| FileStamp::of(&m)),
+                    _ => Some((entry.stamp, entry.mtime)),
                 };
-                listing.entries.push((entry.into_path(), kind, stamp));
+                listing.entries.push((entry.path, kind, stamp));
             }
         }
         Ok(listing)
@@ -225,13 +220,13 @@ impl Listing {
 /// (and with it its decoded frames in the read cache, and its `info.json` number).
 #[derive(Default)]
 pub struct Indexed {
-    files: HashMap<PathBuf, (Option<FileStamp>, Result<Layer, String>)>,
+    files: HashMap<PathBuf, (Option<Stamp>, Result<Layer, IndexError>)>,
 }
 
 /// A catalog kept in step with its SOURCE: [`Watched::poll`] walks SOURCE again and
 /// builds a new catalog when anything changed.
 pub struct Watched {
-    root: PathBuf,
+    source: Arc<dyn Source>,
     listing: Listing,
     known: Indexed,
     /// Warnings already logged: a refresh logs only new ones.
@@ -239,12 +234,17 @@ pub struct Watched {
 }
 
 impl Watched {
-    /// The catalog of `root` now, with its warnings logged.
+    /// The catalog of the local folder `root` now, with its warnings logged.
     pub fn open(root: &Path) -> Result<(Watched, Catalog), CatalogError> {
-        let listing = Listing::walk(root)?;
+        Watched::open_from(Arc::new(LocalSource::new(root)))
+    }
+
+    /// The catalog of `source` now, with its warnings logged.
+    pub fn open_from(source: Arc<dyn Source>) -> Result<(Watched, Catalog), CatalogError> {
+        let listing = Listing::walk(&*source)?;
         let mut known = Indexed::default();
-        let cat = Catalog::build(&listing, &mut known);
-        let mut w = Watched { root: root.to_owned(), listing, known, warned: Default::default() };
+        let cat = Catalog::build(&source, &listing, &mut known);
+        let mut w = Watched { source, listing, known, warned: Default::default() };
         w.log_new(&cat);
         Ok((w, cat))
     }
@@ -254,14 +254,14 @@ impl Watched {
     /// the filesystem it was (an NFS share, a USB disk) is unmounted, leaving the empty
     /// folder it was mounted on, and its backups are not deleted.
     pub fn poll(&mut self) -> Result<Option<Catalog>, CatalogError> {
-        let listing = Listing::walk(&self.root)?;
+        let listing = Listing::walk(&*self.source)?;
         if listing == self.listing {
             return Ok(None);
         }
-        if listing.entries.is_empty() && listing.root_dev != self.listing.root_dev {
-            return Err(CatalogError::Unmounted { path: self.root.clone() });
+        if listing.entries.is_empty() && listing.volume != self.listing.volume {
+            return Err(CatalogError::Unmounted { path: self.source.display(Path::new("")) });
         }
-        let cat = Catalog::build(&listing, &mut self.known);
+        let cat = Catalog::build(&self.source, &listing, &mut self.known);
         self.listing = listing;
         self.log_new(&cat);
         Ok(Some(cat))
@@ -282,46 +282,57 @@ impl Watched {
 static NEXT_LAYER_ID: AtomicU32 = AtomicU32::new(1);
 
 impl Catalog {
-    /// Walks `root` and indexes every set in it.
+    /// Walks the local folder `root` and indexes every set in it.
     /// Its warnings are logged.
     pub fn discover(root: &Path) -> Result<Catalog, CatalogError> {
         Ok(Watched::open(root)?.1)
     }
 
-    /// The catalog of `listing`, indexing only the files `known` does not already hold
-    /// in the same version; `known` is left holding exactly the files of `listing`.
-    pub fn build(listing: &Listing, known: &mut Indexed) -> Catalog {
+    /// Walks `source` and indexes every set in it. Its warnings are logged.
+    pub fn discover_from(source: Arc<dyn Source>) -> Result<Catalog, CatalogError> {
+        Ok(Watched::open_from(source)?.1)
+    }
+
+    /// The catalog of `listing` (a walk of `source`), indexing only the files `known`
+    /// does not already hold in the same version; `known` is left holding exactly the
+    /// files of `listing`.
+    pub fn build(source: &Arc<dyn Source>, listing: &Listing, known: &mut Indexed) -> Catalog {
         let mut cat = Catalog::default();
         for e in &listing.unreadable {
             cat.warn(format!("skipping unreadable entry: {e}"));
         }
         let mut folders: BTreeMap<PathBuf, Folder> = BTreeMap::new();
         let mut stamps = HashMap::new();
+        let mut mtimes = HashMap::new();
         for (path, kind, stamp) in &listing.entries {
-            let dir = path.parent().unwrap_or(&listing.root).to_owned();
+            let dir = path.parent().unwrap_or(Path::new("")).to_owned();
+            let shown = source.display(path);
+            let mtime = stamp.map_or(SystemTime::UNIX_EPOCH, |(_, m)| m);
             match kind {
-                EntryKind::Symlink => cat.warn(format!("{}: is a symlink; not followed", path.display())),
+                EntryKind::Symlink => cat.warn(format!("{}: is a symlink; not followed", shown.display())),
                 EntryKind::Partial => {
-                    cat.warn(format!("{}: backup in progress or aborted; skipped", path.display()))
+                    cat.warn(format!("{}: backup in progress or aborted; skipped", shown.display()))
                 }
                 EntryKind::Data => {
                     folders.entry(dir).or_default().data.push(path.clone());
-                    stamps.insert(path.clone(), *stamp);
+                    stamps.insert(path.clone(), stamp.map(|(s, _)| s));
+                    mtimes.insert(path.clone(), mtime);
                 }
                 EntryKind::Config(ident) => {
-                    folders.entry(dir).or_default().configs.insert(ident.clone(), path.clone());
+                    folders.entry(dir).or_default().configs.insert(ident.clone(), (path.clone(), mtime));
                 }
                 EntryKind::Cpt(dom) => folders.entry(dir).or_default().cpt = Some(dom.clone()),
             }
         }
         // A file whose stamp could not be read is indexed again every time.
         known.files.retain(|path, (stamp, _)| stamp.is_some() && stamps.get(path) == Some(stamp));
-        let fresh =
-            index_all(folders.values().flat_map(|f| &f.data).filter(|p| !known.files.contains_key(*p)));
+        let fresh = index_all(
+            &**source,
+            folders.values().flat_map(|f| &f.data).filter(|p| !known.files.contains_key(*p)),
+        );
         for (path, index) in fresh {
             let layer = index
-                .map(|i| Layer { id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed), index: Arc::new(i) })
-                .map_err(|e| crate::error_chain(&e));
+                .map(|i| Layer { id: NEXT_LAYER_ID.fetch_add(1, Ordering::Relaxed), index: Arc::new(i) });
             let stamp = stamps.get(&path).copied().flatten();
             known.files.insert(path, (stamp, layer));
         }
@@ -330,18 +341,18 @@ impl Catalog {
             if folder.data.is_empty() {
                 continue;
             }
-            let domain = domain_name(&dir, &folder);
+            let domain = domain_name(&**source, &dir, &folder);
             let mut found = Vec::new();
-            for path in folder.data {
-                let file_name =
-                    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            for rel in folder.data {
+                let path = source.display(&rel);
+                let file_name = rel.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                 let Some(name) = naming::parse_stream_name(&file_name) else {
                     cat.warn(format!("{}: not a data file name vmback knows; skipped", path.display()));
                     continue;
                 };
-                let index = match known.files.get(&path) {
+                let index = match known.files.get(&rel) {
                     Some((_, index)) => index.clone(),
-                    None => Err(format!("{}: vanished while indexing", path.display())),
+                    None => Err(IndexError::Vanished { path: path.clone() }),
                 };
                 match &index {
                     Ok(l) => {
@@ -349,31 +360,44 @@ impl Catalog {
                             cat.warn(format!("damaged: {}", crate::error_chain(&d.error)));
                         }
                     }
-                    Err(e) => cat.warn(format!("unreadable: {e}")),
+                    Err(e) => cat.warn(format!("unreadable: {}", crate::error_chain(e))),
                 }
-                let date = stream_date(index.as_ref().ok().map(|l| &*l.index), &path);
+                if let Ok(l) = &index {
+                    cat.files.insert(l.id, SourcePath { source: source.clone(), path: rel.clone() });
+                }
+                let date = stream_date(index.as_ref().ok().map(|l| &*l.index), mtimes.get(&rel).copied());
                 found.push(Found { name, path, index, date });
             }
-            let points = build_points(found, &folder.configs);
-            domains.entry(domain).or_default().push((dir, points));
+            let configs = folder
+                .configs
+                .into_iter()
+                .map(|(ident, (path, _))| (ident, SourcePath { source: source.clone(), path }))
+                .collect();
+            let points = build_points(found, &configs);
+            domains.entry(domain).or_default().push((source.display(&dir), points));
         }
         cat.domains = domains.into_iter().map(|(name, sets)| name_points(name, sets)).collect();
         cat
     }
 
     /// The domain called `name`, or the only one when no name is given.
-    pub fn domain(&self, name: Option<&str>) -> Result<&Domain, String> {
-        let names = || self.domains.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
+    pub fn domain(&self, name: Option<&str>) -> Result<&Domain, DomainError> {
+        let found = || self.domains.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
         match name {
             Some(n) => self
                 .domains
                 .iter()
                 .find(|d| d.name == n)
-                .ok_or_else(|| format!("no domain {n:?}; found: {}", names())),
+                .ok_or_else(|| DomainError::NotFound { name: n.to_owned(), found: found() }),
             None if self.domains.len() == 1 => Ok(&self.domains[0]),
-            None if self.domains.is_empty() => Err("no backup sets found".into()),
-            None => Err(format!("several domains found ({}); choose one with --domain", names())),
+            None if self.domains.is_empty() => Err(DomainError::Empty),
+            None => Err(DomainError::Ambiguous { found: found() }),
         }
+    }
+
+    /// Where the file of `layer` (a layer of this catalog) is in its source.
+    pub fn file_of(&self, layer: &Layer) -> Option<&SourcePath> {
+        self.files.get(&layer.id)
     }
 
     /// Records a warning. Control characters (a newline in a file name) are escaped, so
@@ -395,17 +419,28 @@ impl Catalog {
 const INDEX_THREADS: usize = 8;
 
 /// Indexes a data file: full and copy backups may be raw images, the others never.
-fn open_data_file(path: &Path, name: &naming::StreamName) -> Result<StreamIndex, crate::chain::ScanError> {
-    match name.level {
-        naming::Level::Full | naming::Level::Copy => StreamIndex::open(path, &name.disk),
-        naming::Level::Inc(_) | naming::Level::Diff(_) => StreamIndex::open_stream(path),
-    }
+fn open_data_file(
+    source: &dyn Source,
+    path: &Path,
+    name: &naming::StreamName,
+) -> Result<StreamIndex, IndexError> {
+    let shown = source.display(path);
+    let raw_disk = match name.level {
+        naming::Level::Full | naming::Level::Copy => Some(name.disk.as_str()),
+        naming::Level::Inc(_) | naming::Level::Diff(_) => None,
+    };
+    let scanned = match source.open(path) {
+        Ok(file) => StreamIndex::scan(shown, file, raw_disk),
+        Err(e) => Err(ScanError::opening(&shown, e)),
+    };
+    scanned.map_err(|e| IndexError::Scan(Arc::new(e)))
 }
 
 /// Indexes every data file with a known name, on [`INDEX_THREADS`] threads.
 fn index_all<'a>(
+    source: &dyn Source,
     paths: impl Iterator<Item = &'a PathBuf>,
-) -> HashMap<PathBuf, Result<StreamIndex, crate::chain::ScanError>> {
+) -> HashMap<PathBuf, Result<StreamIndex, IndexError>> {
     let jobs: Vec<(&PathBuf, naming::StreamName)> = paths
         .filter_map(|p| Some((p, naming::parse_stream_name(&p.file_name()?.to_string_lossy())?)))
         .collect();
@@ -417,7 +452,7 @@ fn index_all<'a>(
                 while let Some((path, name)) =
                     jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
                 {
-                    let index = open_data_file(path, name);
+                    let index = open_data_file(source, path, name);
                     done.lock().insert((*path).clone(), index);
                 }
             });
@@ -427,32 +462,26 @@ fn index_all<'a>(
 }
 
 /// The domain a set belongs to, made safe as a directory name.
-fn domain_name(dir: &Path, folder: &Folder) -> String {
+fn domain_name(source: &dyn Source, dir: &Path, folder: &Folder) -> String {
     let from_xml = folder
         .configs
         .values()
-        .filter_map(|p| Some((std::fs::metadata(p).and_then(|m| m.modified()).ok()?, p)))
+        .map(|(p, mtime)| (mtime, p))
         .max()
-        .and_then(|(_, p)| config_domain_name(p));
+        .and_then(|(_, p)| config_domain_name(source, p));
     let name = from_xml.or_else(|| folder.cpt.clone()).unwrap_or_else(|| {
-        dir.file_name().map_or_else(|| "domain".into(), |n| n.to_string_lossy().into_owned())
+        let shown = source.display(dir);
+        shown.file_name().map_or_else(|| "domain".into(), |n| n.to_string_lossy().into_owned())
     });
     naming::safe_component(&name)
 }
 
 /// `<domain><name>` of a saved domain XML.
-fn config_domain_name(path: &Path) -> Option<String> {
+fn config_domain_name(source: &dyn Source, path: &Path) -> Option<String> {
     use quick_xml::events::Event;
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    // O_NOFOLLOW: a symlink swapped in since the walk is not followed out of SOURCE; the
-    // bound is on the bytes read, so a file growing since it was looked at changes nothing.
-    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).ok()?;
-    let mut xml = Vec::new();
-    file.take(MAX_CONFIG + 1).read_to_end(&mut xml).ok()?;
-    if xml.len() as u64 > MAX_CONFIG {
-        return None;
-    }
+    // The source follows no symlink, even one swapped in since the walk, and reads no
+    // more than the bound.
+    let xml = source.read_whole(path, MAX_CONFIG).ok()?;
     let mut reader = quick_xml::Reader::from_reader(&xml[..]);
     let mut buf = Vec::new();
     let mut depth = 0usize;
@@ -528,10 +557,32 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(dir.path()).expect("sample");
-        let before = Listing::walk(dir.path()).expect("walk");
+        let source = LocalSource::new(dir.path());
+        let before = Listing::walk(&source).expect("walk");
         let full = dir.path().join("sda.full.data");
         std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-        assert_ne!(Listing::walk(dir.path()).expect("walk"), before);
+        assert_ne!(Listing::walk(&source).expect("walk"), before);
+    }
+
+    #[test]
+    fn a_catalog_in_memory_follows_its_changes() {
+        let mem = Arc::new(crate::source::MemSource::new());
+        for (path, bytes) in crate::sample::sample_files().expect("sample") {
+            mem.insert(path, bytes);
+        }
+        let (mut watched, cat) = Watched::open_from(mem.clone()).expect("catalog");
+        assert_eq!(cat.domain(None).expect("one domain").points.len(), 4);
+        assert!(watched.poll().expect("poll").is_none(), "nothing changed");
+        assert!(mem.remove(Path::new("sda.diff.1780560000.data")));
+        let changed = watched.poll().expect("poll").expect("a change");
+        let point = changed.domains[0].points.last().expect("points");
+        let disks: Vec<_> = point.disks.iter().map(|d| d.disk.as_str()).collect();
+        assert_eq!(disks, ["sdb"], "the diff point lost sda");
+        let err = changed.domain(Some("other")).expect_err("no such domain");
+        assert!(
+            matches!(err, DomainError::NotFound { .. }) && err.to_string().contains("sample-vm"),
+            "{err}"
+        );
     }
 
     /// Needs root (mounts a tmpfs).

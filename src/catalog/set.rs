@@ -10,12 +10,33 @@
 //! checkpoint name, or the parent checkpoint plus the rank among its differentials.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::SystemTime;
 
-use crate::chain::{Format, Layer, StreamIndex};
+use thiserror::Error;
 
+use super::IndexError;
 use super::naming::{Level, StreamName, checkpoint_order};
+use crate::chain::{Format, Layer, StreamIndex};
+use crate::source::SourcePath;
+
+/// Why a disk of a restore point cannot be rebuilt (its [`Status::Broken`] reason).
+#[derive(Debug, Clone, Error)]
+pub enum ChainError {
+    #[error(transparent)]
+    Unreadable(#[from] IndexError),
+    #[error("no full backup of disk {disk} in this folder")]
+    NoFull { disk: String },
+    #[error("{file}: parent checkpoint {parent:?} is not the previous checkpoint {previous:?}")]
+    NotAfterPrevious { file: String, parent: String, previous: String },
+    #[error("{file}: parent checkpoint {parent:?} is not in this folder")]
+    ParentMissing { file: String, parent: String },
+}
+
+/// The status text of a broken chain: the error with its causes.
+fn broken(e: &ChainError) -> Status {
+    Status::Broken(crate::error_chain(e))
+}
 
 /// How a restore point came to be; decides its name.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -53,14 +74,14 @@ pub struct SetPoint {
     pub key: PointKey,
     pub date: SystemTime,
     pub disks: Vec<DiskChain>,
-    pub vmconfig: Option<PathBuf>,
+    pub vmconfig: Option<SourcePath>,
 }
 
 /// A data file as found in the folder: its name, and its index or why it has none.
 pub struct Found {
     pub name: StreamName,
     pub path: PathBuf,
-    pub index: Result<Layer, String>,
+    pub index: Result<Layer, IndexError>,
     pub date: SystemTime,
 }
 
@@ -90,7 +111,7 @@ impl Found {
 }
 
 /// The restore points of one set, from its data files and its `vmconfig.*.xml` files.
-pub fn build_points(files: Vec<Found>, configs: &BTreeMap<String, PathBuf>) -> Vec<SetPoint> {
+pub fn build_points(files: Vec<Found>, configs: &BTreeMap<String, SourcePath>) -> Vec<SetPoint> {
     let mut by_disk: BTreeMap<String, Vec<Found>> = BTreeMap::new();
     let has_full = files.iter().any(|f| f.name.level == Level::Full);
     for f in files {
@@ -136,30 +157,30 @@ fn disk_points(disk: &str, files: Vec<Found>, set_has_full: bool) -> Vec<DiskPoi
     for (rank, f) in copies.into_iter().enumerate() {
         let chain = match f.index {
             Ok(l) => point(vec![l.clone()], status_of(&[l])),
-            Err(e) => point(Vec::new(), Status::Broken(e)),
+            Err(e) => point(Vec::new(), broken(&e.into())),
         };
         out.push((PointKey::Copy { rank }, f.date, None, chain));
     }
     // The checkpoint chain: base, then incrementals in checkpoint order.
     incs.sort_by(|a, b| checkpoint_order(a.checkpoint()).cmp(&checkpoint_order(b.checkpoint())));
-    let mut by_cpt: HashMap<String, Result<Vec<Layer>, String>> = HashMap::new();
-    let mut chain: Result<Vec<Layer>, String> = Err(format!("no full backup of disk {disk} in this folder"));
+    let mut by_cpt: HashMap<String, Result<Vec<Layer>, ChainError>> = HashMap::new();
+    let mut chain: Result<Vec<Layer>, ChainError> = Err(ChainError::NoFull { disk: disk.to_owned() });
     let mut last_cpt = String::new();
     for f in bases.into_iter().chain(incs) {
         let cpt = f.checkpoint().to_owned();
         let is_inc = matches!(f.name.level, Level::Inc(_)) && f.incremental();
         chain = match (chain, f.index.clone()) {
-            (_, Err(e)) => Err(e),
+            (_, Err(e)) => Err(e.into()),
             (_, Ok(l)) if !is_inc => Ok(vec![l]),
             (Ok(mut layers), Ok(l)) if f.parent() == Some(last_cpt.as_str()) => {
                 layers.push(l);
                 Ok(layers)
             }
-            (Ok(_), Ok(_)) => Err(format!(
-                "{}: parent checkpoint {:?} is not the previous checkpoint {last_cpt:?}",
-                f.name_str(),
-                f.parent().unwrap_or("")
-            )),
+            (Ok(_), Ok(_)) => Err(ChainError::NotAfterPrevious {
+                file: f.name_str(),
+                parent: f.parent().unwrap_or("").to_owned(),
+                previous: last_cpt.clone(),
+            }),
             (Err(e), Ok(_)) => Err(e),
         };
         last_cpt = cpt.clone();
@@ -179,22 +200,20 @@ fn disk_points(disk: &str, files: Vec<Found>, set_has_full: bool) -> Vec<DiskPoi
         let key = PointKey::Derived { parent: parent.clone(), offline, rank: *rank };
         *rank += 1;
         let chain = match (by_cpt.get(&parent), &f.index) {
-            (_, Err(e)) => Err(e.clone()),
+            (_, Err(e)) => Err(e.clone().into()),
             (Some(Ok(base)), Ok(l)) => Ok(base.iter().chain([l]).cloned().collect()),
             (Some(Err(e)), Ok(_)) => Err(e.clone()),
-            (None, Ok(_)) => {
-                Err(format!("{}: parent checkpoint {parent:?} is not in this folder", f.name_str()))
-            }
+            (None, Ok(_)) => Err(ChainError::ParentMissing { file: f.name_str(), parent: parent.clone() }),
         };
         out.push((key, f.date, diff_ts, chain_point(disk, &chain)));
     }
     out
 }
 
-fn chain_point(disk: &str, chain: &Result<Vec<Layer>, String>) -> DiskChain {
+fn chain_point(disk: &str, chain: &Result<Vec<Layer>, ChainError>) -> DiskChain {
     match chain {
         Ok(layers) => DiskChain { disk: disk.to_owned(), layers: layers.clone(), status: status_of(layers) },
-        Err(e) => DiskChain { disk: disk.to_owned(), layers: Vec::new(), status: Status::Broken(e.clone()) },
+        Err(e) => DiskChain { disk: disk.to_owned(), layers: Vec::new(), status: broken(e) },
     }
 }
 
@@ -207,7 +226,11 @@ fn status_of(layers: &[Layer]) -> Status {
 }
 
 /// The `vmconfig.<ident>.xml` saved with the backup that made `key`.
-fn config_for(key: &PointKey, diff_ts: Option<u64>, configs: &BTreeMap<String, PathBuf>) -> Option<PathBuf> {
+fn config_for(
+    key: &PointKey,
+    diff_ts: Option<u64>,
+    configs: &BTreeMap<String, SourcePath>,
+) -> Option<SourcePath> {
     match key {
         PointKey::Checkpoint(c) => configs.get(c).cloned(),
         PointKey::Copy { .. } => configs.get("copy").cloned(),
@@ -229,12 +252,12 @@ fn config_for(key: &PointKey, diff_ts: Option<u64>, configs: &BTreeMap<String, P
 }
 
 /// The date of a stream: its metadata `date` (local time), else the file's mtime.
-pub fn stream_date(index: Option<&StreamIndex>, path: &Path) -> SystemTime {
+pub fn stream_date(index: Option<&StreamIndex>, mtime: Option<SystemTime>) -> SystemTime {
     use chrono::{Local, NaiveDateTime, TimeZone};
     index
         .and_then(|i| NaiveDateTime::parse_from_str(&i.meta.date, "%Y-%m-%dT%H:%M:%S%.f").ok())
         .and_then(|d| Local.from_local_datetime(&d).earliest())
         .map(SystemTime::from)
-        .or_else(|| std::fs::metadata(path).and_then(|m| m.modified()).ok())
+        .or(mtime)
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }

@@ -7,10 +7,25 @@
 //! a 4-byte size word (high bit = stored uncompressed) and followed by a 4-byte checksum
 //! when the frame has block checksums, a zero end mark, and a 4-byte content checksum.
 
-use std::fs::File;
 use std::path::Path;
 
-use super::scan::{Lz4Frame, MAX_LZ4_FRAME, ScanError, read_exact};
+use super::io::{ScanError, read_exact};
+use crate::source::ReadAt;
+
+/// Upper bound for one lz4 frame's uncompressed size. Upstream writes at most one NBD
+/// request (32 MiB, what qemu advertises) per lz4 frame; 64 MiB leaves room for other
+/// writers while keeping a decode buffer of bounded size.
+pub const MAX_LZ4_FRAME: u64 = 64 << 20;
+
+/// One lz4 frame of a compressed extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lz4Frame {
+    pub file_off: u64,
+    pub comp_len: u64,
+    /// Offset of this frame's first byte within the extent.
+    pub extent_off: u64,
+    pub len: u64,
+}
 
 const MAGIC: [u8; 4] = [0x04, 0x22, 0x4d, 0x18];
 const FLG_BLOCK_CHECKSUM: u8 = 0x10;
@@ -34,7 +49,7 @@ pub struct FrameHead {
 }
 
 /// Reads the frame header at `offset`.
-pub fn frame_head(path: &Path, file: &File, offset: u64) -> Result<FrameHead, ScanError> {
+pub fn frame_head(path: &Path, file: &dyn ReadAt, offset: u64) -> Result<FrameHead, ScanError> {
     let mut head = [0u8; 6];
     read_exact(path, file, &mut head, offset)?;
     if head[0..4] != MAGIC {
@@ -60,11 +75,9 @@ pub fn frame_head(path: &Path, file: &File, offset: u64) -> Result<FrameHead, Sc
 /// Finds the lz4 frames of a compressed extent of `len` bytes whose payload starts at
 /// `payload`, by walking the frame structure. Needs frames with a content size (every
 /// writer of this format sets it).
-pub fn walk(path: &Path, file: &File, payload: u64, len: u64) -> Result<Vec<Lz4Frame>, ScanError> {
-    let file_len = file
-        .metadata()
-        .map_err(|source| ScanError::Io { path: path.to_owned(), offset: payload, source })?
-        .len();
+pub fn walk(path: &Path, file: &dyn ReadAt, payload: u64, len: u64) -> Result<Vec<Lz4Frame>, ScanError> {
+    let file_len =
+        file.size().map_err(|source| ScanError::Io { path: path.to_owned(), offset: payload, source })?;
     let past_end =
         |at: u64| (at > file_len).then(|| ScanError::Truncated { path: path.to_owned(), offset: file_len });
     let mut frames = Vec::new();

@@ -6,7 +6,10 @@
 //! point is the chain of stream files leading to it: a full or copy, then incrementals or
 //! one differential, each laid over the ones before.
 //!
-//! - [`frame`]: the 40-byte header; [`meta`]: the metadata and trailer JSON.
+//! - [`io`]: read helpers over a source's reader, and the scan's error type.
+//! - [`frame`]: the 40-byte header; [`meta`]: the metadata and trailer JSON; [`lz4`]: lz4
+//!   frame types and framing.
+//! - Imports run one way: `reader` -> `scan` -> `lz4` -> `io` -> `source`.
 //! - [`scan`]: one pass over a file yields a [`StreamIndex`] (no payload is read).
 //! - [`extent`]: the merged [`ExtentMap`] of a chain, looked up by binary search.
 //! - [`reader`]: [`ImageReader`], the only place image bytes are rebuilt.
@@ -14,6 +17,7 @@
 
 pub mod extent;
 pub mod frame;
+pub mod io;
 pub mod lz4;
 pub mod meta;
 pub mod reader;
@@ -22,6 +26,6 @@ pub mod writer;
 
 pub use extent::ExtentMap;
 pub use meta::StreamMeta;
-pub use reader::{Direct, ImageReader, Layer, ReadError, StreamRead};
+pub use reader::{ImageReader, Layer, ReadError};
 pub use scan::{Format, ScanError, StreamIndex};
 pub use writer::{MAX_REQUEST, StreamWriter};

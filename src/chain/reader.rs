@@ -8,17 +8,16 @@
 //! continues the previous one (a sequential reader) queues the frames after it for the
 //! cache's prefetch thread.
 //!
-//! Every byte of a stream file comes in through one seam, [`StreamRead`]: the mount reads
-//! the files themselves ([`Direct`]); a test puts in one that fails at chosen offsets, to
-//! check that a read error from the disk under SOURCE fails only the request that met it.
+//! Every byte of a stream file comes in through the reader its index holds open (a
+//! [`crate::source::ReadAt`] of the source the file is in), so a test that wraps that
+//! reader to fail at chosen offsets checks that a read error from the disk under SOURCE
+//! fails only the request that met it.
 //! A file changed under an open mount: deleted or replaced by another file (a rename over
 //! it), the reader keeps the old file open and keeps serving its bytes; truncated in place,
 //! a read past its new end fails with [`ReadError::Truncated`] and the rest still reads.
 
-use std::fmt::Debug;
 use std::io::Read;
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,7 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 
 use super::extent::{ExtentMap, Source};
-use super::scan::{Lz4Frame, Stored, StreamIndex, read_full_with};
+use super::io::{RangeRead, read_full};
+use super::lz4::Lz4Frame;
+use super::scan::{Stored, StreamIndex};
 use crate::cache::{BlockKey, CacheStats, ReadCache};
 
 /// Bytes per read of compressed data while decoding: a few lz4 blocks (64 KiB each) per
@@ -48,58 +49,6 @@ const PREFETCH_MIN_CACHE: usize = 4 * PREFETCH_AHEAD as usize;
 /// kernel's readahead requests (up to 1 MiB each) reach the FUSE threads, and so the
 /// reader, a little out of order.
 const SEQUENTIAL_SLACK: u64 = 4 << 20;
-
-/// Positional reads of stream files: see the module note.
-pub trait StreamRead: Debug + Send + Sync {
-    /// Reads into `buf` from byte `offset` of `index`'s file, as `pread(2)` does: the count
-    /// read, short or 0 at the end of the file.
-    fn read_at(&self, index: &StreamIndex, buf: &mut [u8], offset: u64) -> std::io::Result<usize>;
-}
-
-/// The stream files themselves, through the descriptor each index holds open.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Direct;
-
-impl StreamRead for Direct {
-    fn read_at(&self, index: &StreamIndex, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        index.file.read_at(buf, offset)
-    }
-}
-
-/// Reads as much of `buf` as the file has at `offset` through `io`, retrying on EINTR;
-/// returns the count (short only at the end of the file).
-fn read_full_via(
-    io: &dyn StreamRead,
-    index: &StreamIndex,
-    buf: &mut [u8],
-    offset: u64,
-) -> std::io::Result<usize> {
-    read_full_with(buf, offset, |b, at| io.read_at(index, b, at))
-}
-
-/// A positional reader over `[pos, end)` of a stream file; `UnexpectedEof` if the file
-/// ends first.
-struct FileRange<'a> {
-    io: &'a dyn StreamRead,
-    index: &'a StreamIndex,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for FileRange<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = (buf.len() as u64).min(self.end - self.pos) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        let got = self.io.read_at(self.index, &mut buf[..n], self.pos)?;
-        if got == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        self.pos += got as u64;
-        Ok(got)
-    }
-}
 
 /// A read that could not be served.
 #[derive(Debug, Error)]
@@ -157,7 +106,6 @@ pub struct ImageReader {
     layers: Vec<Layer>,
     map: ExtentMap,
     cache: Arc<ReadCache>,
-    io: Arc<dyn StreamRead>,
     /// Where the last read ended (`u64::MAX` before the first): a read starting near it
     /// is sequential, and its next lz4 frames are decoded ahead.
     last_end: AtomicU64,
@@ -173,12 +121,7 @@ impl ImageReader {
     }
 
     fn with_map(layers: Vec<Layer>, map: ExtentMap, cache: Arc<ReadCache>) -> ImageReader {
-        ImageReader { layers, map, cache, io: Arc::new(Direct), last_end: AtomicU64::new(u64::MAX) }
-    }
-
-    /// This reader, reading its stream files through `io` instead of [`Direct`].
-    pub fn with_io(self, io: Arc<dyn StreamRead>) -> ImageReader {
-        ImageReader { io, ..self }
+        ImageReader { layers, map, cache, last_end: AtomicU64::new(u64::MAX) }
     }
 
     /// Readers for many chains, sharing work: a chain that is another one plus a layer
@@ -269,16 +212,15 @@ impl ImageReader {
             let Stored::Lz4(frames) = &ext.stored else { continue };
             let want = piece.start.max(from) - ext.start..piece.end.min(to) - ext.start;
             for &f in frames_in(frames, want) {
-                let (io, index, cache) = (self.io.clone(), layer.index.clone(), self.cache.clone());
+                let (index, cache) = (layer.index.clone(), self.cache.clone());
                 let key = BlockKey { file: layer.id, frame: f.file_off };
-                self.cache
-                    .prefetch(key, f.len as usize, move |buf| decode(&*io, &index, &f, &cache.stats, buf));
+                self.cache.prefetch(key, f.len as usize, move |buf| decode(&index, &f, &cache.stats, buf));
             }
         }
     }
 
     fn pread(&self, index: &StreamIndex, out: &mut [u8], at: u64) -> Result<(), ReadError> {
-        let n = read_full_via(&*self.io, index, out, at).map_err(|source| ReadError::Io {
+        let n = read_full(&*index.file, out, at).map_err(|source| ReadError::Io {
             path: index.path.clone(),
             offset: at,
             source,
@@ -301,9 +243,9 @@ impl ImageReader {
         let want = rel..rel + out.len() as u64;
         for f in frames_in(frames, want.clone()) {
             let key = BlockKey { file: layer.id, frame: f.file_off };
-            let data = self.cache.get_or_load(key, f.len as usize, |buf| {
-                decode(&*self.io, &layer.index, f, &self.cache.stats, buf)
-            })?;
+            let data = self
+                .cache
+                .get_or_load(key, f.len as usize, |buf| decode(&layer.index, f, &self.cache.stats, buf))?;
             let r: Range<u64> = want.start.max(f.extent_off)..want.end.min(f.extent_off + f.len);
             out[(r.start - rel) as usize..(r.end - rel) as usize]
                 .copy_from_slice(&data[(r.start - f.extent_off) as usize..(r.end - f.extent_off) as usize]);
@@ -322,7 +264,6 @@ fn frames_in(frames: &[Lz4Frame], want: Range<u64>) -> impl Iterator<Item = &Lz4
 /// Decodes one lz4 frame straight from the stream file (no copy of the compressed
 /// bytes), checking its block and content checksums and its size.
 fn decode(
-    io: &dyn StreamRead,
     index: &StreamIndex,
     f: &Lz4Frame,
     stats: &CacheStats,
@@ -330,10 +271,10 @@ fn decode(
 ) -> Result<Vec<u8>, ReadError> {
     let src = std::io::BufReader::with_capacity(
         DECODE_READ,
-        FileRange { io, index, pos: f.file_off, end: f.file_off + f.comp_len },
+        RangeRead { file: &*index.file, pos: f.file_off, end: f.file_off + f.comp_len },
     );
     let bad = |source: std::io::Error| {
-        let len = index.file.metadata().map_or(u64::MAX, |m| m.len());
+        let len = index.file.size().unwrap_or(u64::MAX);
         if source.kind() == std::io::ErrorKind::UnexpectedEof && len < f.file_off + f.comp_len {
             ReadError::Truncated { path: index.path.clone(), offset: len }
         } else if source.raw_os_error().is_some() {
@@ -370,25 +311,34 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use super::{Direct, StreamRead};
     use crate::cache::ReadCache;
     use crate::chain::scan::Stored;
     use crate::chain::{ImageReader, Layer, StreamIndex, StreamMeta, StreamWriter};
+    use crate::source::ReadAt;
 
     /// A disk that fails reads (EIO) touching `bad`, a range of file offsets, while armed.
     #[derive(Debug)]
     struct Failing {
+        file: Arc<dyn ReadAt>,
         bad: Range<u64>,
         armed: AtomicBool,
     }
 
-    impl StreamRead for Failing {
-        fn read_at(&self, index: &StreamIndex, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    impl ReadAt for Failing {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
             let end = offset + buf.len() as u64;
             if self.armed.load(Ordering::Relaxed) && offset < self.bad.end && self.bad.start < end {
                 return Err(std::io::Error::from_raw_os_error(libc::EIO));
             }
-            Direct.read_at(index, buf, offset)
+            self.file.read_at(buf, offset)
+        }
+
+        fn size(&self) -> std::io::Result<u64> {
+            self.file.size()
+        }
+
+        fn modified(&self) -> Option<std::time::SystemTime> {
+            self.file.modified()
         }
     }
 
@@ -445,14 +395,20 @@ mod tests {
     fn a_disk_read_error_fails_only_the_reads_that_touch_it() {
         let dir = tempfile::tempdir().unwrap();
         for lz4 in [false, true] {
-            let (index, image) = stream(dir.path(), lz4);
-            let bad = second_extent(&index);
-            let disk = Arc::new(Failing { bad: bad.clone(), armed: AtomicBool::new(true) });
+            let (plain, image) = stream(dir.path(), lz4);
+            let bad = second_extent(&plain);
+            let disk = Arc::new(Failing {
+                file: plain.file.clone(),
+                bad: bad.clone(),
+                armed: AtomicBool::new(false),
+            });
+            let index = Arc::new(StreamIndex::scan(plain.path.clone(), disk.clone(), Some("sda")).unwrap());
+            // The disk fails once the file is indexed (the scan reads lz4 frame headers).
+            disk.armed.store(true, Ordering::Relaxed);
             let reader = ImageReader::new(
                 vec![Layer { id: 1, index: index.clone() }],
                 Arc::new(ReadCache::new(1 << 20)),
-            )
-            .with_io(disk.clone());
+            );
             let read = |off: usize, len: usize| {
                 let mut buf = vec![0u8; len];
                 reader.read_at(&mut buf, off as u64).map(|_| buf)

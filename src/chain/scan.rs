@@ -14,76 +14,17 @@
 //! stream can no longer speak for: reads at or past it fail with EIO, reads before it work.
 //! Only a stream whose metadata cannot be read at all is an error.
 
-use std::fs::File;
-use std::io::{self, Read, Seek};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use thiserror::Error;
-
-use super::frame::{FRAME_LEN, FrameError, FrameHeader, FrameKind, parse_header};
-use super::lz4;
-use super::meta::{MAX_META_LEN, MAX_TRAILER_LEN, MetaError, StreamMeta, parse_trailer};
-
-/// Upper bound for one lz4 frame's uncompressed size. Upstream writes at most one NBD
-/// request (32 MiB, what qemu advertises) per lz4 frame; 64 MiB leaves room for other
-/// writers while keeping a decode buffer of bounded size.
-pub const MAX_LZ4_FRAME: u64 = 64 << 20;
-
-/// A problem with a stream file, always with the file and byte offset.
-#[derive(Debug, Error)]
-pub enum ScanError {
-    #[error("{path}: cannot read at offset {offset}")]
-    Io {
-        path: PathBuf,
-        offset: u64,
-        #[source]
-        source: io::Error,
-    },
-    #[error("{path}: stream ends early at offset {offset} (truncated?)")]
-    Truncated { path: PathBuf, offset: u64 },
-    #[error("{path}: bad frame header at offset {offset}")]
-    BadFrame {
-        path: PathBuf,
-        offset: u64,
-        #[source]
-        source: FrameError,
-    },
-    #[error("{path}: bad metadata at offset {offset}")]
-    BadMeta {
-        path: PathBuf,
-        offset: u64,
-        #[source]
-        source: MetaError,
-    },
-    #[error("{path}: bad compression trailer at offset {offset}")]
-    BadTrailer {
-        path: PathBuf,
-        offset: u64,
-        #[source]
-        source: MetaError,
-    },
-    #[error("{path}: {what} at offset {offset}")]
-    Invalid { path: PathBuf, offset: u64, what: String },
-}
-
-impl ScanError {
-    /// The byte offset in the file where the problem is.
-    pub fn offset(&self) -> u64 {
-        match self {
-            ScanError::Io { offset, .. }
-            | ScanError::Truncated { offset, .. }
-            | ScanError::BadFrame { offset, .. }
-            | ScanError::BadMeta { offset, .. }
-            | ScanError::BadTrailer { offset, .. }
-            | ScanError::Invalid { offset, .. } => *offset,
-        }
-    }
-
-    pub(crate) fn invalid(path: &Path, offset: u64, what: impl Into<String>) -> ScanError {
-        ScanError::Invalid { path: path.to_owned(), offset, what: what.into() }
-    }
-}
+use super::frame::{FRAME_LEN, FrameHeader, FrameKind, parse_header};
+pub use super::io::ScanError;
+use super::io::{RangeRead, read_exact, read_full};
+pub use super::lz4::Lz4Frame;
+use super::lz4::{self, MAX_LZ4_FRAME};
+use super::meta::{MAX_META_LEN, MAX_TRAILER_LEN, StreamMeta, parse_trailer};
+use crate::source::{LocalSource, ReadAt, Source};
 
 /// Where the bytes of one stored extent are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,16 +35,6 @@ pub enum Stored {
     Plain { file_off: u64 },
     /// lz4 frames, in order, tiling the extent.
     Lz4(Box<[Lz4Frame]>),
-}
-
-/// One lz4 frame of a compressed extent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lz4Frame {
-    pub file_off: u64,
-    pub comp_len: u64,
-    /// Offset of this frame's first byte within the extent.
-    pub extent_off: u64,
-    pub len: u64,
 }
 
 /// One `data` or `zero` frame: the disk range `[start, start + len)`.
@@ -137,8 +68,9 @@ pub enum Format {
 /// The index of one data file. Holds the file open (read-only) for the reader.
 #[derive(Debug)]
 pub struct StreamIndex {
+    /// The file as messages name it.
     pub path: PathBuf,
-    pub file: File,
+    pub file: Arc<dyn ReadAt>,
     pub file_len: u64,
     pub format: Format,
     pub meta: StreamMeta,
@@ -188,80 +120,59 @@ impl StreamIndex {
         None
     }
 
-    /// Opens `path` read-only and indexes it. `raw_meta` names the disk of a raw image,
-    /// which has no metadata of its own.
+    /// Opens the local file `path` read-only and indexes it. `raw_disk` names the disk of
+    /// a raw image, which has no metadata of its own.
     /// A full or copy backup may be a raw image (`-t raw`, raw-format disks).
     pub fn open(path: &Path, raw_disk: &str) -> Result<StreamIndex, ScanError> {
-        Self::open_as(path, Some(raw_disk))
+        let file = open_local(path)?;
+        Self::scan(path.to_owned(), file, Some(raw_disk))
     }
 
-    /// Opens a file that must be a stream (incrementals and differentials are never raw,
-    /// so a damaged first header must not turn one into a raw image).
+    /// Opens a local file that must be a stream (incrementals and differentials are never
+    /// raw, so a damaged first header must not turn one into a raw image).
     pub fn open_stream(path: &Path) -> Result<StreamIndex, ScanError> {
-        Self::open_as(path, None)
+        Self::scan(path.to_owned(), open_local(path)?, None)
     }
 
-    fn open_as(path: &Path, raw_disk: Option<&str>) -> Result<StreamIndex, ScanError> {
-        let io_err = |offset| move |source| ScanError::Io { path: path.to_owned(), offset, source };
-        let file = File::open(path).map_err(io_err(0))?;
-        let file_len = file.metadata().map_err(io_err(0))?.len();
+    /// Indexes `file`, named `path` in messages: a stream, or when `raw_disk` is given
+    /// and the file does not start like one, a raw image of that disk.
+    pub fn scan(
+        path: PathBuf,
+        file: Arc<dyn ReadAt>,
+        raw_disk: Option<&str>,
+    ) -> Result<StreamIndex, ScanError> {
+        let io_err = |offset| {
+            let path = path.clone();
+            move |source| ScanError::Io { path, offset, source }
+        };
+        let file_len = file.size().map_err(io_err(0))?;
         let mut magic = [0u8; 5];
-        let n = read_full(&file, &mut magic, 0).map_err(io_err(0))?;
+        let n = read_full(&*file, &mut magic, 0).map_err(io_err(0))?;
         let index = match raw_disk {
-            Some(disk) if n < magic.len() || &magic != b"meta " => {
-                scan_raw(path.to_owned(), file, file_len, disk)
-            }
-            _ => scan_stream(path.to_owned(), file, file_len),
+            Some(disk) if n < magic.len() || &magic != b"meta " => scan_raw(path, file, file_len, disk),
+            _ => scan_stream(path, file, file_len),
         }?;
-        debug_assert_eq!(index.broken_invariant(), None, "{}", path.display());
+        debug_assert_eq!(index.broken_invariant(), None, "{}", index.path.display());
         Ok(index)
     }
 }
 
-/// Reads as much of `buf` as the file has at `offset`; returns the count.
-pub fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    read_full_with(buf, offset, |b, at| file.read_at(b, at))
+/// Opens a local file by its whole path: the folder it is in is the source.
+fn open_local(path: &Path) -> Result<Arc<dyn ReadAt>, ScanError> {
+    let (dir, name) = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => (dir, Path::new(name)),
+        _ => (Path::new(""), path),
+    };
+    LocalSource::new(dir).open(name).map_err(|e| ScanError::opening(path, e))
 }
 
-/// Fills `buf` from `offset` with positional reads `read_at(part, at)` (as `pread(2)`:
-/// a count, 0 at the end), retrying on EINTR; returns the count, short only at the end.
-pub fn read_full_with(
-    buf: &mut [u8],
-    offset: u64,
-    mut read_at: impl FnMut(&mut [u8], u64) -> io::Result<usize>,
-) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
-/// Reads exactly `buf.len()` bytes at `offset`, or names the truncation.
-pub(crate) fn read_exact(path: &Path, file: &File, buf: &mut [u8], offset: u64) -> Result<(), ScanError> {
-    let n = read_full(file, buf, offset).map_err(|source| ScanError::Io {
-        path: path.to_owned(),
-        offset,
-        source,
-    })?;
-    if n < buf.len() {
-        return Err(ScanError::Truncated { path: path.to_owned(), offset: offset + n as u64 });
-    }
-    Ok(())
-}
-
-fn read_header(path: &Path, file: &File, offset: u64) -> Result<FrameHeader, ScanError> {
+fn read_header(path: &Path, file: &dyn ReadAt, offset: u64) -> Result<FrameHeader, ScanError> {
     let mut buf = [0u8; FRAME_LEN];
     read_exact(path, file, &mut buf, offset)?;
     parse_header(&buf).map_err(|source| ScanError::BadFrame { path: path.to_owned(), offset, source })
 }
 
-fn expect_crlf(path: &Path, file: &File, offset: u64) -> Result<(), ScanError> {
+fn expect_crlf(path: &Path, file: &dyn ReadAt, offset: u64) -> Result<(), ScanError> {
     let mut crlf = [0u8; 2];
     read_exact(path, file, &mut crlf, offset)?;
     if &crlf != b"\r\n" {
@@ -270,8 +181,13 @@ fn expect_crlf(path: &Path, file: &File, offset: u64) -> Result<(), ScanError> {
     Ok(())
 }
 
-fn scan_raw(path: PathBuf, file: File, file_len: u64, disk: &str) -> Result<StreamIndex, ScanError> {
-    let extents = raw_extents(&file, file_len).map_err(|source| ScanError::Io {
+fn scan_raw(
+    path: PathBuf,
+    file: Arc<dyn ReadAt>,
+    file_len: u64,
+    disk: &str,
+) -> Result<StreamIndex, ScanError> {
+    let extents = raw_extents(&*file, file_len).map_err(|source| ScanError::Io {
         path: path.clone(),
         offset: 0,
         source,
@@ -292,34 +208,21 @@ fn scan_raw(path: PathBuf, file: File, file_len: u64, disk: &str) -> Result<Stre
     Ok(StreamIndex { path, file, file_len, format: Format::Raw, meta, extents, damage: None })
 }
 
-/// The data extents of a sparse raw file, from SEEK_DATA / SEEK_HOLE.
-fn raw_extents(file: &File, file_len: u64) -> io::Result<Vec<StoredExtent>> {
-    use nix::unistd::{Whence, lseek};
-    let mut out = Vec::new();
-    let mut pos = 0u64;
-    while pos < file_len {
-        let start = match lseek(file, pos as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
-            Err(nix::errno::Errno::ENXIO) => break,
-            // A filesystem without SEEK_DATA: the whole file is data.
-            Err(nix::errno::Errno::EINVAL) => pos,
-            Err(e) => return Err(e.into()),
-        };
-        let end = match lseek(file, start as i64, Whence::SeekHole) {
-            Ok(e) => (e as u64).min(file_len),
-            Err(nix::errno::Errno::EINVAL) => file_len,
-            Err(e) => return Err(e.into()),
-        };
-        if end > start {
-            out.push(StoredExtent { start, len: end - start, stored: Stored::Plain { file_off: start } });
-        }
-        pos = end.max(start + 1);
-    }
-    Ok(out)
+/// The data extents of a raw file: the data runs its source reports.
+fn raw_extents(file: &dyn ReadAt, file_len: u64) -> io::Result<Vec<StoredExtent>> {
+    let runs = file.data_runs(file_len)?;
+    Ok(runs
+        .into_iter()
+        .map(|r| StoredExtent {
+            start: r.start,
+            len: r.end - r.start,
+            stored: Stored::Plain { file_off: r.start },
+        })
+        .collect())
 }
 
-fn scan_stream(path: PathBuf, file: File, file_len: u64) -> Result<StreamIndex, ScanError> {
-    let head = read_header(&path, &file, 0)?;
+fn scan_stream(path: PathBuf, file: Arc<dyn ReadAt>, file_len: u64) -> Result<StreamIndex, ScanError> {
+    let head = read_header(&path, &*file, 0)?;
     if head.kind != FrameKind::Meta {
         return Err(ScanError::invalid(&path, 0, "first frame is not meta"));
     }
@@ -327,14 +230,14 @@ fn scan_stream(path: PathBuf, file: File, file_len: u64) -> Result<StreamIndex, 
         return Err(ScanError::invalid(&path, 22, format!("metadata length {} is implausible", head.length)));
     }
     let mut json = vec![0u8; head.length as usize];
-    read_exact(&path, &file, &mut json, FRAME_LEN as u64)?;
+    read_exact(&path, &*file, &mut json, FRAME_LEN as u64)?;
     let meta = StreamMeta::parse(&json).map_err(|source| ScanError::BadMeta {
         path: path.clone(),
         offset: FRAME_LEN as u64,
         source,
     })?;
     let body = FRAME_LEN as u64 + head.length;
-    expect_crlf(&path, &file, body)?;
+    expect_crlf(&path, &*file, body)?;
 
     let mut index =
         StreamIndex { path, file, file_len, format: Format::Stream, meta, extents: Vec::new(), damage: None };
@@ -386,7 +289,7 @@ fn read_trailer(index: &StreamIndex) -> Result<(Vec<Vec<u64>>, u64), ScanError> 
         return Err(ScanError::Truncated { path: path.clone(), offset: len });
     }
     let comp_at = len - FRAME_LEN as u64;
-    let comp = read_header(path, &index.file, comp_at)?;
+    let comp = read_header(path, &*index.file, comp_at)?;
     if comp.kind != FrameKind::Comp {
         return Err(ScanError::invalid(path, comp_at, "compressed stream does not end in a comp frame"));
     }
@@ -398,16 +301,10 @@ fn read_trailer(index: &StreamIndex) -> Result<(Vec<Vec<u64>>, u64), ScanError> 
         ));
     }
     let json_at = comp_at - 2 - comp.length;
-    expect_crlf(path, &index.file, comp_at - 2)?;
+    expect_crlf(path, &*index.file, comp_at - 2)?;
     // Streamed from the file: its memory grows with the frames it lists, and those must
     // fit in the bytes before it.
-    let mut file = &index.file;
-    file.seek(io::SeekFrom::Start(json_at)).map_err(|source| ScanError::Io {
-        path: path.clone(),
-        offset: json_at,
-        source,
-    })?;
-    let json = io::BufReader::new(file.take(comp.length));
+    let json = io::BufReader::new(RangeRead { file: &*index.file, pos: json_at, end: comp_at - 2 });
     let trailer = parse_trailer(json, json_at / lz4::MIN_FRAME_LEN)
         .map_err(|source| ScanError::BadTrailer { path: path.clone(), offset: json_at, source })?;
     Ok((trailer, json_at))
@@ -440,7 +337,7 @@ fn walk_frames(
     let mut last_end = 0u64;
     loop {
         *frontier = last_end;
-        let h = read_header(&path, &index.file, pos)?;
+        let h = read_header(&path, &*index.file, pos)?;
         let at = pos;
         pos += FRAME_LEN as u64;
         match h.kind {
@@ -498,13 +395,13 @@ fn walk_frames(
                     Stored::Lz4(frames)
                 }
                 Payloads::Walk => {
-                    let frames = lz4::walk(&path, &index.file, payload, h.length)?;
+                    let frames = lz4::walk(&path, &*index.file, payload, h.length)?;
                     pos = frames.last().map_or(payload, |f| f.file_off + f.comp_len);
                     Stored::Lz4(frames.into_boxed_slice())
                 }
             };
             data_frames += 1;
-            expect_crlf(&path, &index.file, pos)?;
+            expect_crlf(&path, &*index.file, pos)?;
             pos += 2;
             stored
         };
@@ -560,7 +457,7 @@ fn lz4_frames(
         let frame_len = if last {
             len.checked_sub(extent_off)
         } else {
-            lz4::frame_head(path, &index.file, file_off)?.content_size
+            lz4::frame_head(path, &*index.file, file_off)?.content_size
         };
         let frame_len =
             frame_len.filter(|&l| l <= MAX_LZ4_FRAME && extent_off + l <= len).ok_or_else(|| {

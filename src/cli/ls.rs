@@ -93,7 +93,7 @@ pub fn ls_json(catalog: &Catalog) -> serde_json::Value {
                         "set": p.set_dir,
                         "status": status,
                         "reason": reason,
-                        "vmconfig": p.vmconfig,
+                        "vmconfig": p.vmconfig.as_ref().map(|c| c.shown()),
                         "disks": disks,
                     })
                 })

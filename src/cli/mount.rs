@@ -97,12 +97,7 @@ impl TryFrom<&MountArgs> for Prepared {
                 .unwrap_or_else(|_| a.source.clone())
                 .display()
                 .to_string(),
-            fs: FsConfig {
-                cache_size: usize::try_from(a.cache_size)?,
-                dirty_size: a.dirty_size,
-                writes,
-                io: std::sync::Arc::new(crate::chain::Direct),
-            },
+            fs: FsConfig { cache_size: usize::try_from(a.cache_size)?, dirty_size: a.dirty_size, writes },
         };
         Ok(Prepared { opts, _scratch: scratch })
     }

@@ -22,6 +22,7 @@ use crate::cache::ReadCache;
 use crate::catalog::{Catalog, Status};
 use crate::chain::{ImageReader, Layer, StreamIndex};
 use crate::restore::{Format, RestoreOptions, Sparse, restore_image, verify::verify as verify_catalog};
+use crate::source::SourcePath;
 
 /// What `vmback restore` does (virtnbdrestore's `-a`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -199,13 +200,15 @@ pub fn restore(
         }
     }
     if let (Some(cfg), false) = (vmconfig, device) {
-        std::fs::copy(&cfg, output.join("vmconfig.xml")).map_err(|e| format!("{}: {e}", cfg.display()))?;
+        let xml = cfg.source.read_whole(&cfg.path, crate::catalog::MAX_CONFIG)?;
+        let to = output.join("vmconfig.xml");
+        std::fs::write(&to, xml).map_err(|e| format!("{}: {e}", to.display()))?;
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// The disks of the chosen restore point.
-fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Option<PathBuf>)> {
+fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Option<SourcePath>)> {
     let catalog = Catalog::discover(input)?;
     let domain = catalog.domain(what.domain.as_deref())?;
     let point = match &what.until {
@@ -231,7 +234,7 @@ fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Option<PathBuf>)
 }
 
 /// Exactly the listed files, in order (virtnbdrestore's `--sequence`).
-fn from_sequence(input: &Path, files: &[PathBuf]) -> Result<(Vec<Job>, Option<PathBuf>)> {
+fn from_sequence(input: &Path, files: &[PathBuf]) -> Result<(Vec<Job>, Option<SourcePath>)> {
     let mut layers = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let path = input.join(f);

@@ -25,14 +25,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use super::image::{ChainFile, Identity, Image};
 use crate::catalog::{Catalog, RestorePoint, Status};
 use crate::chain::Layer;
+use crate::source::{self, SourcePath};
 
 /// An inode number.
 pub type Ino = u64;
@@ -55,7 +54,7 @@ pub enum NodeKind {
     Image(Arc<Image>),
     /// A file from the backup set, served as it is (bounded in size at build time).
     Config {
-        path: PathBuf,
+        file: SourcePath,
         size: u64,
     },
     Link(String),
@@ -175,24 +174,23 @@ impl Tree {
                     point.disks.iter().flat_map(|d| d.layers.iter().map(|l| l.id.to_string())).collect();
                 // Everything info.json says comes from the layers but the vmconfig file,
                 // which may show up after the data (rsync copies in name order).
-                let cfg_name = point.vmconfig.as_deref().map(|p| p.display().to_string());
+                let cfg_name = point.vmconfig.as_ref().map(|p| p.shown().display().to_string());
                 let info = b.ino(format!("n:{at}:{}:{}", all_ids.join(","), cfg_name.unwrap_or_default()));
                 let of = Arc::new((domain.name.clone(), point.clone()));
                 b.drafts.push((info, dir, Draft::Done(NodeKind::Info(of, OnceLock::new())), point.date));
                 files.push((INFO_NAME.to_owned(), info));
-                if let Some(path) = &point.vmconfig
-                    && let Ok(meta) = std::fs::symlink_metadata(path)
-                    && meta.is_file()
+                if let Some(file) = &point.vmconfig
+                    && let Ok(entry) = file.source.stat(&file.path)
+                    && entry.kind == source::Kind::File
                 {
-                    let size = meta.len();
-                    // A file rewritten in place keeps its path and may keep its size: the
-                    // file's inode and mtime tell the versions apart.
-                    let version = (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec());
-                    let cfg = b.ino(format!("c:{}:{size}:{version:?}", path.display()));
+                    let size = entry.size;
+                    // A file rewritten in place keeps its path and may keep its size: its
+                    // stamp (locally inode, times and length) tells the versions apart.
+                    let cfg = b.ino(format!("c:{}:{size}:{:?}", file.shown().display(), entry.stamp));
                     b.drafts.push((
                         cfg,
                         dir,
-                        Draft::Done(NodeKind::Config { path: path.clone(), size }),
+                        Draft::Done(NodeKind::Config { file: file.clone(), size }),
                         point.date,
                     ));
                     files.push(("vmconfig.xml".to_owned(), cfg));

@@ -14,12 +14,12 @@ pub mod fuse;
 pub mod image;
 pub mod inode;
 pub mod live;
+#[cfg(test)]
+mod mem_source;
 pub mod partition;
 pub mod session;
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -31,7 +31,7 @@ use tracing::warn;
 
 use crate::cache::{DirtyBudget, OverlayError, ReadCache};
 use crate::catalog::Catalog;
-use crate::chain::{ImageReader, StreamRead, scan::read_full};
+use crate::chain::{ImageReader, io::read_full};
 use image::{Image, KeepError, OverlayPlace};
 pub use inode::{Ino, NodeKind, ROOT};
 use inode::{Inos, Node, Tree};
@@ -150,9 +150,6 @@ pub struct FsConfig {
     /// Bytes of written pages kept in memory before they go to overlay files.
     pub dirty_size: u64,
     pub writes: Writes,
-    /// How stream files are read: [`crate::chain::Direct`] in the mount; tests put a
-    /// failing disk here.
-    pub io: Arc<dyn StreamRead>,
 }
 
 /// The text of an `info.json` (the same every time: the catalog behind it does not change).
@@ -206,8 +203,6 @@ pub struct ImageFs {
     cache: Arc<ReadCache>,
     budget: Arc<DirtyBudget>,
     writes: Writes,
-    /// How stream files are read (see [`FsConfig::io`]).
-    io: Arc<dyn StreamRead>,
     mounted_at: SystemTime,
     /// Told `(ino, offset, len)` when a write through one file changed bytes another file
     /// shows (an image and its partition files), so the adapter can drop the kernel's
@@ -230,7 +225,6 @@ impl ImageFs {
             cache: Arc::new(ReadCache::new(config.cache_size)),
             budget: Arc::new(DirtyBudget::new(config.dirty_size)),
             writes: config.writes.clone(),
-            io: config.io.clone(),
             mounted_at: SystemTime::now(),
             alias_hook: OnceLock::new(),
         };
@@ -275,7 +269,6 @@ impl ImageFs {
             let todo: Vec<usize> = (0..specs.len()).filter(|&i| made[i].is_none()).collect();
             let chains: Vec<_> = todo.iter().map(|&i| specs[i].layers.clone()).collect();
             for (&i, reader) in todo.iter().zip(ImageReader::many(&chains, &self.cache)) {
-                let reader = reader.with_io(self.io.clone());
                 let spec = &specs[i];
                 let place = match &self.writes {
                     Writes::ReadOnly => OverlayPlace::None,
@@ -547,14 +540,13 @@ impl ImageFs {
             }
             NodeKind::Text(t) => whole(t, buf),
             NodeKind::Info(of, _) => whole(&info_text(of), buf),
-            NodeKind::Config { path, size: known } => {
-                let io = |source| FsError::Io { path: path.clone(), offset, source };
-                // O_NOFOLLOW: a symlink swapped in since the scan is not followed out of SOURCE.
-                let file =
-                    OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path).map_err(io)?;
+            NodeKind::Config { file, size: known } => {
+                let io = |source| FsError::Io { path: file.shown(), offset, source };
+                // The source follows no symlink, not even one swapped in since the scan.
+                let reader = file.source.open(&file.path).map_err(|e| io(e.into_io()))?;
                 let len = known.saturating_sub(offset).min(size as u64) as usize;
                 buf.resize(len, 0);
-                let n = read_full(&file, buf, offset).map_err(io)?;
+                let n = read_full(&*reader, buf, offset).map_err(io)?;
                 buf.truncate(n);
             }
             NodeKind::Stats => whole(self.stats().as_bytes(), buf),
@@ -673,12 +665,8 @@ mod tests {
         let keep = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
         let (mut watched, cat) = Watched::open(src.path()).expect("catalog");
-        let config = FsConfig {
-            cache_size: 1 << 20,
-            dirty_size: 1 << 20,
-            writes: Writes::Keep(keep.path().into()),
-            io: Arc::new(crate::chain::Direct),
-        };
+        let config =
+            FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::Keep(keep.path().into()) };
         let fs = ImageFs::new(&cat, &config).expect("fs");
         let path = ["sample-vm", "virtnbdbackup.0", "sda.raw"];
         let before = walk(&fs, &path);
@@ -705,12 +693,7 @@ mod tests {
         let cat = Catalog::discover(src.path()).expect("catalog");
         let fs = ImageFs::new(
             &cat,
-            &FsConfig {
-                cache_size: 1 << 20,
-                dirty_size: 1 << 20,
-                writes: Writes::ReadOnly,
-                io: Arc::new(crate::chain::Direct),
-            },
+            &FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::ReadOnly },
         )
         .expect("fs");
         let at = walk(&fs, &["sample-vm", "virtnbdbackup.2", "info.json"]);
@@ -734,12 +717,7 @@ mod tests {
         let src = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
         let (mut watched, cat) = Watched::open(src.path()).expect("catalog");
-        let config = FsConfig {
-            cache_size: 1 << 20,
-            dirty_size: 1 << 20,
-            writes: Writes::ReadOnly,
-            io: Arc::new(crate::chain::Direct),
-        };
+        let config = FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::ReadOnly };
         let fs = ImageFs::new(&cat, &config).expect("fs");
         let latest = walk(&fs, &["sample-vm", "latest"]);
         let target = fs.readlink(latest.ino).expect("readlink");

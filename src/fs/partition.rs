@@ -37,7 +37,7 @@ use std::io::{self, Read, Seek, SeekFrom};
 use thiserror::Error;
 use tracing::warn;
 
-use crate::chain::scan::read_full_with;
+use crate::chain::io::read_full_with;
 
 /// Sector size of virtual disks (see the module note).
 const SECTOR: u64 = 512;

@@ -10,17 +10,22 @@
 //! bounded by about one lz4 frame per thread.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use crate::cache::ReadCache;
 use crate::catalog::{Catalog, Status};
+use crate::chain::io::read_full;
 use crate::chain::scan::Stored;
 use crate::chain::{ImageReader, Layer};
+use crate::source::SourcePath;
+
+/// Largest `.chksum` sidecar read: an Adler-32 in decimal is ten digits at most; 4 KiB
+/// leaves room for whitespace and stops a stray large file from being read.
+const MAX_SIDECAR: u64 = 4 << 10;
 
 /// Bytes read per step of a plain payload.
 const STEP: u64 = 4 << 20;
@@ -78,7 +83,7 @@ pub fn verify(catalog: &Catalog, threads: usize) -> VerifyReport {
                 while let Some((layer, points)) =
                     work.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
                 {
-                    let (f, n) = verify_file(layer, points);
+                    let (f, n) = verify_file(layer, catalog.file_of(layer), points);
                     bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                     found.lock().expect("no panics while held").extend(f);
                 }
@@ -92,7 +97,7 @@ pub fn verify(catalog: &Catalog, threads: usize) -> VerifyReport {
 }
 
 /// The findings of one file, and the data bytes read.
-fn verify_file(layer: &Layer, points: &[String]) -> (Vec<Finding>, u64) {
+fn verify_file(layer: &Layer, file: Option<&SourcePath>, points: &[String]) -> (Vec<Finding>, u64) {
     let index = &layer.index;
     let finding = |offset, problem: String, disk_range| Finding {
         file: index.path.clone(),
@@ -131,7 +136,7 @@ fn verify_file(layer: &Layer, points: &[String]) -> (Vec<Finding>, u64) {
             }
         }
     }
-    if let Some(problem) = check_sidecar(&index.path) {
+    if let Some(problem) = file.and_then(|f| check_sidecar(f, &layer.index.file)) {
         out.push(finding(None, problem, None));
     }
     (out, read)
@@ -139,21 +144,22 @@ fn verify_file(layer: &Layer, points: &[String]) -> (Vec<Finding>, u64) {
 
 /// Compares the `.chksum` sidecar (Adler-32 of the whole file, decimal) when there is
 /// one; upstream writes the text `None` in some modes, which means "no checksum".
-fn check_sidecar(path: &Path) -> Option<String> {
-    let mut side = path.as_os_str().to_owned();
+fn check_sidecar(file: &SourcePath, data: &Arc<dyn crate::source::ReadAt>) -> Option<String> {
+    let mut side = file.path.as_os_str().to_owned();
     side.push(".chksum");
-    let text = std::fs::read_to_string(&side).ok()?;
-    let want: u32 = text.trim().parse().ok()?;
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) => return Some(format!("cannot read for the checksum: {e}")),
-    };
+    let text = file.source.read_whole(side.as_ref(), MAX_SIDECAR).ok()?;
+    let want: u32 = std::str::from_utf8(&text).ok()?.trim().parse().ok()?;
     let mut adler = simd_adler32::Adler32::new();
+    // Read in 1 MiB steps: few calls, and a small buffer per verify thread.
     let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
     loop {
-        match file.read(&mut buf) {
+        match read_full(&**data, &mut buf, at) {
             Ok(0) => break,
-            Ok(n) => adler.write(&buf[..n]),
+            Ok(n) => {
+                adler.write(&buf[..n]);
+                at += n as u64;
+            }
             Err(e) => return Some(format!("cannot read for the checksum: {e}")),
         }
     }
