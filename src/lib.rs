@@ -10,8 +10,10 @@ pub mod catalog;
 pub mod chain;
 pub mod cli;
 pub mod fs;
+pub mod overlay;
 pub mod restore;
 pub mod sample;
+pub mod view;
 
 /// An error with its causes on one line (`what: why: deeper why`), for logs and the
 /// command line; `std::error::Report` does this but is not stable yet.
