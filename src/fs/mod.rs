@@ -659,6 +659,11 @@ mod tests {
     use super::*;
     use crate::catalog::Watched;
 
+    /// The options of these tests: 1 MiB of cache and of dirty pages, direct reads.
+    pub(super) fn config(writes: Writes) -> FsConfig {
+        FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes, io: Arc::new(crate::chain::Direct) }
+    }
+
     /// The node at `path` (names from the root).
     fn walk(fs: &ImageFs, path: &[&str]) -> Attr {
         let mut at = fs.getattr(ROOT, None).expect("root");
@@ -674,12 +679,7 @@ mod tests {
         let keep = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
         let (mut watched, cat) = Watched::open(src.path()).expect("catalog");
-        let config = FsConfig {
-            cache_size: 1 << 20,
-            dirty_size: 1 << 20,
-            writes: Writes::Keep(keep.path().into()),
-            io: Arc::new(crate::chain::Direct),
-        };
+        let config = config(Writes::Keep(keep.path().into()));
         let fs = ImageFs::new(&cat, &config).expect("fs");
         let path = ["sample-vm", "virtnbdbackup.0", "sda.raw"];
         let before = walk(&fs, &path);
@@ -704,16 +704,7 @@ mod tests {
         let src = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
         let cat = Catalog::discover(src.path()).expect("catalog");
-        let fs = ImageFs::new(
-            &cat,
-            &FsConfig {
-                cache_size: 1 << 20,
-                dirty_size: 1 << 20,
-                writes: Writes::ReadOnly,
-                io: Arc::new(crate::chain::Direct),
-            },
-        )
-        .expect("fs");
+        let fs = ImageFs::new(&cat, &config(Writes::ReadOnly)).expect("fs");
         let at = walk(&fs, &["sample-vm", "virtnbdbackup.2", "info.json"]);
         let (fh, _) = fs.open(at.ino, false).expect("open");
         assert_eq!(fs.getattr(at.ino, Some(fh)).expect("fstat").size, at.size);
@@ -735,12 +726,7 @@ mod tests {
         let src = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
         let (mut watched, cat) = Watched::open(src.path()).expect("catalog");
-        let config = FsConfig {
-            cache_size: 1 << 20,
-            dirty_size: 1 << 20,
-            writes: Writes::ReadOnly,
-            io: Arc::new(crate::chain::Direct),
-        };
+        let config = config(Writes::ReadOnly);
         let fs = ImageFs::new(&cat, &config).expect("fs");
         let latest = walk(&fs, &["sample-vm", "latest"]);
         let target = fs.readlink(latest.ino).expect("readlink");

@@ -141,11 +141,10 @@ impl Model {
         let scratch = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
         let (watched, cat) = Watched::open(src.path()).expect("catalog");
+        // A quarter of a MiB of dirty pages: the writes of a run spill to the overlay files.
         let config = FsConfig {
-            cache_size: 4 << 20,
             dirty_size: 256 << 10,
-            writes: Writes::Scratch(scratch.path().into()),
-            io: Arc::new(crate::chain::Direct),
+            ..super::tests::config(Writes::Scratch(scratch.path().into()))
         };
         let fs = ImageFs::new(&cat, &config).expect("fs");
         let hooks = Arc::new(Mutex::new(Vec::new()));
