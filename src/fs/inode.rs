@@ -355,3 +355,35 @@ impl Builder<'_> {
         self.drafts.push((ino, parent, Draft::Done(NodeKind::Dir(children)), mtime));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(dir: Ino, key: &str) -> SynthKey {
+        SynthKey { dir, provider: 0, key: key.into() }
+    }
+
+    #[test]
+    fn synthetic_numbers_are_stable_unique_and_let_go_with_their_folder() {
+        let next = Counter::default();
+        let mut tree = Inos::new(next.clone());
+        let mut synth = SynthInos::new(next);
+        let (dir_a, dir_b) = (tree.get("p:a".into()), tree.get("p:b".into()));
+        let p1 = synth.number(key(dir_a, "7:1"));
+        assert_eq!(synth.number(key(dir_a, "7:1")), p1, "the same key keeps its number");
+        let nested = synth.number(key(p1, "etc"));
+        let other = synth.number(key(dir_b, "7:1"));
+        let all = [dir_a, dir_b, p1, nested, other, tree.get("p:c".into())];
+        assert_eq!(all.iter().collect::<HashSet<_>>().len(), all.len(), "one counter, no number twice");
+        assert_eq!(synth.key(nested), Some(&key(p1, "etc")));
+        assert_eq!(synth.find(&key(dir_a, "7:2")), None, "find hands out nothing");
+        // Folder a leaves every tree: its entries go, also the one inside a synthetic
+        // folder of it; b's stays.
+        synth.retain(|ino| ino == dir_b);
+        assert_eq!((synth.key(p1), synth.key(nested)), (None, None));
+        assert_eq!(synth.find(&key(dir_b, "7:1")), Some(other));
+        let again = synth.number(key(dir_a, "7:1"));
+        assert!(!all.contains(&again), "a key let go gets a new number");
+    }
+}
