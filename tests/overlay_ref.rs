@@ -1,4 +1,4 @@
-//! Reference-model property tests for the write overlay (`vmback::cache::Overlay`), with
+//! Reference-model property tests for the write overlay (`vmback::overlay::Overlay`), with
 //! no FUSE: random interleavings of reads, writes and punches against a naive `Vec<u8>`
 //! per image.
 //!
@@ -26,8 +26,10 @@ use std::sync::Arc;
 use common::rng::Rng;
 use proptest::prelude::*;
 use tempfile::TempDir;
-use vmback::cache::{DirtyBudget, Overlay, PAGE, ReadCache, Run, SavedMap};
+use vmback::cache::ReadCache;
 use vmback::chain::{ImageReader, Layer, StreamIndex, StreamMeta, StreamWriter};
+use vmback::overlay::{DirtyBudget, Overlay, PAGE, SavedMap};
+use vmback::view::{ImageView, Run};
 
 /// splitmix64 ([`Rng`]): bytes and ranges derived from a seed.
 impl Rng {
@@ -51,7 +53,8 @@ impl Rng {
 
 /// A chain on disk, its reader, and the bytes it must read as.
 struct Base {
-    reader: ImageReader,
+    /// Shared with the overlay over it (which owns its base).
+    reader: Arc<ImageReader>,
     model: Vec<u8>,
 }
 
@@ -151,7 +154,7 @@ fn build_base(dir: &Path, name: &str, size: u64, lz4: bool, seed: u64) -> Base {
     let mut got = vec![0u8; size as usize];
     assert_eq!(reader.read_at(&mut got, 0).unwrap(), size as usize);
     assert!(got == model, "the base chain does not read like its model");
-    Base { reader, model }
+    Base { reader: Arc::new(reader), model }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -208,7 +211,7 @@ fn op(images: usize) -> impl Strategy<Value = Op> {
 /// An image under test: its base, its overlay and the model of its current bytes.
 struct Subject {
     base: Base,
-    overlay: Overlay,
+    overlay: Overlay<Arc<ImageReader>>,
     model: Vec<u8>,
 }
 
@@ -219,7 +222,7 @@ impl Subject {
 
     fn read(&self, off: u64, len: u64) -> Vec<u8> {
         let mut buf = vec![0xeeu8; len as usize];
-        let n = self.overlay.read_at(&self.base.reader, &mut buf, off).unwrap();
+        let n = self.overlay.read_at(&mut buf, off).unwrap();
         buf.truncate(n);
         buf
     }
@@ -246,7 +249,7 @@ impl Subject {
     fn check_runs(&self) -> Result<(), TestCaseError> {
         let mut pos = 0;
         while pos < self.size() {
-            let (run, end) = self.overlay.run_at(&self.base.reader, pos);
+            let (run, end) = self.overlay.run_at(pos);
             prop_assert!(
                 end > pos && end <= self.size(),
                 "run_at({pos}) ends at {end} (size {})",
@@ -263,7 +266,7 @@ impl Subject {
             // A run from the middle of a run ends where the run does.
             if end - pos > 1 {
                 let mid = pos + (end - pos) / 2;
-                let (r2, e2) = self.overlay.run_at(&self.base.reader, mid);
+                let (r2, e2) = self.overlay.run_at(mid);
                 prop_assert!(
                     r2 == run && e2 == end,
                     "run_at({mid}) = ({r2:?}, {e2}) inside ({run:?}, {end})"
@@ -281,7 +284,7 @@ impl Subject {
             Op::Write { at, len, seed, .. } => {
                 let off = place(at, size);
                 let data = Rng(seed).bytes(len as usize);
-                let res = self.overlay.write_at(&self.base.reader, &data, off);
+                let res = self.overlay.write_at(&data, off);
                 if off >= size {
                     let err = res.expect_err("a write past the end must fail");
                     prop_assert_eq!(err.errno(), libc::ENOSPC);
@@ -294,9 +297,7 @@ impl Subject {
             }
             Op::Punch { at, len, .. } => {
                 let off = place(at, size);
-                self.overlay
-                    .punch(&self.base.reader, off, len)
-                    .map_err(|e| TestCaseError::fail(format!("punch: {e}")))?;
+                self.overlay.punch(off, len).map_err(|e| TestCaseError::fail(format!("punch: {e}")))?;
                 if off < size {
                     let end = (off + len).min(size);
                     self.model[off as usize..end as usize].fill(0);
@@ -325,7 +326,7 @@ fn config(cases: u32) -> ProptestConfig {
 
 fn subject(dir: &Path, name: &str, size: u64, lz4: bool, seed: u64, budget: &Arc<DirtyBudget>) -> Subject {
     let base = build_base(dir, name, size, lz4, seed);
-    let overlay = Overlay::new(size, dir.join(format!("{name}.overlay")), budget.clone());
+    let overlay = Overlay::new(base.reader.clone(), dir.join(format!("{name}.overlay")), budget.clone());
     let model = base.model.clone();
     Subject { base, overlay, model }
 }
@@ -428,7 +429,7 @@ proptest! {
 
         let path: PathBuf = s.overlay.path().to_owned();
         let fresh = Arc::new(DirtyBudget::new(limit));
-        let loaded = Overlay::load(&map, path.clone(), fresh.clone())
+        let loaded = Overlay::load(&map, s.base.reader.clone(), path.clone(), fresh.clone())
             .map_err(|e| TestCaseError::fail(format!("load: {e}")))?;
         let mut s2 = Subject { base: s.base, overlay: loaded, model: s.model };
         drop(s.overlay);
@@ -440,7 +441,7 @@ proptest! {
             check_budget(&fresh, limit, op)?;
         }
         let map2 = save(&s2.overlay)?;
-        let again = Overlay::load(&map2, path, Arc::new(DirtyBudget::new(limit)))
+        let again = Overlay::load(&map2, s2.base.reader.clone(), path, Arc::new(DirtyBudget::new(limit)))
             .map_err(|e| TestCaseError::fail(format!("second load: {e}")))?;
         let s3 = Subject { base: s2.base, overlay: again, model: s2.model };
         drop(s2.overlay);
@@ -450,7 +451,7 @@ proptest! {
 }
 
 /// `persist`, with the map through JSON as the mount saves it.
-fn save(o: &Overlay) -> Result<SavedMap, TestCaseError> {
+fn save(o: &Overlay<Arc<ImageReader>>) -> Result<SavedMap, TestCaseError> {
     let map = o.persist().map_err(|e| TestCaseError::fail(format!("persist: {e}")))?;
     let json = serde_json::to_vec(&map).unwrap();
     let back: SavedMap = serde_json::from_slice(&json).unwrap();
@@ -487,12 +488,12 @@ fn concurrent_writers_with_a_tiny_budget() {
                     }
                     let len = (1 + rng.below(PAGE)).min((page + 1) * PAGE - off).min(size - off);
                     let stamp = vec![(round % 251) as u8 | 1; len as usize];
-                    s.overlay.write_at(&s.base.reader, &stamp, off).unwrap();
+                    s.overlay.write_at(&stamp, off).unwrap();
                     let mut back = vec![0u8; len as usize];
-                    s.overlay.read_at(&s.base.reader, &mut back, off).unwrap();
+                    s.overlay.read_at(&mut back, off).unwrap();
                     assert_eq!(back, stamp, "thread {t} round {round}: own write not read back");
                     if rng.below(8) == 0 {
-                        s.overlay.punch(&s.base.reader, page * PAGE, PAGE).unwrap();
+                        s.overlay.punch(page * PAGE, PAGE).unwrap();
                     }
                 }
             });
@@ -510,6 +511,6 @@ fn empty_write_past_the_end_is_harmless() {
     let dir = TempDir::new().unwrap();
     let budget = Arc::new(DirtyBudget::new(PAGE));
     let s = subject(dir.path(), "sda", 3 * PAGE + 1, false, 1, &budget);
-    assert_eq!(s.overlay.write_at(&s.base.reader, &[], s.size()).unwrap(), 0);
-    assert_eq!(s.overlay.write_at(&s.base.reader, &[], s.size() + 4096).unwrap(), 0);
+    assert_eq!(s.overlay.write_at(&[], s.size()).unwrap(), 0);
+    assert_eq!(s.overlay.write_at(&[], s.size() + 4096).unwrap(), 0);
 }

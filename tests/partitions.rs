@@ -42,10 +42,8 @@ const SECOND: &str = "written after the full backup\n";
 
 /// The partitions of an image file.
 fn table_of(path: &Path) -> Vec<Partition> {
-    let f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let size = f.metadata().expect("stat").len();
-    read_table(size, &mut |buf, off| f.read_at(buf, off))
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    read_table(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The data partitions as `sfdisk --json` sees them (extended containers left out),

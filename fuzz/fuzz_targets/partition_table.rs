@@ -8,13 +8,7 @@ use vmback::fs::partition::read_table;
 
 fuzz_target!(|data: &[u8]| {
     let size = data.len() as u64;
-    let mut read = |buf: &mut [u8], off: u64| {
-        let from = usize::try_from(off).unwrap_or(usize::MAX).min(data.len());
-        let n = buf.len().min(data.len() - from);
-        buf[..n].copy_from_slice(&data[from..from + n]);
-        Ok(n)
-    };
-    if let Ok(parts) = read_table(size, &mut read) {
+    if let Ok(parts) = read_table(&data) {
         for (i, p) in parts.iter().enumerate() {
             assert!(p.len > 0 && p.start.checked_add(p.len).is_some_and(|e| e <= size), "{p:?}");
             for q in &parts[..i] {

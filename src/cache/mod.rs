@@ -20,8 +20,6 @@
 //! fits, so its pages need not be mapped and zeroed again. The limit bounds entries and
 //! spares together.
 
-mod overlay;
 mod read;
 
-pub use overlay::{DirtyBudget, Overlay, OverlayError, PAGE, Run, SavedMap, Tier};
 pub use read::{BlockKey, CacheStats, ReadCache};

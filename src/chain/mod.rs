@@ -12,7 +12,8 @@
 //! - Imports run one way: `reader` -> `scan` -> `lz4` -> `io` -> `source`.
 //! - [`scan`]: one pass over a file yields a [`StreamIndex`] (no payload is read).
 //! - [`extent`]: the merged [`ExtentMap`] of a chain, looked up by binary search.
-//! - [`reader`]: [`ImageReader`], the only place image bytes are rebuilt.
+//! - [`reader`]: [`ImageReader`], the only place image bytes are rebuilt; `view` makes
+//!   it an [`crate::view::ImageView`].
 //! - [`writer`]: [`StreamWriter`], byte-compatible with upstream's writer.
 
 pub mod extent;
@@ -22,6 +23,7 @@ pub mod lz4;
 pub mod meta;
 pub mod reader;
 pub mod scan;
+mod view;
 pub mod writer;
 
 pub use extent::ExtentMap;

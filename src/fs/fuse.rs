@@ -50,7 +50,7 @@ fn errno(op: &str, err: &FsError) -> Errno {
     let code = err.errno();
     if code == libc::EIO
         || code == libc::ENOSPC
-        || matches!(err, FsError::Overlay(_) | FsError::Keep(_) | FsError::Io { .. })
+        || matches!(err, FsError::Overlay(_) | FsError::View(_) | FsError::Keep(_) | FsError::Io { .. })
     {
         warn!("{op}: {}", crate::error_chain(err));
     } else {

@@ -1,4 +1,6 @@
-//! One image of the mount: the shared chain reader, plus (unless read-only) its overlay.
+//! One image of the mount: the chain reader, or (unless read-only) the overlay over it.
+//! It is an [`ImageView`]: reads, runs, SEEK_DATA/SEEK_HOLE and the thin size come from
+//! whichever of the two it holds.
 //!
 //! A kept overlay (`--keep-overlay DIR`) lives at `DIR/<domain>/<point>/<disk>.overlay`
 //! with a map `<disk>.overlay.json` beside it. The map records the identity of the
@@ -13,15 +15,10 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::partition::{self, Partition};
-use crate::cache::{DirtyBudget, Overlay, OverlayError, Run, SavedMap};
 use crate::chain::ImageReader;
+use crate::overlay::{DirtyBudget, Overlay, OverlayError, SavedMap, Tier};
+use crate::view::{ImageView, Run, ViewError};
 use tracing::warn;
-
-/// The unit of SEEK_DATA / SEEK_HOLE answers. Tools such as `qemu-img convert` copy whole
-/// 512-byte sectors between the offsets lseek gives them, so an extent edge inside a
-/// sector (the format allows any byte offset) must not be reported as one: the data of
-/// the partial sector would be dropped.
-const SECTOR: u64 = 512;
 
 /// Problems with a kept overlay, found when mounting.
 #[derive(Debug, Error)]
@@ -97,10 +94,15 @@ struct Kept {
     saved: parking_lot::Mutex<u64>,
 }
 
+/// What an image reads from.
+enum Layers {
+    ReadOnly(ImageReader),
+    Writable(Overlay<ImageReader>),
+}
+
 /// See the module note.
 pub struct Image {
-    pub reader: ImageReader,
-    overlay: Option<Overlay>,
+    layers: Layers,
     kept: Option<Kept>,
     /// `(overlay version, data bytes)`: the thin size is a walk over the image, so it is
     /// computed once per change, not once per `stat`.
@@ -131,7 +133,7 @@ impl Image {
         let size = reader.size();
         let (overlay, kept) = match place {
             OverlayPlace::None => return Ok(Image::read_only(reader, &identity)),
-            OverlayPlace::Scratch(path) => (Some(Overlay::new(size, path, budget.clone())), None),
+            OverlayPlace::Scratch(path) => (Overlay::new(reader, path, budget.clone()), None),
             OverlayPlace::Keep(dir) => {
                 let folder = dir.join(&identity.domain).join(&identity.point);
                 std::fs::create_dir_all(&folder)
@@ -158,14 +160,13 @@ impl Image {
                                 found: saved.identity.to_string(),
                             });
                         }
-                        if saved.map.spilled.iter().any(|s| s.2 == crate::cache::Tier::File) && !data.exists()
-                        {
+                        if saved.map.spilled.iter().any(|s| s.2 == Tier::File) && !data.exists() {
                             return Err(KeepError::MissingData { path: data });
                         }
-                        Overlay::load(&saved.map, data, budget.clone())?
+                        Overlay::load(&saved.map, reader, data, budget.clone())?
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        Overlay::new(size, data, budget.clone())
+                        Overlay::new(reader, data, budget.clone())
                     }
                     Err(source) => return Err(KeepError::Io { path: map_path, source }),
                 };
@@ -175,17 +176,22 @@ impl Image {
                     _lock: lock,
                     saved: parking_lot::Mutex::new(0),
                 };
-                (Some(overlay), Some(kept))
+                (overlay, Some(kept))
             }
         };
-        Ok(Image { overlay, kept, ..Image::read_only(reader, &identity) })
+        let mut image = Image::with(Layers::Writable(overlay), &identity);
+        image.kept = kept;
+        Ok(image)
     }
 
     /// An image without overlay (EROFS on write).
     pub fn read_only(reader: ImageReader, identity: &Identity) -> Image {
+        Image::with(Layers::ReadOnly(reader), identity)
+    }
+
+    fn with(layers: Layers, identity: &Identity) -> Image {
         Image {
-            reader,
-            overlay: None,
+            layers,
             kept: None,
             thin: parking_lot::Mutex::new(None),
             label: format!("{}/{}/{}", identity.domain, identity.point, identity.disk),
@@ -199,99 +205,11 @@ impl Image {
         self.partitions.get_or_init(|| {
             // The table's warnings (entries skipped) name the image through this span.
             let _image = tracing::warn_span!("partition table", image = %self.label).entered();
-            let mut read = |buf: &mut [u8], off: u64| self.read_at(buf, off).map_err(std::io::Error::other);
-            partition::read_table(self.size(), &mut read).unwrap_or_else(|e| {
+            partition::read_table(self).unwrap_or_else(|e| {
                 warn!("no partition files: {}", crate::error_chain(&e));
                 Vec::new()
             })
         })
-    }
-
-    pub fn size(&self) -> u64 {
-        self.reader.size()
-    }
-
-    pub fn writable(&self) -> bool {
-        self.overlay.is_some()
-    }
-
-    pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, OverlayError> {
-        match &self.overlay {
-            Some(o) => o.read_at(&self.reader, buf, off),
-            None => Ok(self.reader.read_at(buf, off)?),
-        }
-    }
-
-    /// Writes through the overlay; `None` for a read-only image.
-    pub fn write_at(&self, data: &[u8], off: u64) -> Option<Result<usize, OverlayError>> {
-        self.overlay.as_ref().map(|o| o.write_at(&self.reader, data, off))
-    }
-
-    /// Zeroes a range; `None` for a read-only image.
-    pub fn punch(&self, off: u64, len: u64) -> Option<Result<(), OverlayError>> {
-        self.overlay.as_ref().map(|o| o.punch(&self.reader, off, len))
-    }
-
-    /// The data-or-hole run containing `pos` and its end.
-    pub fn run_at(&self, pos: u64) -> (Run, u64) {
-        match &self.overlay {
-            Some(o) => o.run_at(&self.reader, pos),
-            None => {
-                let piece = self.reader.map().pieces(pos..pos + 1).first().copied();
-                match piece {
-                    Some(p) if p.src.is_data() => (Run::Data, p.end),
-                    Some(p) => (Run::Hole, p.end),
-                    None => (Run::Hole, self.size()),
-                }
-            }
-        }
-    }
-
-    /// The first offset at or after `pos` in a run of kind `want`, if any before the end.
-    fn next_run(&self, mut pos: u64, want: Run) -> Option<u64> {
-        while pos < self.size() {
-            let (run, end) = self.run_at(pos);
-            if run == want {
-                return Some(pos);
-            }
-            pos = end;
-        }
-        None
-    }
-
-    /// Whether `[from, to)` holds no data.
-    fn all_hole(&self, from: u64, to: u64) -> bool {
-        self.next_run(from, Run::Data).is_none_or(|d| d >= to)
-    }
-
-    /// SEEK_DATA. Answers are in whole sectors: a sector with any data counts as data.
-    pub fn seek_data(&self, pos: u64) -> Option<u64> {
-        let sector = pos / SECTOR * SECTOR;
-        if pos < self.size() && !self.all_hole(sector, (sector + SECTOR).min(self.size())) {
-            return Some(pos);
-        }
-        self.next_run(pos, Run::Data).map(|d| (d / SECTOR * SECTOR).max(pos))
-    }
-
-    /// SEEK_HOLE, in whole sectors like [`Image::seek_data`]; the end counts as a hole.
-    pub fn seek_hole(&self, pos: u64) -> u64 {
-        let size = self.size();
-        let mut from = pos;
-        loop {
-            let Some(h) = self.next_run(from, Run::Hole) else { return size };
-            let sector = h / SECTOR * SECTOR;
-            if self.all_hole(sector, (sector + SECTOR).min(size)) {
-                return h;
-            }
-            let next = sector + SECTOR;
-            if next >= size {
-                return size;
-            }
-            if self.all_hole(next, (next + SECTOR).min(size)) {
-                return next;
-            }
-            from = next;
-        }
     }
 
     /// The partitions, if they were read already.
@@ -299,43 +217,31 @@ impl Image {
         self.partitions.get().map_or(&[], |p| p)
     }
 
-    /// Bytes in data runs between `from` and `to`.
-    pub fn data_bytes_in(&self, from: u64, to: u64) -> u64 {
-        let (mut pos, mut total) = (from, 0);
-        while pos < to.min(self.size()) {
-            let (run, end) = self.run_at(pos);
-            let end = end.min(to);
-            if run == Run::Data {
-                total += end - pos;
-            }
-            pos = end;
-        }
-        total
+    pub fn writable(&self) -> bool {
+        matches!(self.layers, Layers::Writable(_))
     }
 
-    /// Bytes in data runs: what `du` shows.
-    pub fn data_bytes(&self) -> u64 {
-        match &self.overlay {
-            Some(o) if !o.is_empty() => {
-                let version = o.version();
-                let mut thin = self.thin.lock();
-                if let Some((v, bytes)) = *thin
-                    && v == version
-                {
-                    return bytes;
-                }
-                let total = self.data_bytes_in(0, self.size());
-                *thin = Some((version, total));
-                total
-            }
-            _ => self.reader.map().data_bytes(),
+    fn overlay(&self) -> Option<&Overlay<ImageReader>> {
+        match &self.layers {
+            Layers::Writable(o) => Some(o),
+            Layers::ReadOnly(_) => None,
         }
+    }
+
+    /// Writes through the overlay; `None` for a read-only image.
+    pub fn write_at(&self, data: &[u8], off: u64) -> Option<Result<usize, OverlayError>> {
+        self.overlay().map(|o| o.write_at(data, off))
+    }
+
+    /// Zeroes a range; `None` for a read-only image.
+    pub fn punch(&self, off: u64, len: u64) -> Option<Result<(), OverlayError>> {
+        self.overlay().map(|o| o.punch(off, len))
     }
 
     /// For a kept overlay: writes dirty pages to its file, syncs it and saves the map
     /// (atomically: a temporary file renamed over the old map).
     pub fn sync(&self) -> Result<(), KeepError> {
-        let (Some(o), Some(k)) = (&self.overlay, &self.kept) else { return Ok(()) };
+        let (Some(o), Some(k)) = (self.overlay(), &self.kept) else { return Ok(()) };
         let mut saved = k.saved.lock();
         let version = o.version();
         if *saved == version {
@@ -358,5 +264,49 @@ impl Image {
         }
         *saved = version;
         Ok(())
+    }
+}
+
+impl ImageView for Image {
+    fn size(&self) -> u64 {
+        match &self.layers {
+            Layers::ReadOnly(r) => ImageView::size(r),
+            Layers::Writable(o) => o.size(),
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, ViewError> {
+        match &self.layers {
+            Layers::ReadOnly(r) => ImageView::read_at(r, buf, off),
+            Layers::Writable(o) => o.read_at(buf, off),
+        }
+    }
+
+    fn run_at(&self, pos: u64) -> (Run, u64) {
+        match &self.layers {
+            Layers::ReadOnly(r) => r.run_at(pos),
+            Layers::Writable(o) => o.run_at(pos),
+        }
+    }
+
+    /// From the chain's map while nothing was written; else a walk over the runs, done
+    /// once per change of the overlay.
+    fn data_bytes(&self) -> u64 {
+        match &self.layers {
+            Layers::Writable(o) if !o.is_empty() => {
+                let version = o.version();
+                let mut thin = self.thin.lock();
+                if let Some((v, bytes)) = *thin
+                    && v == version
+                {
+                    return bytes;
+                }
+                let total = self.data_bytes_in(0, self.size());
+                *thin = Some((version, total));
+                total
+            }
+            Layers::Writable(o) => o.base().data_bytes(),
+            Layers::ReadOnly(r) => ImageView::data_bytes(r),
+        }
     }
 }

@@ -9,8 +9,11 @@
 //! /<domain>/<point>/vmconfig.xml       the domain XML saved with that backup
 //! /<domain>/<point>/info.json          which stream files make the point, and its status
 //! ```
-//! Partition files are not stored in the tree: finding them reads the image's partition
-//! table, which waits until someone looks into the point's folder.
+//! Partition files are not stored in the tree: they are synthetic nodes, made by a
+//! provider (see `provider`) when someone looks into the point's folder, since finding
+//! them reads the image's partition table. Their numbers come from [`SynthInos`], keyed
+//! by folder, provider and the provider's key, and are drawn from the same counter as the
+//! tree's, so no number is ever handed out twice.
 //! A tree is immutable; a refresh builds a new one and swaps it in. Inode numbers are
 //! stable across trees: a node keeps its number while its path and content stay the
 //! same, and anything else gets a number never used before, so the kernel cannot serve
@@ -25,6 +28,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
@@ -32,6 +36,7 @@ use super::image::{ChainFile, Identity, Image};
 use crate::catalog::{Catalog, RestorePoint, Status};
 use crate::chain::Layer;
 use crate::source::{self, SourcePath};
+use crate::view::Window;
 
 /// An inode number.
 pub type Ino = u64;
@@ -66,12 +71,11 @@ pub enum NodeKind {
     /// The bytes of an open `info.json`, written out once at open (see `ImageFs::open`),
     /// not once per read request. Only in the handle table, never in the tree.
     Text(Arc<[u8]>),
-    /// A partition of an image: `len` bytes from `start`. Not in the tree: made when
-    /// looked up or listed (see `ImageFs`), from the image's partition table.
+    /// A partition of the image node `image`: a window on it. Not in the tree: made
+    /// when looked up or listed (see `part_files`), from the image's partition table.
     Part {
-        image: Arc<Image>,
-        start: u64,
-        len: u64,
+        image: Ino,
+        window: Window<Arc<Image>>,
     },
 }
 
@@ -89,24 +93,100 @@ pub struct ImageSpec {
     pub identity: Identity,
 }
 
-/// Inode numbers handed out so far, by what the node is; kept from one tree to the next.
-pub struct Inos {
-    by_key: HashMap<String, Ino>,
-    next: Ino,
-}
+/// The next number never handed out, shared by [`Inos`] and [`SynthInos`].
+#[derive(Clone)]
+pub struct Counter(Arc<AtomicU64>);
 
-impl Default for Inos {
-    fn default() -> Inos {
-        Inos { by_key: HashMap::new(), next: STATS_INO + 1 }
+impl Default for Counter {
+    fn default() -> Counter {
+        Counter(Arc::new(AtomicU64::new(STATS_INO + 1)))
     }
 }
 
+impl Counter {
+    fn take(&self) -> Ino {
+        self.0.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Inode numbers of tree nodes handed out so far, by what the node is; kept from one
+/// tree to the next.
+pub struct Inos {
+    by_key: HashMap<String, Ino>,
+    next: Counter,
+}
+
 impl Inos {
+    pub fn new(next: Counter) -> Inos {
+        Inos { by_key: HashMap::new(), next }
+    }
+
     fn get(&mut self, key: String) -> Ino {
-        *self.by_key.entry(key).or_insert_with(|| {
-            self.next += 1;
-            self.next - 1
-        })
+        *self.by_key.entry(key).or_insert_with(|| self.next.take())
+    }
+}
+
+/// What a synthetic node is numbered by: the folder it is in, the provider that made it
+/// (its index in the mount's list) and the provider's key for it, which stays the same
+/// exactly while the node's content does.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SynthKey {
+    pub dir: Ino,
+    pub provider: usize,
+    pub key: String,
+}
+
+/// Numbers of synthetic nodes, both ways. Entries live until their outermost tree
+/// folder has left every tree still answering ([`SynthInos::retain`]).
+pub struct SynthInos {
+    by_key: HashMap<SynthKey, Ino>,
+    by_ino: HashMap<Ino, SynthKey>,
+    next: Counter,
+}
+
+impl SynthInos {
+    pub fn new(next: Counter) -> SynthInos {
+        SynthInos { by_key: HashMap::new(), by_ino: HashMap::new(), next }
+    }
+
+    /// The number of `key`, handed out now if it has none.
+    pub fn number(&mut self, key: SynthKey) -> Ino {
+        if let Some(&ino) = self.by_key.get(&key) {
+            return ino;
+        }
+        let ino = self.next.take();
+        self.by_ino.insert(ino, key.clone());
+        self.by_key.insert(key, ino);
+        ino
+    }
+
+    /// The number of `key` if it has one (the kernel may know it).
+    pub fn find(&self, key: &SynthKey) -> Option<Ino> {
+        self.by_key.get(key).copied()
+    }
+
+    /// What `ino` numbers, if it is synthetic.
+    pub fn key(&self, ino: Ino) -> Option<&SynthKey> {
+        self.by_ino.get(&ino)
+    }
+
+    /// Keeps the entries whose outermost folder not made by a provider satisfies `live`.
+    pub fn retain(&mut self, live: impl Fn(Ino) -> bool) {
+        let outer = |mut ino: Ino| {
+            // Each step goes to an older number (a folder is numbered before what is in
+            // it), so the walk ends.
+            while let Some(k) = self.by_ino.get(&ino) {
+                ino = k.dir;
+            }
+            ino
+        };
+        let dead: Vec<Ino> =
+            self.by_ino.iter().filter(|(_, k)| !live(outer(k.dir))).map(|(&i, _)| i).collect();
+        for ino in dead {
+            if let Some(k) = self.by_ino.remove(&ino) {
+                self.by_key.remove(&k);
+            }
+        }
     }
 }
 
@@ -271,5 +351,37 @@ impl Builder<'_> {
         children.sort();
         children.dedup_by(|a, b| a.0 == b.0);
         self.drafts.push((ino, parent, Draft::Done(NodeKind::Dir(children)), mtime));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(dir: Ino, key: &str) -> SynthKey {
+        SynthKey { dir, provider: 0, key: key.into() }
+    }
+
+    #[test]
+    fn synthetic_numbers_are_stable_unique_and_let_go_with_their_folder() {
+        let next = Counter::default();
+        let mut tree = Inos::new(next.clone());
+        let mut synth = SynthInos::new(next);
+        let (dir_a, dir_b) = (tree.get("p:a".into()), tree.get("p:b".into()));
+        let p1 = synth.number(key(dir_a, "7:1"));
+        assert_eq!(synth.number(key(dir_a, "7:1")), p1, "the same key keeps its number");
+        let nested = synth.number(key(p1, "etc"));
+        let other = synth.number(key(dir_b, "7:1"));
+        let all = [dir_a, dir_b, p1, nested, other, tree.get("p:c".into())];
+        assert_eq!(all.iter().collect::<HashSet<_>>().len(), all.len(), "one counter, no number twice");
+        assert_eq!(synth.key(nested), Some(&key(p1, "etc")));
+        assert_eq!(synth.find(&key(dir_a, "7:2")), None, "find hands out nothing");
+        // Folder a leaves every tree: its entries go, also the one inside a synthetic
+        // folder of it; b's stays.
+        synth.retain(|ino| ino == dir_b);
+        assert_eq!((synth.key(p1), synth.key(nested)), (None, None));
+        assert_eq!(synth.find(&key(dir_b, "7:1")), Some(other));
+        let again = synth.number(key(dir_a, "7:1"));
+        assert!(!all.contains(&again), "a key let go gets a new number");
     }
 }

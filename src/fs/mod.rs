@@ -6,22 +6,31 @@
 //! swaps it in (see [`inode`]). Requests by inode number (lookup, getattr, readdir, open)
 //! see the current tree; requests on an open file go through its handle, which holds the
 //! node it opened (for an `info.json`, its text, written out at open), so an open image
-//! keeps working after a refresh took it out of the tree. Every handle of one image shares the image's one overlay, so two handles always
-//! see the same bytes. The other mutable state is each overlay (its own lock) and the
-//! read cache (its own lock).
+//! keeps working after a refresh took it out of the tree (see [`handle`]). Every handle
+//! of one image shares the image's one overlay, so two handles always see the same bytes.
+//! The other mutable state is each overlay (its own lock), the read cache (its own lock)
+//! and the numbers of synthetic nodes (its own lock).
+//!
+//! Nodes not in the tree come from providers ([`provider`]): the core asks each for the
+//! entries it adds to a folder and numbers them; partition files ([`part_files`]) are the
+//! first. A new kind of synthetic node is a new provider in [`ImageFs::new`]'s list; the
+//! request methods and the FUSE adapter stay as they are.
 
 pub mod fuse;
+pub mod handle;
 pub mod image;
 pub mod inode;
 pub mod live;
 #[cfg(test)]
 mod mem_source;
+#[cfg(test)]
+mod model_tests;
+pub mod part_files;
 pub mod partition;
+pub mod provider;
 pub mod session;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
@@ -29,12 +38,16 @@ use parking_lot::{Mutex, RwLock};
 use thiserror::Error;
 use tracing::warn;
 
-use crate::cache::{DirtyBudget, OverlayError, ReadCache};
+use crate::cache::ReadCache;
 use crate::catalog::Catalog;
 use crate::chain::{ImageReader, io::read_full};
+use crate::overlay::{DirtyBudget, OverlayError};
+use crate::view::{ImageView, ViewError};
+use handle::Handles;
 use image::{Image, KeepError, OverlayPlace};
+use inode::{Counter, Inos, Node, SynthInos, SynthKey, Tree};
 pub use inode::{Ino, NodeKind, ROOT};
-use inode::{Inos, Node, Tree};
+use provider::{Entry, Provider, Target};
 
 /// Why a filesystem request failed; [`FsError::errno`] says what the caller sees.
 #[derive(Debug, Error)]
@@ -62,6 +75,8 @@ pub enum FsError {
     #[error(transparent)]
     Overlay(#[from] OverlayError),
     #[error(transparent)]
+    View(#[from] ViewError),
+    #[error(transparent)]
     Keep(#[from] KeepError),
     #[error("{path}: reading at byte {offset}")]
     Io {
@@ -87,6 +102,7 @@ impl FsError {
             FsError::BadHandle => libc::EBADF,
             FsError::BadFallocate(_) => libc::EOPNOTSUPP,
             FsError::Overlay(e) => e.errno(),
+            FsError::View(e) => e.errno(),
             FsError::Keep(KeepError::Overlay(e)) => e.errno(),
             FsError::Keep(KeepError::Io { source, .. }) => source.raw_os_error().unwrap_or(libc::EIO),
             FsError::Keep(_) => libc::EIO,
@@ -163,25 +179,6 @@ fn part_of(all: &[u8], offset: u64, size: u32) -> &[u8] {
     &all[from..all.len().min(from.saturating_add(size as usize))]
 }
 
-/// Partition files are numbered with this bit, the image's number shifted left by 8 and
-/// the partition number: no counter-made number comes near 2^54, and Linux numbers at
-/// most 255 partitions per disk ([`PART_MAX`]).
-const PART_BIT: Ino = 1 << 62;
-const PART_MAX: Ino = 0xff;
-
-/// The end of the name of partition `n`'s file: `<disk>.p<n>.raw`.
-fn part_suffix(n: u32) -> String {
-    format!(".p{n}.raw")
-}
-
-/// `(<disk>, N)` of a partition file name `<disk>.p<N>.raw`, only as [`ImageFs::readdir`]
-/// writes it (no sign, no leading zero), so `lookup` finds no name the listing lacks.
-fn partition_name(name: &str) -> Option<(&str, u32)> {
-    let (stem, n) = name.strip_suffix(".raw")?.rsplit_once(".p")?;
-    let n: u32 = n.parse().ok()?;
-    (name == format!("{stem}{}", part_suffix(n))).then_some((stem, n))
-}
-
 /// How long a replaced tree still answers for its nodes. The kernel trusts a name it
 /// looked up for the entry TTL (1 s, see `fuse`): a `readlink`, `getattr` or `open` of a
 /// node that left the tree within that time (a `latest` link that moved, an image whose
@@ -196,10 +193,11 @@ pub struct ImageFs {
     inos: Mutex<Inos>,
     /// Trees replaced in the last [`RETIRED_FOR`], newest last.
     retired: Mutex<Vec<(std::time::Instant, Arc<Tree>)>>,
-    /// Open files by handle: an open file stays readable and writable after a refresh
-    /// took it out of the tree (its set deleted or rotated away), until it is closed.
-    handles: Mutex<HashMap<u64, Arc<Node>>>,
-    next_fh: AtomicU64,
+    handles: Handles,
+    /// Numbers of the providers' nodes; from the same counter as `inos`.
+    synth: Mutex<SynthInos>,
+    /// What adds nodes to the tree's folders; a node's provider is its index here.
+    providers: Vec<Box<dyn Provider>>,
     cache: Arc<ReadCache>,
     budget: Arc<DirtyBudget>,
     writes: Writes,
@@ -216,12 +214,14 @@ pub type AliasHook = Box<dyn Fn(Ino, u64, u64) + Send + Sync>;
 impl ImageFs {
     /// The filesystem of `catalog`. A kept overlay that cannot be used fails the mount.
     pub fn new(catalog: &Catalog, config: &FsConfig) -> Result<ImageFs> {
+        let numbers = Counter::default();
         let mut fs = ImageFs {
             tree: RwLock::new(Arc::new(Tree::default())),
-            inos: Mutex::new(Inos::default()),
+            inos: Mutex::new(Inos::new(numbers.clone())),
             retired: Mutex::new(Vec::new()),
-            handles: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            handles: Handles::default(),
+            synth: Mutex::new(SynthInos::new(numbers)),
+            providers: vec![Box::new(part_files::PartitionFiles)],
             cache: Arc::new(ReadCache::new(config.cache_size)),
             budget: Arc::new(DirtyBudget::new(config.dirty_size)),
             writes: config.writes.clone(),
@@ -251,6 +251,10 @@ impl ImageFs {
         let mut retired = self.retired.lock();
         retired.retain(|(at, _)| at.elapsed() < RETIRED_FOR);
         retired.push((std::time::Instant::now(), old.clone()));
+        // Numbers of synthetic nodes whose folder no tree still answering has are let go.
+        let current = self.tree.read().clone();
+        let live = |ino| current.get(ino).is_some() || retired.iter().any(|(_, t)| t.get(ino).is_some());
+        self.synth.lock().retain(live);
         drop(retired);
         for (_, img) in &gone {
             if let Err(e) = img.sync() {
@@ -296,20 +300,20 @@ impl ImageFs {
     }
 
     /// After `node` changed `len` bytes at `off` (of the file), tells the hook which
-    /// other files show them: the image of a partition, or the partitions of an image.
+    /// other files show them (as the providers say: the image of a partition, or the
+    /// partitions of an image).
     fn aliases_changed(&self, node: &Node, off: u64, len: u64) {
         let Some(hook) = self.alias_hook.get() else { return };
-        match &node.kind {
-            NodeKind::Part { start, .. } => hook((node.ino & !PART_BIT) >> 8, start + off, len),
-            NodeKind::Image(img) => {
-                for p in img.known_partitions().iter().filter(|p| Ino::from(p.number) <= PART_MAX) {
-                    let (from, to) = (off.max(p.start), (off + len).min(p.start + p.len));
-                    if from < to {
-                        hook(PART_BIT | node.ino << 8 | Ino::from(p.number), from - p.start, to - from);
-                    }
+        for (provider, p) in self.providers.iter().enumerate() {
+            for (target, off, len) in p.aliases(node, off, len) {
+                let ino = match target {
+                    Target::Ino(ino) => Some(ino),
+                    Target::Entry { dir, key } => self.synth.lock().find(&SynthKey { dir, provider, key }),
+                };
+                if let Some(ino) = ino {
+                    hook(ino, off, len);
                 }
             }
-            _ => {}
         }
     }
 
@@ -317,22 +321,22 @@ impl ImageFs {
     /// [`RETIRED_FOR`]).
     fn node(&self, ino: Ino) -> Result<Arc<Node>> {
         let tree = self.tree_with(ino).ok_or(FsError::NotFound)?;
-        Self::node_in(&tree, ino).ok_or(FsError::NotFound)
+        self.node_in(&tree, ino).ok_or(FsError::NotFound)
     }
 
     /// The newest tree that has node `ino`: the current one, or a retired one.
     fn tree_with(&self, ino: Ino) -> Option<Arc<Tree>> {
         let current = self.tree.read().clone();
-        if Self::node_in(&current, ino).is_some() {
+        if self.node_in(&current, ino).is_some() {
             return Some(current);
         }
         let retired = self.retired.lock();
-        retired.iter().rev().map(|(_, t)| t).find(|t| Self::node_in(t, ino).is_some()).cloned()
+        retired.iter().rev().map(|(_, t)| t).find(|t| self.node_in(t, ino).is_some()).cloned()
     }
 
     /// The node open under `fh`.
     fn handle(&self, fh: u64) -> Result<Arc<Node>> {
-        self.handles.lock().get(&fh).cloned().ok_or(FsError::BadHandle)
+        self.handles.get(fh).ok_or(FsError::BadHandle)
     }
 
     /// The image bytes a file shows: `(image, start, len)`, the whole image or the window
@@ -340,60 +344,58 @@ impl ImageFs {
     fn window(node: &Node) -> Result<(&Arc<Image>, u64, u64)> {
         match &node.kind {
             NodeKind::Image(img) => Ok((img, 0, img.size())),
-            NodeKind::Part { image, start, len } => Ok((image, *start, *len)),
+            NodeKind::Part { window, .. } => Ok((window.inner(), window.start(), window.size())),
             NodeKind::Dir(_) => Err(FsError::IsADirectory),
             _ => Err(FsError::ReadOnly),
         }
     }
 
-    /// The partition files of the image node `img`, by partition number.
-    fn partitions(img: &Node) -> Vec<(u32, Arc<Node>)> {
-        let NodeKind::Image(image) = &img.kind else { return Vec::new() };
-        let numbered = image.partitions().iter().filter(|p| Ino::from(p.number) <= PART_MAX);
-        numbered.map(|p| (p.number, Self::part_node(img, image, p))).collect()
-    }
-
-    /// Partition `number` of the image node `img`, as a file.
-    fn partition(img: &Node, number: u32) -> Option<Arc<Node>> {
-        let NodeKind::Image(image) = &img.kind else { return None };
-        let p = image.partitions().iter().find(|p| p.number == number && Ino::from(number) <= PART_MAX)?;
-        Some(Self::part_node(img, image, p))
-    }
-
-    fn part_node(img: &Node, image: &Arc<Image>, p: &partition::Partition) -> Arc<Node> {
-        let kind = NodeKind::Part { image: image.clone(), start: p.start, len: p.len };
-        let ino = PART_BIT | img.ino << 8 | Ino::from(p.number);
-        Arc::new(Node { ino, parent: img.parent, kind, mtime: img.mtime })
-    }
-
-    /// The node `ino` of the current tree, or the partition file it numbers.
-    fn node_in(tree: &Tree, ino: Ino) -> Option<Arc<Node>> {
-        if ino & PART_BIT == 0 {
-            return tree.get(ino).cloned();
+    /// What a file of an image reads as: the image, or its partition's window.
+    fn view(node: &Node) -> Option<&dyn ImageView> {
+        match &node.kind {
+            NodeKind::Image(img) => Some(&**img),
+            NodeKind::Part { window, .. } => Some(window),
+            _ => None,
         }
-        let img = tree.get((ino & !PART_BIT) >> 8)?;
-        // The low 8 bits: at most PART_MAX, so the cast keeps them all.
-        Self::partition(img, (ino & PART_MAX) as u32)
+    }
+
+    /// The node `ino` of `tree`, or the synthetic node it numbers there (asked of its
+    /// provider in its folder).
+    fn node_in(&self, tree: &Tree, ino: Ino) -> Option<Arc<Node>> {
+        if let Some(node) = tree.get(ino) {
+            return Some(node.clone());
+        }
+        let key = self.synth.lock().key(ino)?.clone();
+        let dir = self.node_in(tree, key.dir)?;
+        let entry = self.providers.get(key.provider)?.entry(tree, &dir, &key.key)?;
+        Some(Self::made(ino, &dir, entry))
+    }
+
+    fn made(ino: Ino, dir: &Node, e: Entry) -> Arc<Node> {
+        Arc::new(Node { ino, parent: dir.ino, kind: e.kind, mtime: e.mtime })
+    }
+
+    /// Numbers the entry provider `provider` added to `dir`.
+    fn number(&self, dir: &Node, provider: usize, e: Entry) -> Arc<Node> {
+        let ino = self.synth.lock().number(SynthKey { dir: dir.ino, provider, key: e.key.clone() });
+        Self::made(ino, dir, e)
     }
 
     pub fn lookup(&self, parent: Ino, name: &str) -> Result<Attr> {
         let tree = self.tree.read().clone();
-        match &tree.get(parent).ok_or(FsError::NotFound)?.kind {
-            NodeKind::Dir(children) => {
-                let find = |name: &str| {
-                    let i = children.binary_search_by(|(n, _)| n.as_str().cmp(name)).ok()?;
-                    tree.get(children[i].1)
-                };
-                if let Some(node) = find(name) {
-                    return self.attr(node);
-                }
-                let (stem, n) = partition_name(name).ok_or(FsError::NotFound)?;
-                let img = find(&format!("{stem}.raw")).ok_or(FsError::NotFound)?;
-                let part = Self::partition(img, n).ok_or(FsError::NotFound)?;
-                self.attr(&part)
-            }
-            _ => Err(FsError::NotADirectory),
+        let dir = self.node_in(&tree, parent).ok_or(FsError::NotFound)?;
+        let NodeKind::Dir(children) = &dir.kind else { return Err(FsError::NotADirectory) };
+        if let Ok(i) = children.binary_search_by(|(n, _)| n.as_str().cmp(name))
+            && let Some(node) = tree.get(children[i].1)
+        {
+            return self.attr(node);
         }
+        for (i, p) in self.providers.iter().enumerate() {
+            if let Some(e) = p.lookup(&tree, &dir, name) {
+                return self.attr(&self.number(&dir, i, e));
+            }
+        }
+        Err(FsError::NotFound)
     }
 
     /// `stat`: of the open file `fh` when given (it may have left the tree), else of the
@@ -413,9 +415,9 @@ impl ImageFs {
                 (Kind::File, img.size(), img.data_bytes().div_ceil(512), perm)
             }
             NodeKind::Config { size, .. } => (Kind::File, *size, size.div_ceil(512), 0o444),
-            NodeKind::Part { image, start, len } => {
-                let perm = if image.writable() { 0o644 } else { 0o444 };
-                (Kind::File, *len, image.data_bytes_in(*start, start + len).div_ceil(512), perm)
+            NodeKind::Part { window, .. } => {
+                let perm = if window.inner().writable() { 0o644 } else { 0o444 };
+                (Kind::File, window.size(), window.data_bytes().div_ceil(512), perm)
             }
             NodeKind::Info(of, len) => {
                 let len = *len.get_or_init(|| info_text(of).len() as u64);
@@ -451,26 +453,30 @@ impl ImageFs {
     /// Directory entries after `offset` (0 = from the start): `(ino, next offset, kind, name)`.
     pub fn readdir(&self, ino: Ino, offset: u64) -> Result<Vec<(Ino, u64, Kind, String)>> {
         let tree = self.tree_with(ino).ok_or(FsError::NotFound)?;
-        let node = tree.get(ino).ok_or(FsError::NotFound)?;
+        let node = self.node_in(&tree, ino).ok_or(FsError::NotFound)?;
         let NodeKind::Dir(children) = &node.kind else { return Err(FsError::NotADirectory) };
-        let dots = [(ino, ".".to_owned()), (node.parent, "..".to_owned())];
-        let mut all: Vec<(Ino, String)> = dots.into_iter().collect();
-        all.extend(children.iter().map(|(n, i)| (*i, n.clone())));
-        for (name, child) in children {
-            if let (Some(stem), Some(img)) = (name.strip_suffix(".raw"), tree.get(*child)) {
-                let parts = Self::partitions(img);
-                all.extend(
-                    parts.into_iter().map(|(n, part)| (part.ino, format!("{stem}{}", part_suffix(n)))),
-                );
+        let dots = [(ino, Kind::Dir, ".".to_owned()), (node.parent, Kind::Dir, "..".to_owned())];
+        let mut all: Vec<(Ino, Kind, String)> = dots.into_iter().collect();
+        let kind_in_tree = |child: Ino| tree.get(child).map_or(Kind::File, |n| Self::kind(&n.kind));
+        all.extend(children.iter().map(|(n, i)| (*i, kind_in_tree(*i), n.clone())));
+        for (i, p) in self.providers.iter().enumerate() {
+            for e in p.children(&tree, &node) {
+                let name = e.name.clone();
+                let made = self.number(&node, i, e);
+                all.push((made.ino, Self::kind(&made.kind), name));
             }
         }
-        let kind = |child: Ino| match tree.get(child).map(|n| &n.kind) {
-            Some(NodeKind::Dir(_)) => Kind::Dir,
-            Some(NodeKind::Link(_)) => Kind::Link,
-            _ => Kind::File,
-        };
         let listed = all.into_iter().enumerate().skip(offset as usize);
-        Ok(listed.map(|(k, (child, name))| (child, k as u64 + 1, kind(child), name)).collect())
+        Ok(listed.map(|(k, (child, kind, name))| (child, k as u64 + 1, kind, name)).collect())
+    }
+
+    /// The file type a node shows.
+    fn kind(kind: &NodeKind) -> Kind {
+        match kind {
+            NodeKind::Dir(_) => Kind::Dir,
+            NodeKind::Link(_) => Kind::Link,
+            _ => Kind::File,
+        }
     }
 
     pub fn readlink(&self, ino: Ino) -> Result<String> {
@@ -487,7 +493,7 @@ impl ImageFs {
         let node = self.node(ino)?;
         let keep_cache = match &node.kind {
             NodeKind::Dir(_) => return Err(FsError::IsADirectory),
-            NodeKind::Image(img) | NodeKind::Part { image: img, .. } if write && !img.writable() => {
+            NodeKind::Image(_) | NodeKind::Part { .. } if write && !Self::window(&node)?.0.writable() => {
                 return Err(FsError::ReadOnly);
             }
             NodeKind::Image(_) | NodeKind::Part { .. } => true,
@@ -502,14 +508,12 @@ impl ImageFs {
             }
             _ => node,
         };
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, node);
-        Ok((fh, keep_cache))
+        Ok((self.handles.open(node), keep_cache))
     }
 
     /// The last close of `fh`.
     pub fn release(&self, fh: u64) {
-        self.handles.lock().remove(&fh);
+        self.handles.close(fh);
     }
 
     /// Reads into a fresh buffer; see [`ImageFs::read_into`].
@@ -530,12 +534,12 @@ impl ImageFs {
         };
         match &node.kind {
             NodeKind::Image(_) | NodeKind::Part { .. } => {
-                let (img, start, file_len) = Self::window(&node)?;
-                let len = file_len.saturating_sub(offset).min(size as u64) as usize;
+                let view = Self::view(&node).ok_or(FsError::IsADirectory)?;
+                let len = view.size().saturating_sub(offset).min(size as u64) as usize;
                 // Every image read fills the whole range it returns, so old bytes left
                 // in the buffer are overwritten, never returned.
                 buf.resize(len, 0);
-                let n = img.read_at(buf, start + offset)?;
+                let n = view.read_at(buf, offset)?;
                 buf.truncate(n);
             }
             NodeKind::Text(t) => whole(t, buf),
@@ -602,7 +606,7 @@ impl ImageFs {
     /// left it. Returns the first error after trying all.
     pub fn sync_all(&self) -> Result<()> {
         let tree = self.tree.read().clone();
-        let open: Vec<Arc<Node>> = self.handles.lock().values().cloned().collect();
+        let open = self.handles.all();
         let open_images = open.iter().filter_map(|n| Some(Self::window(n).ok()?.0));
         let mut first = Ok(());
         for img in tree.images().map(|(_, img)| img).chain(open_images) {
@@ -618,7 +622,7 @@ impl ImageFs {
     /// SEEK_DATA / SEEK_HOLE on an image; other files are all data.
     pub fn lseek(&self, fh: u64, offset: u64, whence: Seek) -> Result<u64> {
         let node = self.handle(fh)?;
-        let Ok((img, start, len)) = Self::window(&node) else {
+        let Some(view) = Self::view(&node) else {
             // Other files are all data.
             let size = self.attr(&node)?.size;
             return match whence {
@@ -627,15 +631,12 @@ impl ImageFs {
                 Seek::Hole => Ok(size),
             };
         };
-        if offset >= len {
+        if offset >= view.size() {
             return Err(FsError::NoData);
         }
-        let end = start + len;
         match whence {
-            Seek::Data => {
-                img.seek_data(start + offset).filter(|&d| d < end).map(|d| d - start).ok_or(FsError::NoData)
-            }
-            Seek::Hole => Ok(img.seek_hole(start + offset).min(end) - start),
+            Seek::Data => view.seek_data(offset).ok_or(FsError::NoData),
+            Seek::Hole => Ok(view.seek_hole(offset)),
         }
     }
 
@@ -649,6 +650,11 @@ impl ImageFs {
 mod tests {
     use super::*;
     use crate::catalog::Watched;
+
+    /// The options of these tests: 1 MiB of cache and of dirty pages, direct reads.
+    pub(super) fn config(writes: Writes) -> FsConfig {
+        FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes }
+    }
 
     /// The node at `path` (names from the root).
     fn walk(fs: &ImageFs, path: &[&str]) -> Attr {
@@ -665,8 +671,7 @@ mod tests {
         let keep = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
         let (mut watched, cat) = Watched::open(src.path()).expect("catalog");
-        let config =
-            FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::Keep(keep.path().into()) };
+        let config = config(Writes::Keep(keep.path().into()));
         let fs = ImageFs::new(&cat, &config).expect("fs");
         let path = ["sample-vm", "virtnbdbackup.0", "sda.raw"];
         let before = walk(&fs, &path);
@@ -691,11 +696,7 @@ mod tests {
         let src = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
         let cat = Catalog::discover(src.path()).expect("catalog");
-        let fs = ImageFs::new(
-            &cat,
-            &FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::ReadOnly },
-        )
-        .expect("fs");
+        let fs = ImageFs::new(&cat, &config(Writes::ReadOnly)).expect("fs");
         let at = walk(&fs, &["sample-vm", "virtnbdbackup.2", "info.json"]);
         let (fh, _) = fs.open(at.ino, false).expect("open");
         assert_eq!(fs.getattr(at.ino, Some(fh)).expect("fstat").size, at.size);
@@ -717,7 +718,7 @@ mod tests {
         let src = tempfile::tempdir().expect("tempdir");
         crate::sample::write_sample(src.path()).expect("sample");
         let (mut watched, cat) = Watched::open(src.path()).expect("catalog");
-        let config = FsConfig { cache_size: 1 << 20, dirty_size: 1 << 20, writes: Writes::ReadOnly };
+        let config = config(Writes::ReadOnly);
         let fs = ImageFs::new(&cat, &config).expect("fs");
         let latest = walk(&fs, &["sample-vm", "latest"]);
         let target = fs.readlink(latest.ino).expect("readlink");
@@ -735,14 +736,5 @@ mod tests {
         assert_eq!(fs.getattr(dir.ino, None).expect("old point").kind, Kind::Dir);
         assert!(!fs.readdir(dir.ino, 0).expect("old point's entries").is_empty());
         assert!(fs.lookup(walk(&fs, &["sample-vm"]).ino, &target).is_err(), "gone by name");
-    }
-
-    #[test]
-    fn partition_names_are_read_only_as_listed() {
-        assert_eq!(partition_name("sda.p1.raw"), Some(("sda", 1)));
-        assert_eq!(partition_name("a.pb.p12.raw"), Some(("a.pb", 12)));
-        for alias in ["sda.p01.raw", "sda.p+1.raw", "sda.p.raw", "sda.p1", "sda.raw", "sda.p1x.raw"] {
-            assert_eq!(partition_name(alias), None, "{alias}");
-        }
     }
 }

@@ -1,6 +1,5 @@
-//! The partition table (MBR or GPT) of a disk image, read through a positional read
-//! function, so each partition can be shown as its own file (an offset window on the
-//! image's reader).
+//! The partition table (MBR or GPT) of a disk image, read from any [`ImageView`], so
+//! each partition can be shown as its own file (a [`crate::view::Window`] on the image).
 //!
 //! Read only: the crates are handed a [`Disk`] adapter that implements `Read + Seek` and
 //! nothing else, so no write can reach the image. The crates decode the on-disk
@@ -38,6 +37,7 @@ use thiserror::Error;
 use tracing::warn;
 
 use crate::chain::io::read_full_with;
+use crate::view::ImageView;
 
 /// Sector size of virtual disks (see the module note).
 const SECTOR: u64 = 512;
@@ -123,9 +123,9 @@ pub enum Skipped {
     Ebr { slot: u32, offset: u64, why: String },
 }
 
-/// The read function the caller gives: fill the buffer from the byte offset, return how
-/// many bytes were read (0 only at the end of the image).
-pub type ReadAt<'a> = &'a mut dyn FnMut(&mut [u8], u64) -> io::Result<usize>;
+/// The read function [`Disk`] reads through: fill the buffer from the byte offset, return
+/// how many bytes were read (0 only at the end of the image).
+type ReadAt<'a> = &'a mut dyn FnMut(&mut [u8], u64) -> io::Result<usize>;
 
 /// `Read + Seek` over the caller's read function, for the crates. `base` shifts every
 /// offset, so an EBR sector can be decoded as if it were sector 0. Remembers the first
@@ -208,10 +208,12 @@ impl Disk<'_> {
     }
 }
 
-/// The partitions of an image of `size` bytes; empty when it has no partition table.
-/// See the module note for what is trusted and what is skipped.
-pub fn read_table(size: u64, read_at: ReadAt<'_>) -> Result<Vec<Partition>, PartitionError> {
-    let mut disk = Disk::new(read_at, size);
+/// The partitions of `image`; empty when it has no partition table. See the module note
+/// for what is trusted and what is skipped.
+pub fn read_table(image: &dyn ImageView) -> Result<Vec<Partition>, PartitionError> {
+    let size = image.size();
+    let mut read_at = |buf: &mut [u8], off: u64| image.read_at(buf, off).map_err(io::Error::from);
+    let mut disk = Disk::new(&mut read_at, size);
     let header = mbrman::MBRHeader::read_from(&mut disk);
     let Ok(mbr) = disk.error_or(header)? else {
         return Ok(Vec::new());
@@ -430,10 +432,25 @@ mod tests {
         (dir, path)
     }
 
+    /// An image file, read in place (the images here are 64 MiB, read hundreds of times).
+    struct FileView(File, u64);
+
+    impl ImageView for FileView {
+        fn size(&self) -> u64 {
+            self.1
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, crate::view::ViewError> {
+            self.0.read_at(buf, off).map_err(|e| crate::view::ViewError::new(libc::EIO, e))
+        }
+        fn run_at(&self, _: u64) -> (crate::view::Run, u64) {
+            (crate::view::Run::Data, self.1)
+        }
+    }
+
     fn table_of(path: &Path) -> Result<Vec<Partition>, PartitionError> {
         let f = File::open(path).expect("open");
         let size = f.metadata().expect("stat").len();
-        read_table(size, &mut |buf, off| f.read_at(buf, off))
+        read_table(&FileView(f, size))
     }
 
     /// The data partitions as `sfdisk --json` sees them (the extended container left out),
@@ -634,10 +651,24 @@ mod tests {
         }
     }
 
+    /// An image of which every read fails.
+    struct Unreadable;
+
+    impl ImageView for Unreadable {
+        fn size(&self) -> u64 {
+            MIB
+        }
+        fn read_at(&self, _: &mut [u8], off: u64) -> Result<usize, crate::view::ViewError> {
+            Err(crate::view::ViewError::new(libc::EIO, format!("bad sector at {off}")))
+        }
+        fn run_at(&self, _: u64) -> (crate::view::Run, u64) {
+            (crate::view::Run::Data, MIB)
+        }
+    }
+
     #[test]
     fn read_errors_name_the_offset() {
-        let err = read_table(MIB, &mut |_, off| Err(io::Error::other(format!("bad sector at {off}"))))
-            .expect_err("read error");
+        let err = read_table(&Unreadable).expect_err("read error");
         assert!(matches!(err, PartitionError::Io { offset: 0, .. }), "{err}");
     }
 }

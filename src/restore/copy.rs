@@ -1,7 +1,7 @@
-//! Copies an image out of an [`ImageReader`] into a file or block device, in parallel
-//! and sparse.
+//! Copies an image out of any [`ImageView`] (the chain reader, in `vmback restore`) into
+//! a file or block device, in parallel and sparse.
 //!
-//! The image's extent map says where data is; only those ranges are read. They are cut
+//! The image's runs say where data is; only those ranges are read. They are cut
 //! into chunks that worker threads take in turn and write with `pwrite` at their own
 //! offset, so no ordering between workers is needed and decoding (lz4) uses every core.
 //! 4 KiB blocks that read as all zeros are not written when the output is sparse, so
@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use super::RestoreError;
-use crate::chain::ImageReader;
+use crate::view::{ImageView, Run};
 
 /// Bytes per work unit: big enough that per-chunk overhead vanishes, small enough that
 /// two workers share a 32 MiB lz4 frame's decode through the cache rather than racing.
@@ -60,22 +60,25 @@ fn nonzero_runs(chunk: &[u8]) -> Vec<std::ops::Range<usize>> {
 /// Copies the whole image into `out` at the same offsets. `done(bytes)` is called as
 /// ranges complete (for progress). Stops at the first error and returns it.
 pub fn copy_image(
-    reader: &ImageReader,
+    image: &dyn ImageView,
     out: &File,
     out_name: &std::path::Path,
     sparse: Sparse,
     threads: usize,
     done: &(dyn Fn(u64) + Sync),
 ) -> Result<CopyStats, RestoreError> {
-    let size = reader.size();
-    let units: Vec<(u64, u64, bool)> = reader
-        .map()
-        .pieces(0..size)
-        .iter()
-        .filter(|p| p.src.is_data() || sparse == Sparse::Never)
-        .flat_map(|p| {
-            let data = p.src.is_data();
-            (p.start..p.end).step_by(CHUNK as usize).map(move |s| (s, (s + CHUNK).min(p.end), data))
+    let mut runs = Vec::new();
+    let mut pos = 0;
+    while pos < image.size() {
+        let (run, end) = image.run_at(pos);
+        runs.push((pos, end, run == Run::Data));
+        pos = end;
+    }
+    let units: Vec<(u64, u64, bool)> = runs
+        .into_iter()
+        .filter(|&(_, _, data)| data || sparse == Sparse::Never)
+        .flat_map(|(start, end, data)| {
+            (start..end).step_by(CHUNK as usize).map(move |s| (s, (s + CHUNK).min(end), data))
         })
         .collect();
     let next = AtomicUsize::new(0);
@@ -93,7 +96,7 @@ pub fn copy_image(
                     };
                     let chunk = &mut buf[..(end - start) as usize];
                     let result = if data {
-                        reader.read_at(chunk, start).map_err(RestoreError::from).map(|_| ())
+                        image.read_at(chunk, start).map_err(RestoreError::from).map(|_| ())
                     } else {
                         chunk.fill(0);
                         Ok(())

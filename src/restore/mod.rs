@@ -29,6 +29,9 @@ pub use copy::{CopyStats, Sparse, copy_image};
 pub enum RestoreError {
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// Reading the image being copied failed.
+    #[error(transparent)]
+    View(#[from] crate::view::ViewError),
     #[error("{path}: write failed at offset {offset}")]
     Write {
         path: PathBuf,

@@ -7,7 +7,7 @@
 //!    image's pages are written into its overlay file and dropped from memory.
 //! 2. `spilled`: page ranges whose bytes live in the overlay file (`File`) or that were
 //!    discarded and read as zeros (`Zero`). A page in `mem` shadows its entry here.
-//! 3. otherwise the base image, read through the shared [`ImageReader`].
+//! 3. otherwise the base image: any [`ImageView`] (in the mount, the chain reader).
 //!
 //! The overlay file has the image's size and offsets, so page `p` is at `p * PAGE` in it,
 //! and it is sparse: only spilled pages take space. One `RwLock` per image guards the
@@ -20,6 +20,10 @@
 //! overlay retry the spill first and fail with the error, changing nothing, until it
 //! succeeds (e.g. after a punch freed space). So memory stays within the budget plus one
 //! request per overlay.
+//!
+//! Layering: the overlay sits above the view it covers and knows it only as an
+//! [`ImageView`]; it is itself an [`ImageView`] (the image with the writes), so a
+//! partition window or a copy reads it like any other image.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -35,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::warn;
 
-use crate::chain::{ImageReader, ReadError};
+use crate::view::{ImageView, Run, ViewError};
 
 /// The unit of dirty data: the kernel's page size, and the block size guests and qemu
 /// write in.
@@ -44,8 +48,9 @@ pub const PAGE: u64 = 4096;
 /// Why a write-side request failed.
 #[derive(Debug, Error)]
 pub enum OverlayError {
+    /// Reading the base image failed.
     #[error(transparent)]
-    Read(#[from] ReadError),
+    Base(#[from] ViewError),
     #[error("{path}: overlay file I/O failed")]
     Io {
         path: PathBuf,
@@ -54,16 +59,19 @@ pub enum OverlayError {
     },
     #[error("write at {offset} is past the end of the image ({size} bytes)")]
     PastEnd { offset: u64, size: u64 },
+    #[error("{path}: the saved map is of a {map}-byte image, this image has {image} bytes")]
+    MapSize { path: PathBuf, map: u64, image: u64 },
 }
 
 impl OverlayError {
     pub fn errno(&self) -> i32 {
         match self {
-            OverlayError::Read(e) => e.errno(),
+            OverlayError::Base(e) => e.errno(),
             // ENOSPC from a full scratch disk reaches the writer as ENOSPC.
             OverlayError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             // What a block device answers to a write past its end.
             OverlayError::PastEnd { .. } => libc::ENOSPC,
+            OverlayError::MapSize { .. } => libc::EIO,
         }
     }
 }
@@ -98,15 +106,9 @@ struct State {
     spilled: RangeMap<u64, Tier>,
 }
 
-/// What a page range reads as, for `lseek` and `st_blocks`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Run {
-    Data,
-    Hole,
-}
-
 /// See the module note.
-pub struct Overlay {
+pub struct Overlay<B> {
+    base: B,
     size: u64,
     path: PathBuf,
     /// Created at the first spill (or opened at load for a kept overlay); `opening`
@@ -127,12 +129,12 @@ pub struct SavedMap {
     pub spilled: Vec<(u64, u64, Tier)>,
 }
 
-impl Overlay {
-    /// An empty overlay for an image of `size` bytes whose file (created on demand) is
-    /// `path`.
-    pub fn new(size: u64, path: PathBuf, budget: std::sync::Arc<DirtyBudget>) -> Overlay {
+impl<B: ImageView> Overlay<B> {
+    /// An empty overlay over `base` whose file (created on demand) is `path`.
+    pub fn new(base: B, path: PathBuf, budget: std::sync::Arc<DirtyBudget>) -> Overlay<B> {
         Overlay {
-            size,
+            size: base.size(),
+            base,
             path,
             file: OnceLock::new(),
             opening: Mutex::new(()),
@@ -142,13 +144,17 @@ impl Overlay {
         }
     }
 
-    /// An overlay restored from a kept file and its saved map.
+    /// An overlay over `base` restored from a kept file and its saved map.
     pub fn load(
         map: &SavedMap,
+        base: B,
         path: PathBuf,
         budget: std::sync::Arc<DirtyBudget>,
-    ) -> Result<Overlay, OverlayError> {
-        let o = Overlay::new(map.size, path, budget);
+    ) -> Result<Overlay<B>, OverlayError> {
+        if map.size != base.size() {
+            return Err(OverlayError::MapSize { path, map: map.size, image: base.size() });
+        }
+        let o = Overlay::new(base, path, budget);
         {
             let mut st = o.state.write();
             for &(s, e, tier) in &map.spilled {
@@ -165,6 +171,11 @@ impl Overlay {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The image under the writes.
+    pub fn base(&self) -> &B {
+        &self.base
     }
 
     fn io_err(&self) -> impl FnOnce(io::Error) -> OverlayError + '_ {
@@ -186,7 +197,7 @@ impl Overlay {
     }
 
     /// Reads `buf.len()` bytes at `off` (clipped at the end of the image).
-    pub fn read_at(&self, base: &ImageReader, buf: &mut [u8], off: u64) -> Result<usize, OverlayError> {
+    fn read(&self, buf: &mut [u8], off: u64) -> Result<usize, OverlayError> {
         let end = off.saturating_add(buf.len() as u64).min(self.size);
         if off >= end {
             return Ok(0);
@@ -213,7 +224,7 @@ impl Overlay {
                 Src::File => self.with_file(|f| f.read_exact_at(out, pos))?,
                 Src::Zero => out.fill(0),
                 Src::Base => {
-                    base.read_at(out, pos)?;
+                    self.base.read_at(out, pos)?;
                 }
             }
             pos = stop;
@@ -250,7 +261,7 @@ impl Overlay {
     }
 
     /// Writes `data` at `off`. Returns the bytes written (short at the end of the image).
-    pub fn write_at(&self, base: &ImageReader, data: &[u8], off: u64) -> Result<usize, OverlayError> {
+    pub fn write_at(&self, data: &[u8], off: u64) -> Result<usize, OverlayError> {
         if data.is_empty() {
             return Ok(0);
         }
@@ -276,7 +287,7 @@ impl Overlay {
             if !st.mem.contains_key(&page) {
                 let mut p = vec![0u8; PAGE as usize].into_boxed_slice();
                 if src.len() < PAGE as usize {
-                    self.fill_page(&st, base, page, &mut p)?;
+                    self.fill_page(&st, page, &mut p)?;
                 }
                 st.mem.insert(page, p);
                 self.budget.used.fetch_add(PAGE, Ordering::Relaxed);
@@ -300,13 +311,13 @@ impl Overlay {
     }
 
     /// The current bytes of a page not in memory.
-    fn fill_page(&self, st: &State, base: &ImageReader, page: u64, p: &mut [u8]) -> Result<(), OverlayError> {
+    fn fill_page(&self, st: &State, page: u64, p: &mut [u8]) -> Result<(), OverlayError> {
         let start = page * PAGE;
         let len = PAGE.min(self.size - start) as usize;
         match st.spilled.get(&page) {
             Some(Tier::File) => self.with_file(|f| f.read_exact_at(&mut p[..len], start)),
             Some(Tier::Zero) => Ok(()),
-            None => base.read_at(&mut p[..len], start).map(|_| ()).map_err(OverlayError::from),
+            None => self.base.read_at(&mut p[..len], start).map(|_| ()).map_err(OverlayError::from),
         }
     }
 
@@ -339,7 +350,7 @@ impl Overlay {
     }
 
     /// Makes `[off, off + len)` read as zeros (fallocate PUNCH_HOLE / ZERO_RANGE).
-    pub fn punch(&self, base: &ImageReader, off: u64, len: u64) -> Result<(), OverlayError> {
+    pub fn punch(&self, off: u64, len: u64) -> Result<(), OverlayError> {
         let end = off.saturating_add(len).min(self.size);
         if off >= end {
             return Ok(());
@@ -351,14 +362,14 @@ impl Overlay {
         let last_full = if end == self.size { end.div_ceil(PAGE) } else { end / PAGE };
         if first_full >= last_full {
             let zeros = vec![0u8; (end - off) as usize];
-            return self.write_at(base, &zeros, off).map(|_| ());
+            return self.write_at(&zeros, off).map(|_| ());
         }
         if off < first_full * PAGE {
-            self.write_at(base, &vec![0u8; (first_full * PAGE - off) as usize], off)?;
+            self.write_at(&vec![0u8; (first_full * PAGE - off) as usize], off)?;
         }
         let tail = last_full * PAGE;
         if tail < end {
-            self.write_at(base, &vec![0u8; (end - tail) as usize], tail)?;
+            self.write_at(&vec![0u8; (end - tail) as usize], tail)?;
         }
         let mut st = self.state.write();
         self.version.fetch_add(1, Ordering::Relaxed);
@@ -392,7 +403,7 @@ impl Overlay {
 
     /// The run containing `pos`: whether it is data, and where it ends (clipped to the
     /// image).
-    pub fn run_at(&self, base: &ImageReader, pos: u64) -> (Run, u64) {
+    fn run(&self, pos: u64) -> (Run, u64) {
         let st = self.state.read();
         let page = pos / PAGE;
         let (src, next) = self.source_at(&st, page);
@@ -401,14 +412,9 @@ impl Overlay {
             Src::Mem | Src::File => Run::Data,
             Src::Zero => Run::Hole,
             Src::Base => {
-                let piece = base.map().pieces(pos..pos + 1).first().copied();
-                match piece {
-                    Some(p) => {
-                        end = end.min(p.end);
-                        if p.src.is_data() { Run::Data } else { Run::Hole }
-                    }
-                    None => Run::Hole,
-                }
+                let (run, base_end) = self.base.run_at(pos);
+                end = end.min(base_end);
+                run
             }
         };
         (run, end.max(pos + 1))
@@ -437,6 +443,24 @@ impl Overlay {
     pub fn is_empty(&self) -> bool {
         let st = self.state.read();
         st.mem.is_empty() && st.spilled.is_empty()
+    }
+}
+
+/// The image with the writes.
+impl<B: ImageView> ImageView for Overlay<B> {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, ViewError> {
+        self.read(buf, off).map_err(|e| match e {
+            OverlayError::Base(e) => e,
+            e => ViewError::new(e.errno(), e),
+        })
+    }
+
+    fn run_at(&self, pos: u64) -> (Run, u64) {
+        self.run(pos)
     }
 }
 
@@ -476,7 +500,7 @@ enum Src {
     Base,
 }
 
-impl Drop for Overlay {
+impl<B> Drop for Overlay<B> {
     fn drop(&mut self) {
         let pages = self.state.get_mut().mem.len() as u64;
         self.budget.used.fetch_sub(pages * PAGE, Ordering::Relaxed);
