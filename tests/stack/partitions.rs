@@ -13,17 +13,8 @@
 //!   per partition, which `mount -o loop,ro` mounts with no offset; and `info.json`, which
 //!   lists the point's stream files in the order they apply.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod cli;
-    pub mod compare;
-    pub mod quick_mount;
-}
-// The backup tests' libvirt domain and backup helpers; this binary uses only some of them.
-#[allow(dead_code)]
-#[path = "backup/support.rs"]
-mod support;
+// The backup tests' libvirt domain and backup helpers.
+use crate::backup::support;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -4,18 +4,8 @@
 //! Every mount is owned by a guard that unmounts and reaps it, whatever the test did.
 //! Without /dev/fuse every test prints "skipping: ..." and passes.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod files;
-    pub mod fuse;
-    pub mod rng;
-}
-#[path = "mount/live.rs"]
 mod live;
-#[path = "mount/streams.rs"]
 mod streams;
-#[path = "mount/support.rs"]
 mod support;
 
 use std::collections::BTreeMap;
@@ -30,7 +20,8 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::unistd::{Whence, lseek};
 
-use common::files::pread;
+use crate::common::files::pread;
+use crate::require_fuse;
 use streams::{KIB, MIB, Point, Rng, SetBuilder, Style};
 use support::{LoopMount, VmbackMount, path_str, run, run_as, run_ok};
 

@@ -6,20 +6,12 @@
 //! Runs when VMBACK_CORPUS names a corpus folder (contrib/test.sh builds one and sets
 //! it); prints "skipping" otherwise.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod compare;
-    pub mod corpus;
-    pub mod quick_mount;
-}
-
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::compare::first_difference;
-use common::corpus::{Row, corpus, manifest};
-use common::quick_mount::{Mount, mount_on};
+use crate::common::compare::first_difference;
+use crate::common::corpus::{Row, corpus, manifest};
+use crate::common::quick_mount::{Mount, mount_on};
 use serde_json::Value;
 
 /// The `<domain>/<point>` whose chain for `row.disk` ends in `row.data_file` in `row.set`.

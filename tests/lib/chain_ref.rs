@@ -8,19 +8,13 @@
 //! frames were applied to, plus a per-byte "stored as data" flag that SEEK_DATA/SEEK_HOLE
 //! must agree with.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod rng;
-}
-
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::rng::Rng;
+use crate::common::rng::Rng;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{FileFailurePersistence, TestRunner};

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::support::{
+use super::support::{
     Step, Truth, assert_same, check_virtnbdrestore, cpt_list, ls_json, mount, parallel, path_str, point_name,
     stream_meta, tempdir, vmback_ok,
 };

@@ -7,16 +7,7 @@
 //! Tests that need the corpus run when VMBACK_CORPUS names it and print "skipping"
 //! otherwise. The corpus is only ever read: damage is planted in `cp -a` copies.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod cli;
-    pub mod compare;
-    pub mod corpus;
-}
-#[path = "restore/stream.rs"]
 mod stream;
-#[path = "restore/support.rs"]
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};

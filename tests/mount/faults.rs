@@ -12,14 +12,6 @@
 //! cannot answer them. Without /dev/fuse, root or a needed command a test prints
 //! "skipping: ..." and passes.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod fuse;
-    pub mod logged_mount;
-    pub mod ready;
-}
-
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::ops::Range;
@@ -28,9 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
-use common::fuse::{path_str, stdout_of_success};
-use common::logged_mount::{LoggedMount, assert_untouched, sha256_tree};
-use common::ready::{is_root, ready};
+use crate::common::fuse::{path_str, stdout_of_success};
+use crate::common::logged_mount::{LoggedMount, assert_untouched, sha256_tree};
+use crate::common::ready::{is_root, ready};
 use vmback::catalog::Catalog;
 use vmback::chain::scan::Stored;
 use vmback::chain::{Direct, StreamIndex, StreamRead};
@@ -563,7 +555,7 @@ impl LoopFs {
 
 impl Drop for LoopFs {
     fn drop(&mut self) {
-        common::fuse::umount_quietly(&self.dir);
+        crate::common::fuse::umount_quietly(&self.dir);
         let _ = Command::new("losetup").args(["-d", &self.dev]).output();
     }
 }
@@ -581,7 +573,7 @@ impl NbdFuse {
         std::fs::create_dir_all(dir).expect("nbdfuse mountpoint");
         let file = dir.join("disk");
         let mut cmd = Command::new("nbdfuse");
-        common::fuse::die_with_parent(&mut cmd, nix::sys::signal::Signal::SIGTERM);
+        crate::common::fuse::die_with_parent(&mut cmd, nix::sys::signal::Signal::SIGTERM);
         let child = cmd
             .arg("-r")
             .arg(&file)
@@ -594,7 +586,7 @@ impl NbdFuse {
             .spawn()
             .expect("nbdfuse");
         let n = NbdFuse { child, dir: dir.to_owned(), file };
-        let up = common::fuse::wait_until(std::time::Duration::from_secs(20), || n.file.exists());
+        let up = crate::common::fuse::wait_until(std::time::Duration::from_secs(20), || n.file.exists());
         assert!(up, "nbdfuse did not show {}", n.file.display());
         n
     }
@@ -747,6 +739,6 @@ struct UnmountOnDrop(PathBuf);
 
 impl Drop for UnmountOnDrop {
     fn drop(&mut self) {
-        common::fuse::umount_quietly(&self.0);
+        crate::common::fuse::umount_quietly(&self.0);
     }
 }

@@ -7,23 +7,13 @@
 //! Every vmback, qemu and loop mount is owned by a guard that cleans up whatever the test
 //! did. Without /dev/fuse (or a needed command) a test prints "skipping: ..." and passes.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod files;
-    pub mod fuse;
-    pub mod ready;
-    pub mod rng;
-    pub mod sample;
-}
-#[path = "writes/support.rs"]
 mod support;
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use common::sample::{sample, sample_image};
+use crate::common::sample::{sample, sample_image};
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};

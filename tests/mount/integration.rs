@@ -8,17 +8,6 @@
 //! Every mount is owned by a guard that unmounts and reaps it, whatever the test did.
 //! Without /dev/fuse (or a needed command) a test prints "skipping: ..." and passes.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod cli;
-    pub mod files;
-    pub mod fuse;
-    pub mod ready;
-    pub mod rng;
-    pub mod sample;
-}
-
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -29,14 +18,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use common::cli::{run_ok, vmback};
-use common::files::pread;
-use common::fuse::{
+use crate::common::cli::{run_ok, vmback};
+use crate::common::files::pread;
+use crate::common::fuse::{
     Watched, is_fuse_mounted, mount_entry, path_str, stdout_of_success, umount_quietly, wait_until, which,
 };
-use common::ready::{is_root, ready};
-use common::rng::Rng;
-use common::sample::{sample, sample_image as image};
+use crate::common::ready::{is_root, ready};
+use crate::common::rng::Rng;
+use crate::common::sample::{sample, sample_image as image};
 use nix::errno::Errno;
 use nix::sys::statfs::statfs;
 use tempfile::TempDir;
@@ -72,7 +61,7 @@ impl Mounted {
         if let Err(e) = std::fs::create_dir(mnt) {
             assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "mountpoint {}: {e}", mnt.display());
         }
-        let log = mnt.with_extension(format!("log{}", common::fuse::unique()));
+        let log = mnt.with_extension(format!("log{}", crate::common::fuse::unique()));
         let extra: Vec<OsString> = extra.iter().map(Into::into).collect();
         let vmback = Watched::spawn(source, mnt, &extra, &log, WATCHDOG);
         let mut m = Mounted { vmback, mnt: mnt.to_owned(), log };

@@ -7,20 +7,13 @@
 //! Needs root (useradd, setpriv, `allow_other`) and /dev/fuse; prints "skipping: ..." and
 //! passes without them.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod fuse;
-    pub mod logged_mount;
-}
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 
-use common::fuse::{path_str, stdout_of_success, which};
-use common::logged_mount::{LoggedMount, assert_untouched, sha256_tree};
+use crate::common::fuse::{path_str, stdout_of_success, which};
+use crate::common::logged_mount::{LoggedMount, assert_untouched, sha256_tree};
 
 /// useradd and userdel lock /etc/passwd; tests running in parallel take turns.
 static ACCOUNTS: Mutex<()> = Mutex::new(());

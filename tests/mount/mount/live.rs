@@ -11,8 +11,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::streams::{MIB, Point, Rng, SetBuilder, Style};
-use crate::support::{self, VmbackMount};
+use super::streams::{MIB, Point, Rng, SetBuilder, Style};
+use super::support::{self, VmbackMount};
 
 /// The bound on how soon a new backup shows.
 const APPEAR_WITHIN: Duration = Duration::from_secs(2);

@@ -12,18 +12,12 @@
 //! bytes a hole. At the end, the whole image. A second property saves an overlay
 //! (`persist`, the map through JSON as the mount saves it) and loads it again.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod rng;
-}
-
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::rng::Rng;
+use crate::common::rng::Rng;
 use proptest::prelude::*;
 use tempfile::TempDir;
 use vmback::cache::{DirtyBudget, Overlay, PAGE, ReadCache, Run, SavedMap};

@@ -10,17 +10,8 @@
 //! (`vmback-t-<test>`), destroyed and undefined when the test ends, so tests run in
 //! parallel with each other and with other test binaries.
 
-// Helpers shared by the test binaries (tests/common/); each includes only the files it uses.
-#[path = "common"]
-mod common {
-    pub mod cli;
-    pub mod compare;
-    pub mod quick_mount;
-}
-#[path = "backup/chain.rs"]
 mod chain;
-#[path = "backup/support.rs"]
-mod support;
+pub mod support;
 
 use std::path::Path;
 

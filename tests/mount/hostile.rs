@@ -8,13 +8,6 @@
 //! name in the mount is one harmless path component, that the good set still mounts and
 //! reads byte for byte, and that nothing outside SOURCE is read or shown.
 
-#[path = "common"]
-mod common {
-    pub mod cli;
-    pub mod files;
-    pub mod quick_mount;
-}
-
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -23,9 +16,9 @@ use serde_json::Value;
 use vmback::chain::frame::{FrameKind, encode_header};
 use vmback::chain::{StreamMeta, StreamWriter};
 
-use common::cli::{assert_success, run_ok, vmback};
-use common::files::pread;
-use common::quick_mount::{Mount, mount_on};
+use crate::common::cli::{assert_success, run_ok, vmback};
+use crate::common::files::pread;
+use crate::common::quick_mount::{Mount, mount_on};
 
 /// Virtual size of the test disks: a few pages, enough for the data and zero frames.
 const VSIZE: u64 = 64 << 10;
