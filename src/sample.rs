@@ -86,16 +86,10 @@ fn write_run(
     run: &Run,
 ) -> io::Result<()> {
     let meta = StreamMeta {
-        virtual_size: size,
-        data_size: run.writes.iter().map(|w| w.1).sum(),
-        date: run.date.into(),
-        disk_name: disk.into(),
-        disk_format: Some("qcow2".into()),
-        checkpoint_name: run.checkpoint.into(),
-        parent_checkpoint: run.parent.into(),
-        incremental: !full,
         compressed,
-        stream_version: 2,
+        ..StreamMeta::full(disk, size, run.writes.iter().map(|w| w.1).sum())
+            .point(run.checkpoint, run.parent, !full)
+            .dated(run.date)
     };
     let partial = dir.join(format!("{}.partial", run.file));
     let mut w = StreamWriter::new(BufWriter::new(File::create(&partial)?), &meta, MAX_REQUEST)?;

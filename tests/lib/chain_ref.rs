@@ -284,18 +284,10 @@ fn stream_file(
 ) -> StreamFile {
     let data_size =
         frames.iter().map(|f| if let Frame::Data { bytes, .. } = f { bytes.len() as u64 } else { 0 }).sum();
-    let meta = StreamMeta {
-        virtual_size: vsize,
-        data_size,
-        date: date(i),
-        disk_name: "sda".into(),
-        disk_format: Some("qcow2".into()),
-        checkpoint_name: checkpoint,
-        parent_checkpoint: parent,
-        incremental,
-        compressed: compressed.then_some(2),
-        stream_version: 2,
-    };
+    let meta = StreamMeta::full("sda", vsize, data_size)
+        .point(&checkpoint, &parent, incremental)
+        .lz4(compressed)
+        .dated(&date(i));
     StreamFile { name, meta, frames, max_request }
 }
 

@@ -50,18 +50,7 @@ struct Base {
 }
 
 fn meta(size: u64, data: u64, cpt: &str, parent: &str, inc: bool, lz4: bool) -> StreamMeta {
-    StreamMeta {
-        virtual_size: size,
-        data_size: data,
-        date: "2026-06-01T08:00:00.000001".into(),
-        disk_name: "sda".into(),
-        disk_format: Some("qcow2".into()),
-        checkpoint_name: cpt.into(),
-        parent_checkpoint: parent.into(),
-        incremental: inc,
-        compressed: lz4.then_some(2),
-        stream_version: 2,
-    }
+    StreamMeta::full("sda", size, data).point(cpt, parent, inc).lz4(lz4).dated("2026-06-01T08:00:00.000001")
 }
 
 /// One stream: `(start, len, is_data)` frames in order; data bytes come from `rng` and are

@@ -1034,18 +1034,9 @@ struct Run<'a> {
 /// Writes `run` (a data extent at 4096 * minute, over a 1 MiB disk) into `dir`.
 fn write_run(dir: &Path, run: &Run) -> PathBuf {
     let size = 1 << 20;
-    let meta = StreamMeta {
-        virtual_size: size,
-        data_size: run.data.len() as u64,
-        date: format!("2026-06-30T08:{:02}:01.123456", run.minute),
-        disk_name: "sda".into(),
-        disk_format: Some("qcow2".into()),
-        checkpoint_name: run.checkpoint.into(),
-        parent_checkpoint: run.parent.into(),
-        incremental: run.incremental,
-        compressed: None,
-        stream_version: 2,
-    };
+    let meta = StreamMeta::full("sda", size, run.data.len() as u64)
+        .point(run.checkpoint, run.parent, run.incremental)
+        .dated(&format!("2026-06-30T08:{:02}:01.123456", run.minute));
     let mut w = StreamWriter::new(Vec::new(), &meta, 4096).unwrap();
     let at = 4096 * u64::from(run.minute);
     if !run.incremental {

@@ -34,18 +34,10 @@ fn valid_stream(extents: &[(u64, u64, bool)], compressed: bool, max_request: u64
         layout.push((start, len, data || inc));
         pos = start + len;
     }
-    let meta = StreamMeta {
-        virtual_size: MAX_VSIZE,
-        data_size: layout.iter().filter(|e| e.2).map(|e| e.1).sum(),
-        date: "2026-06-30T08:21:01.123456".into(),
-        disk_name: "sda".into(),
-        disk_format: Some("qcow2".into()),
-        checkpoint_name: "virtnbdbackup.1".into(),
-        parent_checkpoint: if inc { "virtnbdbackup.0".into() } else { String::new() },
-        incremental: inc,
-        compressed: compressed.then_some(2),
-        stream_version: 2,
-    };
+    let meta = StreamMeta::full("sda", MAX_VSIZE, layout.iter().filter(|e| e.2).map(|e| e.1).sum())
+        .point("virtnbdbackup.1", if inc { "virtnbdbackup.0" } else { "" }, inc)
+        .lz4(compressed)
+        .dated("2026-06-30T08:21:01.123456");
     let mut w = StreamWriter::new(Vec::new(), &meta, max_request).expect("in memory");
     for (start, len, data) in layout {
         if data {

@@ -39,18 +39,7 @@ fn good_image() -> Vec<u8> {
 }
 
 fn meta(disk: &str, virtual_size: u64, data_size: u64, compressed: bool) -> StreamMeta {
-    StreamMeta {
-        virtual_size,
-        data_size,
-        date: "2026-06-30T08:21:01.123456".into(),
-        disk_name: disk.into(),
-        disk_format: Some("qcow2".into()),
-        checkpoint_name: "virtnbdbackup.0".into(),
-        parent_checkpoint: String::new(),
-        incremental: false,
-        compressed: compressed.then_some(2),
-        stream_version: 2,
-    }
+    StreamMeta::full(disk, virtual_size, data_size).lz4(compressed).dated("2026-06-30T08:21:01.123456")
 }
 
 /// A full stream of a `VSIZE` disk holding `image[4096..12288]` as data, zeros elsewhere.

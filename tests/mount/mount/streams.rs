@@ -137,16 +137,10 @@ pub struct Spec<'a> {
 
 fn meta(spec: &Spec, virtual_size: u64, data_size: u64) -> StreamMeta {
     StreamMeta {
-        virtual_size,
-        data_size,
-        date: spec.date.into(),
-        disk_name: spec.disk.into(),
-        disk_format: Some("qcow2".into()),
-        checkpoint_name: spec.checkpoint.into(),
-        parent_checkpoint: spec.parent.into(),
-        incremental: spec.incremental,
         compressed: spec.compressed,
-        stream_version: 2,
+        ..StreamMeta::full(spec.disk, virtual_size, data_size)
+            .point(spec.checkpoint, spec.parent, spec.incremental)
+            .dated(spec.date)
     }
 }
 

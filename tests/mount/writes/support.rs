@@ -499,18 +499,7 @@ pub struct DiskSpec<'a> {
 }
 
 fn meta(disk: &str, size: u64, data: u64, lz4: bool, date: &str) -> StreamMeta {
-    StreamMeta {
-        virtual_size: size,
-        data_size: data,
-        date: date.into(),
-        disk_name: disk.into(),
-        disk_format: Some("qcow2".into()),
-        checkpoint_name: "virtnbdbackup.0".into(),
-        parent_checkpoint: String::new(),
-        incremental: false,
-        compressed: lz4.then_some(2),
-        stream_version: 2,
-    }
+    StreamMeta::full(disk, size, data).lz4(lz4).dated(date)
 }
 
 /// Writes the files around the streams: vmconfig, `.cpt`, checkpoint XML.

@@ -193,16 +193,8 @@ pub fn write_full_set(
     fs::create_dir_all(dir).expect("set dir");
     let data_size = fills.iter().map(|f| f.len).sum();
     let meta = StreamMeta {
-        virtual_size: size,
-        data_size,
-        date: "2026-06-01T08:00:00.000001".into(),
-        disk_name: disk.into(),
-        disk_format: Some("qcow2".into()),
-        checkpoint_name: "virtnbdbackup.0".into(),
-        parent_checkpoint: String::new(),
-        incremental: false,
         compressed,
-        stream_version: 2,
+        ..StreamMeta::full(disk, size, data_size).dated("2026-06-01T08:00:00.000001")
     };
     let t = File::create(truth).expect("truth");
     t.set_len(size).expect("truth size");
