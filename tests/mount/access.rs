@@ -7,13 +7,14 @@
 //! Needs root (useradd, setpriv, `allow_other`) and /dev/fuse; prints "skipping: ..." and
 //! passes without them.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Mutex;
 
+use crate::common::files::{assert_untouched, sha256_tree};
 use crate::common::fuse::{path_str, stdout_of_success, which};
-use crate::common::logged_mount::{LoggedMount, assert_untouched, sha256_tree};
+use crate::common::mounted::Mounted;
+use crate::common::sample::sample_dirs;
 
 /// useradd and userdel lock /etc/passwd; tests running in parallel take turns.
 static ACCOUNTS: Mutex<()> = Mutex::new(());
@@ -97,17 +98,6 @@ fn ready() -> bool {
     true
 }
 
-/// A temp dir every user may enter (tempfile makes them 0700), holding the sample set in
-/// `set` and a mountpoint `mnt`: a refusal then comes from the mount, not from the path.
-fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let t = tempfile::Builder::new().prefix("vmback-access.").tempdir().expect("temp dir");
-    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let src = t.path().join("set");
-    vmback::sample::write_sample(&src).expect("sample set");
-    let mnt = t.path().join("mnt");
-    (t, src, mnt)
-}
-
 /// The options of the FUSE mount at `mnt`, from /proc/self/mountinfo (per-mount options
 /// and the filesystem's super options).
 fn mount_options(mnt: &Path) -> String {
@@ -132,10 +122,10 @@ fn the_mount_is_private_by_default() {
     if !ready() {
         return;
     }
-    let (t, src, mnt) = setup();
+    let (t, src, mnt) = sample_dirs();
     let before = sha256_tree(&src);
     let user = OtherUser::create("priv");
-    let mut m = LoggedMount::start(&src, &mnt, &[]);
+    let mut m = Mounted::start(&src, &mnt, &[]);
     assert!(!mount_options(&mnt).contains("allow_other"), "{}", mount_options(&mnt));
     let dir = mnt.join("sample-vm/virtnbdbackup.1");
     // The path up to the mountpoint is open to the user: a refusal below is the mount's.
@@ -174,10 +164,10 @@ fn allow_other_honours_the_file_modes() {
     let user = OtherUser::create("modes");
     for read_only in [false, true] {
         let what = if read_only { "--allow-other --read-only" } else { "--allow-other" };
-        let (_t, src, mnt) = setup();
+        let (_t, src, mnt) = sample_dirs();
         let before = sha256_tree(&src);
         let args: &[&str] = if read_only { &["--allow-other", "--read-only"] } else { &["--allow-other"] };
-        let mut m = LoggedMount::start(&src, &mnt, args);
+        let mut m = Mounted::start(&src, &mnt, args);
         let opts = mount_options(&mnt);
         assert!(opts.contains("allow_other") && opts.contains("default_permissions"), "{what}: {opts}");
 

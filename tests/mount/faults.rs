@@ -20,9 +20,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+use crate::common::files::{aligned, assert_untouched, read_full_at, sha256_tree, write_until_enospc};
+use crate::common::fuse::small_tmpfs;
 use crate::common::fuse::{path_str, stdout_of_success};
-use crate::common::logged_mount::{LoggedMount, assert_untouched, sha256_tree};
+use crate::common::mounted::Mounted;
 use crate::common::ready::{is_root, ready};
+use crate::common::sample::{sample, sample_image as image};
+use crate::common::tempdir;
 use vmback::catalog::Catalog;
 use vmback::chain::scan::Stored;
 use vmback::chain::{Direct, StreamIndex, StreamRead};
@@ -30,22 +34,6 @@ use vmback::fs::{FsConfig, ImageFs, Ino, ROOT, Writes};
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
-
-fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("vmback-faults.").tempdir().expect("temp dir")
-}
-
-/// The sample set (`sample-vm`; sda 64 MiB plain, sdb 16 MiB lz4; each disk's full
-/// backup holds data at [0, 1 MiB) and [8 MiB, 11 MiB)) in `dir/set`.
-fn sample(dir: &Path) -> PathBuf {
-    let src = dir.join("set");
-    vmback::sample::write_sample(&src).expect("sample set");
-    src
-}
-
-fn image(mnt: &Path, point: &str, disk: &str) -> PathBuf {
-    mnt.join("sample-vm").join(point).join(format!("{disk}.raw"))
-}
 
 /// Opens an image for O_DIRECT reads (they bypass the kernel's page cache).
 fn open_direct(path: &Path) -> File {
@@ -58,19 +46,9 @@ fn open_direct(path: &Path) -> File {
 
 /// `len` bytes at `off` (both multiples of 4 KiB) through an O_DIRECT handle.
 fn read_direct(f: &File, off: u64, len: usize) -> io::Result<Vec<u8>> {
-    // O_DIRECT wants an aligned buffer: carve one out of a larger allocation.
-    let mut storage = vec![0u8; len + 4096];
-    let at = storage.as_ptr().align_offset(4096);
-    let buf = &mut storage[at..at + len];
-    let mut done = 0;
-    while done < len {
-        match f.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let mut storage = Vec::new();
+    let buf = aligned(&mut storage, len);
+    let done = read_full_at(f, buf, off)?;
     Ok(buf[..done].to_vec())
 }
 
@@ -105,11 +83,11 @@ fn deleted_or_replaced_stream_files_keep_serving_their_old_bytes() {
     if !ready(&["sha256sum"]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let before = sha256_tree(&src);
     let mnt = t.path().join("mnt");
-    let mut m = LoggedMount::start(&src, &mnt, &["--cache-size", "0", "--read-only"]);
+    let mut m = Mounted::start(&src, &mnt, &["--cache-size", "0", "--read-only"]);
     let images: Vec<(PathBuf, File, Vec<u8>)> = [("virtnbdbackup.0", "sda"), ("virtnbdbackup.2", "sdb")]
         .into_iter()
         .map(|(point, disk)| {
@@ -142,7 +120,7 @@ fn deleted_or_replaced_stream_files_keep_serving_their_old_bytes() {
         }
     }
     drop(images);
-    let log = m.stop();
+    let log = m.stop().expect("vmback exited");
     assert!(!log.contains("ERROR"), "{log}");
     assert_untouched(&before, &sha256_tree(&src), &["sda.full.data", "sdb.full.data"]);
 }
@@ -156,11 +134,11 @@ fn truncated_stream_fails_only_the_ranges_past_the_cut() {
     if !ready(&["sha256sum"]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let before = sha256_tree(&src);
     let mnt = t.path().join("mnt");
-    let mut m = LoggedMount::start(&src, &mnt, &["--cache-size", "0", "--read-only"]);
+    let mut m = Mounted::start(&src, &mnt, &["--cache-size", "0", "--read-only"]);
     let (p0, p1) = ("virtnbdbackup.0", "virtnbdbackup.1");
     // The truth, read before the cut.
     let want: Vec<(String, String, Vec<u8>)> = [(p0, "sda"), (p1, "sda"), (p0, "sdb")]
@@ -220,7 +198,7 @@ fn truncated_stream_fails_only_the_ranges_past_the_cut() {
     assert_eq!(errno(&read_direct(&open_direct(&image(&mnt, p0, "sda")), 10 * MIB, 4096)), Some(libc::EIO));
     assert!(std::fs::read_dir(mnt.join("sample-vm")).expect("ls").count() >= 4);
     drop(open);
-    let log = m.stop();
+    let log = m.stop().expect("vmback exited");
     for (name, cut) in [("sda.full.data", sda_cut), ("sdb.full.data", sdb_cut)] {
         let line =
             log.lines().find(|l| l.contains(name) && l.contains(&format!("file ends at offset {cut}")));
@@ -271,7 +249,7 @@ fn open_path(fs: &ImageFs, path: &str) -> u64 {
 /// base bytes) work and read back.
 #[test]
 fn disk_read_error_fails_only_the_requests_that_need_the_bad_bytes() {
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let before = sha256_tree(&src);
     let catalog = Catalog::discover(&src).expect("catalog");
@@ -374,9 +352,9 @@ fn put_sample_on(fs_dir: &Path, tmp: &Path) -> OnDisk {
 /// reads keep 1 MiB away from the bad blocks.
 fn check_failing_reads(tmp: &Path, on: &OnDisk) {
     let mnt = tmp.join("mnt");
-    let mut m = LoggedMount::start(&on.src, &mnt, &["--read-only"]);
+    let mut m = Mounted::start(&on.src, &mnt, &["--read-only"]);
     let mref = tmp.join("mref");
-    let mut r = LoggedMount::start(&on.copy, &mref, &["--read-only"]);
+    let mut r = Mounted::start(&on.copy, &mref, &["--read-only"]);
     let f = open_direct(&image(&mnt, "virtnbdbackup.0", "sda"));
     let g = open_direct(&image(&mref, "virtnbdbackup.0", "sda"));
     let hit = 8 * MIB + (on.bad_file.start - on.payload.start);
@@ -402,7 +380,7 @@ fn check_failing_reads(tmp: &Path, on: &OnDisk) {
     }
     drop((f, g));
     r.stop();
-    let log = m.stop();
+    let log = m.stop().expect("vmback exited");
     let at = log.lines().find(|l| l.contains("WARN") && l.contains("sda.full.data: read failed at offset"));
     assert!(at.is_some(), "no log line for the disk error:\n{log}");
 }
@@ -427,7 +405,7 @@ fn disk_read_error_from_a_device_mapper_error_target() {
         eprintln!("skipping: device-mapper's error target is not available here (dmsetup targets failed)");
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let dm = DmDisk::new(t.path(), 128 * MIB);
     let on = put_sample_on(&dm.dir, t.path());
     let sda = on.src.join("sda.full.data");
@@ -458,7 +436,7 @@ fn disk_read_error_from_a_failing_block_device() {
         eprintln!("skipping: nbdkit has no ddrescue filter here");
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let img = t.path().join("disk.img");
     let size = 128 * MIB;
     File::create(&img).expect("disk image").set_len(size).expect("size");
@@ -680,36 +658,19 @@ fn full_scratch_disk_fails_only_the_writes_that_need_room() {
         eprintln!("skipping: a tmpfs mount needs root");
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let before = sha256_tree(&src);
     let small = t.path().join("small");
-    std::fs::create_dir_all(&small).expect("dir");
-    run_ok("mount", &["-t", "tmpfs", "-o", "size=1M", "vmback-faults", path_str(&small)]);
-    let _tmpfs = UnmountOnDrop(small.clone());
+    let _tmpfs = small_tmpfs(&small, "1M");
     let mnt = t.path().join("mnt");
-    let mut m = LoggedMount::start(&src, &mnt, &["--overlay-dir", path_str(&small), "--dirty-size", "64K"]);
+    let mut m = Mounted::start(&src, &mnt, &["--overlay-dir", path_str(&small), "--dirty-size", "64K"]);
     let img = image(&mnt, "virtnbdbackup.0", "sda");
     let f = OpenOptions::new().read(true).write(true).open(&img).expect("open rw");
     let d = open_direct(&img);
     let chunk = 64 * KIB;
-    let start = 20 * MIB;
-    let mut written = Vec::new();
-    let mut failed = None;
-    for k in 0..64u64 {
-        let data = vec![(k as u8) | 1; chunk as usize];
-        let off = start + k * chunk;
-        match f.write_all_at(&data, off) {
-            Ok(()) => written.push((off, data)),
-            Err(e) => {
-                failed = Some((off, e));
-                break;
-            }
-        }
-    }
-    let (at, err) = failed.expect("4 MiB of writes do not fit a 1 MiB scratch disk");
-    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "write at {at}: {err}");
-    assert!(!written.is_empty(), "the first writes fit");
+    // 64 writes of 64 KiB: 4 MiB do not fit a 1 MiB scratch disk.
+    let (written, at) = write_until_enospc(&f, 20 * MIB, 64, |k| vec![(k as u8) | 1; chunk as usize]);
     // The failed write left the image as it was (zeros there); earlier writes are intact.
     let there = read_direct(&d, at, chunk as usize).expect("read");
     assert!(there.iter().all(|&b| b == 0), "the write at {at} that failed left bytes in the image");
@@ -724,7 +685,7 @@ fn full_scratch_disk_fails_only_the_writes_that_need_room() {
     let sdb = open_direct(&image(&mnt, "virtnbdbackup.2", "sdb"));
     assert_eq!(&read_direct(&sdb, 0, 4096).expect("read")[..4], b"sdb ");
     drop((f, d, sdb));
-    let log = m.stop();
+    let log = m.stop().expect("vmback exited");
     let overlay_dir = path_str(&small);
     assert!(
         log.lines()
@@ -732,13 +693,4 @@ fn full_scratch_disk_fails_only_the_writes_that_need_room() {
         "no log line naming the full overlay disk:\n{log}"
     );
     assert_untouched(&before, &sha256_tree(&src), &[]);
-}
-
-/// Unmounts a folder (the test's tmpfs) on drop.
-struct UnmountOnDrop(PathBuf);
-
-impl Drop for UnmountOnDrop {
-    fn drop(&mut self) {
-        crate::common::fuse::umount_quietly(&self.0);
-    }
 }

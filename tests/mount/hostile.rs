@@ -10,7 +10,6 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use serde_json::Value;
 use vmback::chain::frame::{FrameKind, encode_header};
@@ -18,7 +17,8 @@ use vmback::chain::{StreamMeta, StreamWriter};
 
 use crate::common::cli::{assert_success, run_ok, vmback};
 use crate::common::files::pread;
-use crate::common::quick_mount::{Mount, mount_on};
+use crate::common::mounted::Mounted;
+use crate::common::tempdir;
 
 /// Virtual size of the test disks: a few pages, enough for the data and zero frames.
 const VSIZE: u64 = 64 << 10;
@@ -118,12 +118,14 @@ fn status_of(ls: &Value, name: &str) -> String {
 }
 
 /// Mounts SOURCE, checks the good set reads byte for byte, and that every name in the
-/// mount is one harmless component. Returns the mount for more checks.
-fn mount_and_check_good(source: &Path) -> Mount {
-    let m = mount_on(source, tempfile::tempdir().expect("mountpoint"), Stdio::inherit());
-    let image = std::fs::read(m.dir.path().join("good-vm/virtnbdbackup.0/sda.raw")).expect("read good image");
+/// mount is one harmless component. Returns the mount for more checks, and the temp dir
+/// that holds its mountpoint.
+fn mount_and_check_good(source: &Path) -> (Mounted, tempfile::TempDir) {
+    let dir = tempdir();
+    let m = Mounted::start(source, &dir.path().join("mnt"), &[]);
+    let image = std::fs::read(m.mnt.join("good-vm/virtnbdbackup.0/sda.raw")).expect("read good image");
     assert!(image == good_image(), "the good set reads wrong beside a hostile one");
-    for entry in walkdir::WalkDir::new(m.dir.path()).follow_links(false) {
+    for entry in walkdir::WalkDir::new(&m.mnt).follow_links(false) {
         let entry = entry.expect("walk the mount");
         let name = entry.file_name().to_str().expect("mount names are UTF-8");
         assert!(
@@ -131,7 +133,7 @@ fn mount_and_check_good(source: &Path) -> Mount {
             "unsafe name in the mount: {name:?}"
         );
     }
-    m
+    (m, dir)
 }
 
 /// The first offset where reading `file` through the mount fails with EIO, reading 4 KiB
@@ -187,9 +189,9 @@ fn hostile_names_in_vmconfig_and_metadata_stay_one_safe_component() {
     for d in &domains {
         assert!(d.len() <= NAME_MAX && !d.contains('/') && !d.chars().any(char::is_control) && *d != "..");
     }
-    let m = mount_and_check_good(source.path());
+    let (m, _dir) = mount_and_check_good(source.path());
     for d in domains {
-        let image = std::fs::read(m.dir.path().join(d).join("virtnbdbackup.0/sda.raw")).expect("read image");
+        let image = std::fs::read(m.mnt.join(d).join("virtnbdbackup.0/sda.raw")).expect("read image");
         assert!(image == good_image(), "{d}: image reads wrong");
     }
 }
@@ -213,8 +215,8 @@ fn hostile_names_in_file_names() {
     }
     // Named with the newline escaped: a file name cannot start a line of its own.
     assert_warned(&listed, &odd.join("a\\nb.full.data"), None, "not a data file name");
-    let m = mount_and_check_good(source.path());
-    let image = std::fs::read(m.dir.path().join("_../virtnbdbackup.0/sda.raw")).expect("read image");
+    let (m, _dir) = mount_and_check_good(source.path());
+    let image = std::fs::read(m.mnt.join("_../virtnbdbackup.0/sda.raw")).expect("read image");
     assert!(image == good_image());
 }
 
@@ -308,12 +310,12 @@ fn lying_frames_are_damage_at_a_named_offset() {
         (set("bad-trailer", &bad_trailer), comp_at as u64 + 22, "trailer length", None),
     ];
     let listed = ls(source.path());
-    let m = mount_and_check_good(source.path());
+    let (m, _dir) = mount_and_check_good(source.path());
     for (path, offset, what, eio_from) in cases {
         assert_warned(&listed, &path, Some(offset), what);
         let folder = path.parent().and_then(Path::file_name).and_then(|n| n.to_str()).expect("folder");
         assert_eq!(status_of(&listed, folder), "damaged", "{folder}");
-        let served = m.dir.path().join(folder).join("virtnbdbackup.0/sda.raw");
+        let served = m.mnt.join(folder).join("virtnbdbackup.0/sda.raw");
         // Reads fail from the broken frame on (the page holding it), and only there.
         assert_eq!(first_eio(&served), eio_from.map(|o| o / 4096 * 4096), "{folder}");
         let f = File::open(&served).expect("open image");
@@ -344,8 +346,8 @@ fn a_hundred_thousand_tiny_frames() {
     let listed = ls(source.path());
     assert_eq!(status_of(&listed, "tiny"), "complete");
     assert!(ls_peak_rss_kib(source.path(), "100 000 frames") < MAX_LS_RSS_KIB);
-    let m = mount_and_check_good(source.path());
-    let image = std::fs::read(m.dir.path().join("tiny/virtnbdbackup.0/sda.raw")).expect("read image");
+    let (m, _dir) = mount_and_check_good(source.path());
+    let image = std::fs::read(m.mnt.join("tiny/virtnbdbackup.0/sda.raw")).expect("read image");
     assert!(image == expected, "the 100 000-frame image reads wrong");
 }
 
@@ -389,8 +391,8 @@ fn deeply_nested_json() {
     // Every frame is still found by walking the lz4 frames: damaged, but all readable.
     assert_eq!(status_of(&listed, "deep-trailer"), "damaged");
     assert!(ls_peak_rss_kib(source.path(), "nested JSON") < MAX_LS_RSS_KIB);
-    let m = mount_and_check_good(source.path());
-    let image = std::fs::read(m.dir.path().join("deep-trailer/virtnbdbackup.0/sda.raw")).expect("read image");
+    let (m, _dir) = mount_and_check_good(source.path());
+    let image = std::fs::read(m.mnt.join("deep-trailer/virtnbdbackup.0/sda.raw")).expect("read image");
     assert!(image == good_image());
 }
 
@@ -451,8 +453,8 @@ fn symlinks_out_of_source_are_never_followed() {
         assert_warned(&listed, link, None, "is a symlink; not followed");
     }
     assert!(domain(&listed, "outside-vm").is_none() && domain(&listed, "linked").is_none(), "{listed:#}");
-    let m = mount_and_check_good(source.path());
-    for entry in walkdir::WalkDir::new(m.dir.path()).follow_links(false) {
+    let (m, _dir) = mount_and_check_good(source.path());
+    for entry in walkdir::WalkDir::new(&m.mnt).follow_links(false) {
         let entry = entry.expect("walk the mount");
         assert_ne!(entry.file_name(), "outside-vm");
         if entry.file_type().is_file() && entry.file_name() != ".stats" {

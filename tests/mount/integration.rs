@@ -8,7 +8,6 @@
 //! Every mount is owned by a guard that unmounts and reaps it, whatever the test did.
 //! Without /dev/fuse (or a needed command) a test prints "skipping: ..." and passes.
 
-use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -21,94 +20,20 @@ use std::time::Duration;
 use crate::common::cli::{run_ok, vmback};
 use crate::common::files::pread;
 use crate::common::fuse::{
-    Watched, is_fuse_mounted, mount_entry, path_str, stdout_of_success, umount_quietly, wait_until, which,
+    is_fuse_mounted, mount_entry, path_str, stdout_of_success, umount_quietly, wait_until, which,
 };
+use crate::common::mounted::{MOUNT_WAIT, Mounted};
 use crate::common::ready::{is_root, ready};
 use crate::common::rng::Rng;
-use crate::common::sample::{sample, sample_image as image};
+use crate::common::sample::{sample, sample_dirs, sample_image as image};
+use crate::common::tempdir;
 use nix::errno::Errno;
 use nix::sys::statfs::statfs;
-use tempfile::TempDir;
 
 const MIB: u64 = 1 << 20;
 
-/// How long a mount may take to appear, and an unmounted vmback to exit.
-const MOUNT_WAIT: Duration = Duration::from_secs(20);
-
-/// Past this, a vmback still running is killed, so a request stuck in a hung mount fails
-/// with ENOTCONN instead of hanging the test run.
-const WATCHDOG: Duration = Duration::from_secs(150);
-
-fn tmp() -> TempDir {
-    tempfile::Builder::new().prefix("vmback-integ.").tempdir().expect("temp dir")
-}
-
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-}
-
-/// A foreground `vmback mount` (spawned and watched); dropping it reaps it and clears
-/// whatever mount is left.
-struct Mounted {
-    vmback: Watched,
-    mnt: PathBuf,
-    log: PathBuf,
-}
-
-impl Mounted {
-    fn start(source: &Path, mnt: &Path, extra: &[&str]) -> Mounted {
-        // A dead mount there fails `stat`, and so create_dir_all: make only a missing one.
-        if let Err(e) = std::fs::create_dir(mnt) {
-            assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "mountpoint {}: {e}", mnt.display());
-        }
-        let log = mnt.with_extension(format!("log{}", crate::common::fuse::unique()));
-        let extra: Vec<OsString> = extra.iter().map(Into::into).collect();
-        let vmback = Watched::spawn(source, mnt, &extra, &log, WATCHDOG);
-        let mut m = Mounted { vmback, mnt: mnt.to_owned(), log };
-        if let Err(st) = m.vmback.wait_mounted(mnt, MOUNT_WAIT) {
-            panic!("vmback mount did not come up ({st:?}):\n{}", m.log());
-        }
-        // A dead mount left there also counts as a FUSE mount: wait for one that answers.
-        let up = wait_until(MOUNT_WAIT, || statfs(mnt).is_ok() && is_fuse_mounted(mnt));
-        assert!(up, "vmback mount did not replace the dead mount:\n{}", m.log());
-        m
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits for vmback to exit by itself (after an unmount); its exit status.
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let child = self.vmback.child.as_mut().expect("vmback running");
-        let mut status = None;
-        wait_until(MOUNT_WAIT, || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        });
-        let status =
-            status.unwrap_or_else(|| panic!("vmback still running after the unmount:\n{}", self.log()));
-        self.vmback.child = None;
-        status
-    }
-
-    /// SIGKILL: no unmount, nothing saved at exit; the mount stays behind, dead.
-    fn kill_hard(&mut self) {
-        let mut child = self.vmback.child.take().expect("vmback running");
-        child.kill().expect("SIGKILL vmback");
-        child.wait().expect("reap vmback");
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        self.vmback.reap();
-        umount_quietly(&self.mnt);
-        if std::thread::panicking() {
-            eprintln!("vmback's log ({}):\n{}", self.log.display(), self.log());
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
 }
 
 fn errno(e: &std::io::Error) -> Option<i32> {
@@ -123,9 +48,7 @@ fn umount_live_busy_lazy_and_refusals() {
     if !ready(&[]) {
         return;
     }
-    let t = tmp();
-    let src = sample(t.path());
-    let mnt = t.path().join("mnt");
+    let (t, src, mnt) = sample_dirs();
     let mut m = Mounted::start(&src, &mnt, &[]);
     let (fs_type, fs_source) = mount_entry(&mnt).expect("mounted");
     assert_eq!(fs_type, "fuse.vmback");
@@ -146,7 +69,9 @@ fn umount_live_busy_lazy_and_refusals() {
     let out = vmback(&["umount", path_str(&mnt)]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(!is_fuse_mounted(&mnt));
-    let status = m.wait_exit();
+    let status = m
+        .wait_exit(MOUNT_WAIT)
+        .unwrap_or_else(|| panic!("vmback still running after the unmount:\n{}", m.log()));
     assert!(status.success(), "vmback exited with {status}:\n{}", m.log());
 
     // Lazy while a file is open: gone from the tree at once, the open file still reads,
@@ -160,7 +85,9 @@ fn umount_live_busy_lazy_and_refusals() {
     assert!(!is_fuse_mounted(&mnt), "still in the tree after --lazy");
     assert_eq!(pread(&held, 0, 4096).expect("read after a lazy detach"), before);
     drop(held);
-    let status = m.wait_exit();
+    let status = m
+        .wait_exit(MOUNT_WAIT)
+        .unwrap_or_else(|| panic!("vmback still running after the unmount:\n{}", m.log()));
     assert!(status.success(), "vmback exited with {status}:\n{}", m.log());
 
     // Not a mount, and not a FUSE mount: refused, nothing unmounted.
@@ -272,7 +199,7 @@ fn sigkill_under_load_is_recovered_by_umount_and_by_mount() {
     if !ready(&[]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let keep = t.path().join("keep");
     let mnt = t.path().join("mnt");
@@ -439,9 +366,7 @@ fn mount_t_fuse_vmback_and_an_fstab_line() {
         return;
     }
     let _helper = Helper::install();
-    let t = tmp();
-    let src = sample(t.path());
-    let mnt = t.path().join("mnt");
+    let (t, src, mnt) = sample_dirs();
     std::fs::create_dir(&mnt).unwrap();
     let reference = t.path().join("restored");
     let out = vmback(&["restore", "-i", path_str(&src), "-o", path_str(&reference)]);
@@ -537,9 +462,7 @@ fn background_mount_returns_once_mounted() {
     if !ready(&[]) {
         return;
     }
-    let t = tmp();
-    let src = sample(t.path());
-    let mnt = t.path().join("mnt");
+    let (_t, src, mnt) = sample_dirs();
     std::fs::create_dir(&mnt).unwrap();
     let out = vmback(&["mount", "--background", "--read-only", path_str(&src), path_str(&mnt)]);
     let guard = SysMount::check(&out, &mnt, "vmback mount --background");
@@ -561,7 +484,7 @@ fn systemd_units_verify() {
         eprintln!("skipping: systemd-analyze is not installed");
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd");
     for name in ["vmback@.service", "mnt-vmback.mount"] {
         let unit = std::fs::read_to_string(units.join(name)).expect("unit file");
@@ -602,7 +525,7 @@ fn bash_completion_completes_commands_and_flags() {
         eprintln!("skipping: bash is not installed");
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let dir = t.path().join("completions");
     std::fs::create_dir(&dir).unwrap();
     let script = dir.join("vmback");
@@ -650,7 +573,7 @@ fn man_pages_render() {
         eprintln!("skipping: man is not installed (man-db)");
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let out = vmback(&["man", path_str(t.path())]);
     assert!(out.status.success(), "{}", text(&out));
     for (page, want) in [
@@ -679,7 +602,7 @@ fn man_pages_render() {
 /// `--log-level` wins over `VMBACK_LOG`; both filter; a bad filter is an error.
 #[test]
 fn log_level_flag_and_env() {
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     std::fs::write(src.join("sda.inc.virtnbdbackup.3.data.partial"), b"in progress").unwrap();
     let warned = |env: Option<&str>, flag: Option<&str>| {

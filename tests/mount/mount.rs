@@ -6,7 +6,6 @@
 
 mod live;
 mod streams;
-mod support;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -21,9 +20,13 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Whence, lseek};
 
 use crate::common::files::pread;
+use crate::common::fuse::{is_fuse_mounted, mount_entry, path_str, which};
+use crate::common::mounted::{LoopMount, MOUNT_WAIT, Mounted};
+use crate::common::ready::root_ready;
+use crate::common::run::{run, run_as, run_ok, run_timeout};
+use crate::common::tempdir;
 use crate::require_fuse;
 use streams::{KIB, MIB, Point, Rng, SetBuilder, Style};
-use support::{LoopMount, VmbackMount, path_str, run, run_as, run_ok};
 
 const NOBODY: u32 = 65534;
 
@@ -48,7 +51,7 @@ extern "C" fn remove_shared() {
 
 fn shared() -> &'static Shared {
     SHARED.get_or_init(|| {
-        let root = support::tempdir().keep();
+        let root = tempdir().keep();
         let truth = root.join("truth");
         let source = root.join("source");
         let alpha = build_alpha(&source.join("vm-alpha"), &truth);
@@ -261,11 +264,11 @@ fn errno_of(e: &io::Error) -> Option<Errno> {
 #[test]
 fn ls_shows_domains_points_latest_dates_and_sizes() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let src = td.path().join("set");
     vmback::sample::write_sample(&src).expect("sample set");
     let mnt = td.path().join("mnt");
-    let m = VmbackMount::start(&src, &mnt, &[]);
+    let m = Mounted::start(&src, &mnt, &[]);
 
     let root = ls_l(&mnt, true);
     let names: Vec<&str> = root.iter().map(|e| e.3.as_str()).collect();
@@ -338,9 +341,9 @@ fn ls_shows_domains_points_latest_dates_and_sizes() {
 fn ls_of_a_tree_with_two_domains() {
     require_fuse!();
     let s = shared();
-    let td = support::tempdir();
+    let td = tempdir();
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&s.source(), &mnt, &[]);
+    let _m = Mounted::start(&s.source(), &mnt, &[]);
     let root: Vec<String> = ls_l(&mnt, false).into_iter().map(|e| e.3).collect();
     assert_eq!(root, ["vm-alpha", "vm-beta"]);
     for (dom, points) in &s.domains {
@@ -373,9 +376,9 @@ fn ls_of_a_tree_with_two_domains() {
 fn every_image_matches_the_truth() {
     require_fuse!();
     let s = shared();
-    let td = support::tempdir();
+    let td = tempdir();
     let mnt = td.path().join("mnt");
-    let m = VmbackMount::start(&s.source(), &mnt, &[]);
+    let m = Mounted::start(&s.source(), &mnt, &[]);
     let mut compared = 0;
     for (img, d) in shared_images(&mnt) {
         let out = run("cmp", &[path_str(&d.truth), path_str(&img)]);
@@ -412,7 +415,7 @@ fn every_image_matches_the_truth() {
             d.truth.display()
         );
         run_ok("sh", &["-c", &script]);
-        if support::which("python3").is_some() {
+        if which("python3").is_some() {
             let py = "import hashlib, mmap, sys\n\
                       f = open(sys.argv[1], 'rb')\n\
                       m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n\
@@ -431,7 +434,7 @@ fn every_image_matches_the_truth() {
 #[test]
 fn hundreds_of_restore_points_list_and_read() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let set = td.path().join("set");
     let mut rng = Rng(0x121);
     let mut b = SetBuilder::new(&set, &td.path().join("truth"), "vm-daily");
@@ -447,7 +450,7 @@ fn hundreds_of_restore_points_list_and_read() {
     }
     let points = b.finish();
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&set, &mnt, &[]);
+    let _m = Mounted::start(&set, &mnt, &[]);
     let dom = mnt.join("vm-daily");
     let listed: std::collections::BTreeSet<String> = std::fs::read_dir(&dom)
         .expect("readdir")
@@ -472,7 +475,7 @@ fn hundreds_of_restore_points_list_and_read() {
 #[test]
 fn rotation_folders_of_one_domain_merge_into_one_dir() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let src = td.path().join("backups");
     let mut rng = Rng(0x4070);
     let mut sets = Vec::new();
@@ -490,7 +493,7 @@ fn rotation_folders_of_one_domain_merge_into_one_dir() {
         sets.push((month, b.finish()));
     }
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&src, &mnt, &[]);
+    let _m = Mounted::start(&src, &mnt, &[]);
     let dom = mnt.join("vm-rot");
     let mut names = Vec::new();
     for (month, points) in &sets {
@@ -517,7 +520,7 @@ fn rotation_folders_of_one_domain_merge_into_one_dir() {
 #[test]
 fn odd_domain_names_become_safe_directories() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let src = td.path().join("backups");
     let mut rng = Rng(0x0dd);
     let mut expect = Vec::new();
@@ -538,7 +541,7 @@ fn odd_domain_names_become_safe_directories() {
         expect.push((shown, points));
     }
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&src, &mnt, &[]);
+    let _m = Mounted::start(&src, &mnt, &[]);
     // `ls -A`: a name that starts with a dot is hidden from plain `ls`.
     let root: Vec<String> = ls_l(&mnt, true).into_iter().map(|e| e.3).filter(|n| n != ".stats").collect();
     let mut want: Vec<String> = expect.iter().map(|e| e.0.to_owned()).collect();
@@ -557,9 +560,9 @@ fn odd_domain_names_become_safe_directories() {
 fn concurrent_random_unaligned_reads_match_the_truth() {
     require_fuse!();
     let s = shared();
-    let td = support::tempdir();
+    let td = tempdir();
     let mnt = td.path().join("mnt");
-    let mut m = VmbackMount::start(&s.source(), &mnt, &[]);
+    let mut m = Mounted::start(&s.source(), &mnt, &[]);
     let images = shared_images(&mnt);
     std::thread::scope(|scope| {
         for t in 0..8u64 {
@@ -633,9 +636,9 @@ const SEEK_GRAINS: [u64; 3] = [1, 512, 4096];
 fn seek_data_and_seek_hole_follow_the_data() {
     require_fuse!();
     let s = shared();
-    let td = support::tempdir();
+    let td = tempdir();
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&s.source(), &mnt, &[]);
+    let _m = Mounted::start(&s.source(), &mnt, &[]);
     let mut rng = Rng(0x5eec);
     for (img, d) in shared_images(&mnt) {
         assert!(!d.data.is_empty());
@@ -691,9 +694,9 @@ fn seek_data_and_seek_hole_follow_the_data() {
 fn sparse_cp_and_du_show_the_thin_size() {
     require_fuse!();
     let s = shared();
-    let td = support::tempdir();
+    let td = tempdir();
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&s.source(), &mnt, &[]);
+    let _m = Mounted::start(&s.source(), &mnt, &[]);
     for (img, d) in shared_images(&mnt) {
         // The data bytes, exactly or counted in whole blocks, in 512-byte units.
         let thin: Vec<u64> = SEEK_GRAINS
@@ -748,14 +751,14 @@ fn sparse_cp_and_du_show_the_thin_size() {
 #[test]
 fn qemu_img_info_map_and_convert() {
     require_fuse!();
-    if support::which("qemu-img").is_none() {
+    if which("qemu-img").is_none() {
         eprintln!("skipping: qemu-img is not installed");
         return;
     }
     let s = shared();
-    let td = support::tempdir();
+    let td = tempdir();
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&s.source(), &mnt, &[]);
+    let _m = Mounted::start(&s.source(), &mnt, &[]);
     // Extents on 4 KiB boundaries, as real backups have them (qemu's dirty bitmaps and
     // allocation are 64 KiB / 512-byte grained): vm-alpha's full, vm-beta.
     let alpha = &s.domains[0].1[0];
@@ -769,14 +772,14 @@ fn qemu_img_info_map_and_convert() {
 #[test]
 fn qemu_img_convert_keeps_unaligned_extents() {
     require_fuse!();
-    if support::which("qemu-img").is_none() {
+    if which("qemu-img").is_none() {
         eprintln!("skipping: qemu-img is not installed");
         return;
     }
     let s = shared();
-    let td = support::tempdir();
+    let td = tempdir();
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&s.source(), &mnt, &["--read-only"]);
+    let _m = Mounted::start(&s.source(), &mnt, &["--read-only"]);
     // vm-alpha's diff: data at [43 MiB + 1, 43 MiB + 4096) and other odd edges.
     let diff = &s.domains[0].1[3];
     qemu_img_checks(&mnt, td.path(), &[("vm-alpha", diff, "sdb"), ("vm-alpha", diff, "sda")]);
@@ -851,14 +854,14 @@ fn check_tree(root: &Path, files: &BTreeMap<String, Vec<u8>>, gone: &[&str], wha
 #[test]
 fn ext4_inside_an_image_loop_mounts_read_only() {
     require_fuse!();
-    if !support::root_ready("loop mounts") {
+    if !root_ready("loop mounts") {
         return;
     }
-    if support::which("mkfs.ext4").is_none() || !run("losetup", &["-f"]).status.success() {
+    if which("mkfs.ext4").is_none() || !run("losetup", &["-f"]).status.success() {
         eprintln!("skipping: needs mkfs.ext4 and a free loop device");
         return;
     }
-    let td = support::tempdir();
+    let td = tempdir();
     let work = td.path().join("work");
     std::fs::create_dir_all(&work).expect("work");
     let raw0 = work.join("disk0.raw");
@@ -939,7 +942,7 @@ fn ext4_inside_an_image_loop_mounts_read_only() {
     let before = snapshot(&set);
 
     let mnt = td.path().join("mnt");
-    let mut m = VmbackMount::start(&set, &mnt, &[]);
+    let mut m = Mounted::start(&set, &mnt, &[]);
     let ro = td.path().join("ro");
     for (point, raw, files, gone) in [
         ("virtnbdbackup.0", &raw0, &files0, &["docs/new.txt"][..]),
@@ -967,15 +970,15 @@ fn ext4_inside_an_image_loop_mounts_read_only() {
 fn read_only_mount_fails_writes_with_erofs() {
     require_fuse!();
     let s = shared();
-    let td = support::tempdir();
+    let td = tempdir();
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&s.source(), &mnt, &["--read-only"]);
+    let _m = Mounted::start(&s.source(), &mnt, &["--read-only"]);
     let p = &s.domains[0].1[0];
     let d = &p.disks[0];
     let dir = mnt.join("vm-alpha").join(&p.name);
     let img = dir.join(format!("{}.raw", d.disk));
     assert!(
-        support::mount_entry(&mnt).is_some_and(|_| mount_options(&mnt).split(',').any(|o| o == "ro")),
+        mount_entry(&mnt).is_some_and(|_| mount_options(&mnt).split(',').any(|o| o == "ro")),
         "not mounted ro: {}",
         mount_options(&mnt)
     );
@@ -1027,11 +1030,11 @@ fn read_only_mount_fails_writes_with_erofs() {
 // ---------------------------------------------------------------------------------------
 // 8. Clean unmounts.
 
-fn sample_mount(td: &Path) -> (PathBuf, VmbackMount) {
+fn sample_mount(td: &Path) -> (PathBuf, Mounted) {
     let src = td.join("set");
     vmback::sample::write_sample(&src).expect("sample");
     let mnt = td.join("mnt");
-    let m = VmbackMount::start(&src, &mnt, &[]);
+    let m = Mounted::start(&src, &mnt, &[]);
     // Use it a little first.
     let cfg = std::fs::read(mnt.join("sample-vm/latest/vmconfig.xml")).expect("read through the mount");
     assert!(!cfg.is_empty());
@@ -1041,7 +1044,7 @@ fn sample_mount(td: &Path) -> (PathBuf, VmbackMount) {
 #[test]
 fn sigterm_unmounts_cleanly() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let (_mnt, mut m) = sample_mount(td.path());
     m.stop_with(Signal::SIGTERM);
     assert!(m.log().contains("unmounted"), "{}", m.log());
@@ -1050,7 +1053,7 @@ fn sigterm_unmounts_cleanly() {
 #[test]
 fn sigint_unmounts_cleanly() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let (_mnt, mut m) = sample_mount(td.path());
     m.stop_with(Signal::SIGINT);
 }
@@ -1058,7 +1061,7 @@ fn sigint_unmounts_cleanly() {
 #[test]
 fn sighup_unmounts_cleanly() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let (_mnt, mut m) = sample_mount(td.path());
     m.stop_with(Signal::SIGHUP);
 }
@@ -1066,19 +1069,19 @@ fn sighup_unmounts_cleanly() {
 #[test]
 fn fusermount_from_outside_ends_vmback() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let (mnt, mut m) = sample_mount(td.path());
     run_ok("fusermount3", &["-u", path_str(&mnt)]);
-    let status = m.wait_exit(support::MOUNT_WAIT);
+    let status = m.wait_exit(MOUNT_WAIT);
     let status = status.unwrap_or_else(|| panic!("vmback still running after fusermount3 -u:\n{}", m.log()));
     assert!(status.success(), "vmback exited with {status}:\n{}", m.log());
-    assert!(!support::is_fuse_mounted(&mnt));
+    assert!(!is_fuse_mounted(&mnt));
 }
 
 #[test]
 fn sigterm_after_a_busy_unmount_still_works() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let (mnt, mut m) = sample_mount(td.path());
     // A user still has a file open when they press Ctrl-C.
     let busy = File::open(mnt.join("sample-vm/latest/sda.raw")).expect("open");
@@ -1086,12 +1089,12 @@ fn sigterm_after_a_busy_unmount_still_works() {
     std::thread::sleep(Duration::from_millis(500));
     if m.alive() {
         // The unmount failed with EBUSY; once the file is closed, signalling again must work.
-        assert!(support::is_fuse_mounted(&mnt));
+        assert!(is_fuse_mounted(&mnt));
         drop(busy);
         m.stop_with(Signal::SIGTERM);
     } else {
         // A lazy unmount would also be fine.
-        let status = m.wait_exit(support::MOUNT_WAIT).expect("exited");
+        let status = m.wait_exit(MOUNT_WAIT).expect("exited");
         assert!(status.success(), "{status}:\n{}", m.log());
     }
 }
@@ -1102,20 +1105,20 @@ fn sigterm_after_a_busy_unmount_still_works() {
 #[test]
 fn stale_mountpoint_is_cleared_by_vmback_umount() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let (mnt, mut m) = sample_mount(td.path());
     let src = td.path().join("set");
     m.signal(Signal::SIGKILL);
-    assert!(m.wait_exit(support::MOUNT_WAIT).is_some(), "SIGKILL did not end vmback");
-    assert!(support::is_fuse_mounted(&mnt), "a killed FUSE daemon leaves its mount behind");
+    assert!(m.wait_exit(MOUNT_WAIT).is_some(), "SIGKILL did not end vmback");
+    assert!(is_fuse_mounted(&mnt), "a killed FUSE daemon leaves its mount behind");
     let err = std::fs::metadata(&mnt).expect_err("stat of a stale mount");
     assert_eq!(errno_of(&err), Some(Errno::ENOTCONN), "{err}");
 
-    // `vmback mount` on it recovers too (tests/integration.rs covers both under load).
-    let out = support::run_timeout(20, env!("CARGO_BIN_EXE_vmback"), &["umount", path_str(&mnt)]);
+    // `vmback mount` on it recovers too (tests/mount/integration.rs covers both under load).
+    let out = run_timeout(20, env!("CARGO_BIN_EXE_vmback"), &["umount", path_str(&mnt)]);
     assert!(out.status.success(), "vmback umount of a stale mount: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(!support::is_fuse_mounted(&mnt));
-    let mut again = VmbackMount::start(&src, &mnt, &[]);
+    assert!(!is_fuse_mounted(&mnt));
+    let mut again = Mounted::start(&src, &mnt, &[]);
     let cfg = std::fs::read(mnt.join("sample-vm/virtnbdbackup.0/vmconfig.xml")).expect("read after remount");
     assert!(String::from_utf8_lossy(&cfg).contains("sample-vm"));
     again.stop_with(Signal::SIGTERM);
@@ -1128,10 +1131,10 @@ fn stale_mountpoint_is_cleared_by_vmback_umount() {
 #[test]
 fn other_users_are_kept_out_by_default() {
     require_fuse!();
-    if !support::root_ready("running commands as another user") {
+    if !root_ready("running commands as another user") {
         return;
     }
-    let td = support::tempdir();
+    let td = tempdir();
     let (mnt, _m) = sample_mount(td.path());
     let cfg = mnt.join("sample-vm/virtnbdbackup.0/vmconfig.xml");
     for (cmd, args) in [
@@ -1156,16 +1159,16 @@ fn other_users_are_kept_out_by_default() {
 #[test]
 fn allow_other_lets_other_users_read_but_not_write() {
     require_fuse!();
-    if !support::root_ready("running commands as another user") {
+    if !root_ready("running commands as another user") {
         return;
     }
     for read_only in [false, true] {
-        let td = support::tempdir();
+        let td = tempdir();
         let src = td.path().join("set");
         vmback::sample::write_sample(&src).expect("sample");
         let mnt = td.path().join("mnt");
         let args: &[&str] = if read_only { &["--allow-other", "--read-only"] } else { &["--allow-other"] };
-        let _m = VmbackMount::start(&src, &mnt, args);
+        let _m = Mounted::start(&src, &mnt, args);
         let dir = mnt.join("sample-vm/virtnbdbackup.1");
         let what = if read_only { "--read-only" } else { "writable" };
 
@@ -1214,7 +1217,7 @@ fn payload(path: &Path, n: usize) -> (u64, Vec<vmback::chain::scan::Lz4Frame>) {
 #[test]
 fn damaged_streams_fail_only_their_ranges() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let set = td.path().join("set");
     let mut rng = Rng(0xdead);
     let mut b = SetBuilder::new(&set, &td.path().join("truth"), "vm-damaged");
@@ -1251,7 +1254,7 @@ fn damaged_streams_fail_only_their_ranges() {
     let before = snapshot(&set);
 
     let mnt = td.path().join("mnt");
-    let mut m = VmbackMount::start(&set, &mnt, &[]);
+    let mut m = Mounted::start(&set, &mnt, &[]);
     let dom = mnt.join("vm-damaged");
     // The good restore points read fully.
     for p in &points[..2] {
@@ -1338,7 +1341,7 @@ fn damaged_streams_fail_only_their_ranges() {
 #[test]
 fn corrupt_stream_header_is_not_shown_as_a_raw_disk() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let set = td.path().join("set");
     let mut rng = Rng(0xb17);
     let mut b = SetBuilder::new(&set, &td.path().join("truth"), "vm-rot");
@@ -1357,7 +1360,7 @@ fn corrupt_stream_header_is_not_shown_as_a_raw_disk() {
     OpenOptions::new().write(true).open(&inc2).expect("inc2").write_all_at(&[0u8; 64], 0).expect("zero");
 
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&set, &mnt, &[]);
+    let _m = Mounted::start(&set, &mnt, &[]);
     let dom = mnt.join("vm-rot");
     for p in &points[..2] {
         run_ok("cmp", &[path_str(&p.disks[0].truth), path_str(&dom.join(&p.name).join("sda.raw"))]);
@@ -1391,7 +1394,7 @@ fn corrupt_stream_header_is_not_shown_as_a_raw_disk() {
 #[test]
 fn stats_count_decodes_and_cache_hits() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let set = td.path().join("set");
     let mut rng = Rng(0x57a7);
     let mut b = SetBuilder::new(&set, &td.path().join("truth"), "vm-stats");
@@ -1406,7 +1409,7 @@ fn stats_count_decodes_and_cache_hits() {
     let comp_len = frames[0].comp_len;
 
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&set, &mnt, &[]);
+    let _m = Mounted::start(&set, &mnt, &[]);
     let s0 = stats(&mnt);
     for k in ["hits", "misses", "prefetched", "bytes_read", "bytes_decoded"] {
         assert_eq!(s0.get(k), Some(&0), "{k} at start: {s0:?}");
@@ -1461,9 +1464,9 @@ fn stats_count_decodes_and_cache_hits() {
 fn small_cache_does_not_redecode_a_frame_per_request() {
     require_fuse!();
     let s = shared();
-    let td = support::tempdir();
+    let td = tempdir();
     let mnt = td.path().join("mnt");
-    let _m = VmbackMount::start(&s.source(), &mnt, &["--cache-size", "16M"]);
+    let _m = Mounted::start(&s.source(), &mnt, &["--cache-size", "16M"]);
     // vm-alpha's sdb: one 32 MiB lz4 frame from 3 MiB on.
     let p = &s.domains[0].1[0];
     let d = p.disks.iter().find(|d| d.disk == "sdb").expect("sdb");
@@ -1563,7 +1566,7 @@ fn open_flags_under(pid: nix::unistd::Pid, dir: &Path) -> Vec<(PathBuf, i32)> {
 #[test]
 fn backup_files_are_never_written() {
     require_fuse!();
-    let td = support::tempdir();
+    let td = tempdir();
     let src = td.path().join("source");
     vmback::sample::write_sample(&src.join("sample")).expect("sample");
     let mut rng = Rng(0x1313);
@@ -1583,7 +1586,7 @@ fn backup_files_are_never_written() {
 
     let mnt = td.path().join("mnt");
     // Writable (the default): what is written to an image must land in an overlay.
-    let mut m = VmbackMount::start(&src, &mnt, &[]);
+    let mut m = Mounted::start(&src, &mnt, &[]);
     let copy = td.path().join("copy.raw");
     run_ok("cp", &["--sparse=always", path_str(&mnt.join("vm-z/latest/vda.raw")), path_str(&copy)]);
     run_ok("cmp", &[path_str(&copy), path_str(&points[1].disks[0].truth)]);

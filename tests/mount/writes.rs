@@ -13,21 +13,21 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use crate::common::sample::{sample, sample_image};
+use crate::common::files::{aligned, sha256_tree, write_until_enospc};
+use crate::common::fuse::{is_fuse_mounted, path_str, small_tmpfs};
+use crate::common::mounted::{LoopMount, Mounted};
+use crate::common::ready::{is_root, ready};
+use crate::common::run::{run, run_ok};
+use crate::common::sample::{sample, sample_dirs, sample_image};
+use crate::common::tempdir;
 use nix::errno::Errno;
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};
 use support::{
-    DiskSpec, KIB, LoopMount, MIB, Qemu, Rng, Vmback, assert_same, images, is_fuse_mounted, is_root,
-    path_str, pread, raw_set, read_all, read_range, ready, run, run_ok, sha256_tree, stream_set,
+    DiskSpec, KIB, MIB, Qemu, Rng, assert_same, images, pread, raw_set, read_all, read_range, stream_set,
 };
-use tempfile::TempDir;
 
 const DATE: &str = "2026-06-01T08:00:00.000001";
-
-fn tmp() -> TempDir {
-    tempfile::Builder::new().prefix("vmback-writes.").tempdir().expect("temp dir")
-}
 
 fn rw(path: &Path) -> File {
     OpenOptions::new().read(true).write(true).open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -51,13 +51,6 @@ fn zero_model(model: &mut [u8], off: u64, len: u64) {
 
 fn write_model(model: &mut [u8], off: u64, data: &[u8]) {
     model[off as usize..off as usize + data.len()].copy_from_slice(data);
-}
-
-/// A buffer of `len` bytes aligned for O_DIRECT, inside `storage`.
-fn aligned(storage: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    storage.resize(len + 4096, 0);
-    let at = storage.as_ptr().align_offset(4096);
-    &mut storage[at..at + len]
 }
 
 /// Entries of a folder (which must exist).
@@ -95,12 +88,12 @@ fn qemu_io_patterns_zeroes_and_discards() {
     if !ready(&["qemu-io"]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
     let mnt = t.path().join("mnt");
-    let _m = Vmback::start(&src, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "256K"]);
+    let _m = Mounted::start(&src, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "256K"]);
     for (img, cache) in [
         (sample_image(&mnt, "virtnbdbackup.1", "sdb"), "writeback"),
         (sample_image(&mnt, "virtnbdbackup.2", "sda"), "none"),
@@ -153,12 +146,12 @@ fn vm_roundtrip(cache: &str) {
     if !ready(&["qemu-system-x86_64"]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
     let mnt = t.path().join("mnt");
-    let _m = Vmback::start(&src, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "1M"]);
+    let _m = Mounted::start(&src, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "1M"]);
     let img = sample_image(&mnt, "virtnbdbackup.2", "sda");
     let mut model = read_all(&img);
     let size = model.len() as u64;
@@ -230,12 +223,12 @@ fn qcow2_on_top_and_convert() {
     if !ready(&["qemu-img", "qemu-io"]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
     let mnt = t.path().join("mnt");
-    let _m = Vmback::start(&src, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "128K"]);
+    let _m = Mounted::start(&src, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "128K"]);
     let img = sample_image(&mnt, "virtnbdbackup.1", "sdb");
     let mut model = read_all(&img);
     let size = model.len() as u64;
@@ -326,7 +319,7 @@ fn ext4_loop_rw_and_kept_overlay() {
     if !ext4_ready() {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let mut rng = Rng(0xe47);
     let hello = b"hello from the backup\n".to_vec();
     let old = rng.bytes(200 * KIB as usize);
@@ -344,7 +337,7 @@ fn ext4_loop_rw_and_kept_overlay() {
     // 1. Scratch overlay.
     let new = rng.bytes(300 * KIB as usize + 17);
     {
-        let mut m = Vmback::start(&set, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "256K"]);
+        let mut m = Mounted::start(&set, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "256K"]);
         let l = LoopMount::mount(&img, &lp, "loop,rw");
         assert_eq!(std::fs::read(lp.join("hello.txt")).unwrap(), hello);
         assert_same(&std::fs::read(lp.join("old.bin")).unwrap(), &old, "old.bin from the backup");
@@ -360,7 +353,7 @@ fn ext4_loop_rw_and_kept_overlay() {
         assert!(!lp.join("old.bin").exists());
         assert_eq!(std::fs::read(lp.join("hello.txt")).unwrap(), hello);
         l.unmount();
-        if m.stop() {
+        if m.stop().is_some() {
             assert!(entries(&ovl).is_empty(), "scratch overlay left behind: {:?}", entries(&ovl));
         }
     }
@@ -370,7 +363,7 @@ fn ext4_loop_rw_and_kept_overlay() {
     let kept = rng.bytes(MIB as usize + 4096 + 3);
     let keep_flags = ["--keep-overlay", path_str(&keep), "--dirty-size", "256K"];
     {
-        let mut m = Vmback::start(&set, &mnt, &keep_flags);
+        let mut m = Mounted::start(&set, &mnt, &keep_flags);
         let l = LoopMount::mount(&img, &lp, "loop,rw");
         assert!(!lp.join("new.bin").exists(), "a scratch overlay's data outlived its mount");
         std::fs::write(lp.join("kept.bin"), &kept).unwrap();
@@ -380,7 +373,7 @@ fn ext4_loop_rw_and_kept_overlay() {
     let map = keep.join("ext4-vm/virtnbdbackup.0/sda.overlay.json");
     assert!(map.is_file(), "no kept map at {}", map.display());
     {
-        let mut m = Vmback::start(&set, &mnt, &keep_flags);
+        let mut m = Mounted::start(&set, &mnt, &keep_flags);
         let l = LoopMount::mount(&img, &lp, "loop,rw");
         assert_same(&std::fs::read(lp.join("kept.bin")).unwrap(), &kept, "kept.bin in the next session");
         assert_eq!(std::fs::read(lp.join("hello.txt")).unwrap(), hello);
@@ -400,7 +393,7 @@ fn ext4_loop_rw_and_kept_overlay() {
         len(&set2.join("sda.full.data")),
         "test setup: chains must differ"
     );
-    match Vmback::try_start(&set2, &mnt, &keep_flags) {
+    match Mounted::try_start(&set2, &mnt, &keep_flags) {
         Ok(_) => panic!("vmback mounted another chain over a kept overlay"),
         Err((None, log)) => panic!("vmback neither mounted nor exited:\n{log}"),
         Err((Some(st), log)) => {
@@ -421,7 +414,7 @@ fn kept_overlay_refuses_a_same_sized_other_chain() {
     if !ready(&[]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let set = |name: &str, byte: u8, date: &str| {
         let dir = t.path().join(name);
         let disks = [DiskSpec {
@@ -441,14 +434,14 @@ fn kept_overlay_refuses_a_same_sized_other_chain() {
     let mnt = t.path().join("mnt");
     let flags = ["--keep-overlay", path_str(&keep)];
     {
-        let mut m = Vmback::start(&a, &mnt, &flags);
+        let mut m = Mounted::start(&a, &mnt, &flags);
         let f = rw(&mnt.join("same-vm/virtnbdbackup.0/sda.raw"));
         f.write_all_at(b"written over chain A", MIB).unwrap();
         f.sync_all().unwrap();
         drop(f);
         m.stop();
     }
-    if let Ok(m) = Vmback::try_start(&b, &mnt, &flags) {
+    if let Ok(m) = Mounted::try_start(&b, &mnt, &flags) {
         let img = mnt.join("same-vm/virtnbdbackup.0/sda.raw");
         let base = read_range(&img, 0, 4);
         let over = read_range(&img, MIB, 20);
@@ -473,14 +466,14 @@ fn read_after_write_two_handles_no_stale_cache() {
     if !ready(&[]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let root = t.path().join("src");
     sample(&root);
     odd_set(&root.join("odd"));
     let mnt = t.path().join("mnt");
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
-    let m = Vmback::start(&root, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "64K"]);
+    let m = Mounted::start(&root, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "64K"]);
     let cases = [
         (sample_image(&mnt, "virtnbdbackup.1", "sdb"), Some(sample_image(&mnt, "virtnbdbackup.2", "sdb"))),
         (sample_image(&mnt, "virtnbdbackup.0", "sda"), Some(sample_image(&mnt, "virtnbdbackup.1", "sda"))),
@@ -569,12 +562,10 @@ fn fallocate_seek_and_blocks() {
     if !ready(&["fallocate"]) {
         return;
     }
-    let t = tmp();
-    let src = sample(t.path());
-    let mnt = t.path().join("mnt");
+    let (t, src, mnt) = sample_dirs();
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
-    let _m = Vmback::start(&src, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "64K"]);
+    let _m = Mounted::start(&src, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "64K"]);
     // Point 0 of sda: data at [0, 1M) and [8M, 11M), holes elsewhere.
     let img = sample_image(&mnt, "virtnbdbackup.0", "sda");
     let mut model = read_all(&img);
@@ -663,12 +654,10 @@ fn size_fixed_fsync_and_end_of_image() {
     if !ready(&["truncate"]) {
         return;
     }
-    let t = tmp();
-    let src = sample(t.path());
-    let mnt = t.path().join("mnt");
+    let (t, src, mnt) = sample_dirs();
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
-    let _m = Vmback::start(&src, &mnt, &["--overlay-dir", path_str(&ovl)]);
+    let _m = Mounted::start(&src, &mnt, &["--overlay-dir", path_str(&ovl)]);
     let img = sample_image(&mnt, "virtnbdbackup.2", "sdb");
     let size = std::fs::metadata(&img).unwrap().len();
     // Only images take writes.
@@ -710,12 +699,10 @@ fn mmap_shared_write_reaches_the_image() {
     if !ready(&["python3"]) {
         return;
     }
-    let t = tmp();
-    let src = sample(t.path());
-    let mnt = t.path().join("mnt");
+    let (t, src, mnt) = sample_dirs();
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
-    let _m = Vmback::start(&src, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "64K"]);
+    let _m = Mounted::start(&src, &mnt, &["--overlay-dir", path_str(&ovl), "--dirty-size", "64K"]);
     let img = sample_image(&mnt, "virtnbdbackup.1", "sdb");
     let mut model = read_all(&img);
     let script = "import mmap, os, sys\n\
@@ -739,12 +726,10 @@ fn read_only_mount_refuses_writes() {
     if !ready(&[]) {
         return;
     }
-    let t = tmp();
-    let src = sample(t.path());
-    let mnt = t.path().join("mnt");
+    let (t, src, mnt) = sample_dirs();
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
-    let _m = Vmback::start(&src, &mnt, &["--read-only", "--overlay-dir", path_str(&ovl)]);
+    let _m = Mounted::start(&src, &mnt, &["--read-only", "--overlay-dir", path_str(&ovl)]);
     let img = sample_image(&mnt, "virtnbdbackup.1", "sda");
     for opts in [OpenOptions::new().write(true).clone(), OpenOptions::new().read(true).write(true).clone()] {
         let err = opts.open(&img).expect_err("open for writing");
@@ -769,7 +754,7 @@ fn heavy_writes_leave_backups_untouched() {
     if !ready(&["sha256sum"]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let root = t.path().join("src");
     sample(&root);
     odd_set(&root.join("odd"));
@@ -777,7 +762,7 @@ fn heavy_writes_leave_backups_untouched() {
     let mnt = t.path().join("mnt");
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
-    let mut m = Vmback::start(
+    let mut m = Mounted::start(
         &root,
         &mnt,
         &["--overlay-dir", path_str(&ovl), "--dirty-size", "64K", "--cache-size", "1M", "--threads", "4"],
@@ -835,7 +820,7 @@ fn heavy_writes_leave_backups_untouched() {
     assert!(dirty <= 64 * KIB, "dirty_bytes {dirty} above --dirty-size 64K after the load");
     let spilled = entries(&ovl.join(&scratch[0]));
     assert!(!spilled.is_empty(), "nothing spilled with --dirty-size 64K");
-    if m.stop() {
+    if m.stop().is_some() {
         assert!(entries(&ovl).is_empty(), "scratch overlay folder left after unmount: {:?}", entries(&ovl));
     }
     let after = sha256_tree(&root);
@@ -854,34 +839,18 @@ fn full_overlay_disk_gives_enospc() {
         eprintln!("skipping: a tmpfs mount needs root");
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let small = t.path().join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    run_ok("mount", &["-t", "tmpfs", "-o", "size=1M", "vmback-test", path_str(&small)]);
-    let _tmpfs = support::Unmount(small.clone());
+    let _tmpfs = small_tmpfs(&small, "1M");
     let mnt = t.path().join("mnt");
-    let mut m = Vmback::start(&src, &mnt, &["--overlay-dir", path_str(&small), "--dirty-size", "64K"]);
+    let mut m = Mounted::start(&src, &mnt, &["--overlay-dir", path_str(&small), "--dirty-size", "64K"]);
     let img = sample_image(&mnt, "virtnbdbackup.0", "sda");
     let f = rw(&img);
     let mut rng = Rng(0xf011);
     let start = 20 * MIB;
-    let mut written = Vec::new();
-    let mut failed = None;
-    for k in 0..64 {
-        let data = rng.bytes(64 * KIB as usize);
-        let off = start + k * 64 * KIB;
-        match f.write_all_at(&data, off) {
-            Ok(()) => written.push((off, data)),
-            Err(e) => {
-                failed = Some((off, e));
-                break;
-            }
-        }
-    }
-    let (at, err) = failed.expect("4 MiB of writes fit in a 1 MiB overlay disk");
-    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "write at {at}: {err}");
-    assert!(!written.is_empty());
+    // 64 writes of 64 KiB: 4 MiB do not fit in a 1 MiB overlay disk.
+    let (written, at) = write_until_enospc(&f, start, 64, |_| rng.bytes(64 * KIB as usize));
     for (off, data) in &written {
         assert_same(
             &read_range(&img, *off, data.len()),
@@ -897,7 +866,7 @@ fn full_overlay_disk_gives_enospc() {
     assert_same(&read_range(&img, 40 * MIB, data.len()), &data, "write after the punch");
     assert!(read_range(&img, start, (at - start) as usize).iter().all(|&b| b == 0), "punched range");
     drop(f);
-    if m.stop() {
+    if m.stop().is_some() {
         assert!(entries(&small).is_empty(), "scratch overlay left on the small disk: {:?}", entries(&small));
     }
 }
@@ -911,13 +880,13 @@ fn kept_overlay_is_not_shared_by_two_mounts() {
     if !ready(&[]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let keep = t.path().join("keep");
     let flags = ["--keep-overlay", path_str(&keep)];
     let (mnt1, mnt2) = (t.path().join("mnt1"), t.path().join("mnt2"));
-    let mut a = Vmback::start(&src, &mnt1, &flags);
-    let Ok(mut b) = Vmback::try_start(&src, &mnt2, &flags) else {
+    let mut a = Mounted::start(&src, &mnt1, &flags);
+    let Ok(mut b) = Mounted::try_start(&src, &mnt2, &flags) else {
         return; // Refused: what we want.
     };
     for (mnt, off, text) in [(&mnt1, MIB, b"first mount "), (&mnt2, 2 * MIB, b"second mount")] {
@@ -927,7 +896,7 @@ fn kept_overlay_is_not_shared_by_two_mounts() {
     }
     a.stop();
     b.stop();
-    let _c = Vmback::start(&src, &mnt1, &flags);
+    let _c = Mounted::start(&src, &mnt1, &flags);
     let img = sample_image(&mnt1, "virtnbdbackup.1", "sda");
     let (one, two) = (read_range(&img, MIB, 12), read_range(&img, 2 * MIB, 12));
     assert!(
@@ -947,7 +916,7 @@ fn kept_overlay_fsync_survives_sigkill() {
     if !ready(&[]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = sample(t.path());
     let keep = t.path().join("keep");
     let mnt = t.path().join("mnt");
@@ -955,7 +924,7 @@ fn kept_overlay_fsync_survives_sigkill() {
     let img = sample_image(&mnt, "virtnbdbackup.2", "sdb");
     let mut model;
     {
-        let mut m = Vmback::start(&src, &mnt, &flags);
+        let mut m = Mounted::start(&src, &mnt, &flags);
         model = read_all(&img);
         let mut rng = Rng(0x5161);
         let f = rw(&img);
@@ -976,13 +945,13 @@ fn kept_overlay_fsync_survives_sigkill() {
         m.kill_hard();
     }
     {
-        let mut m = Vmback::start(&src, &mnt, &flags);
+        let mut m = Mounted::start(&src, &mnt, &flags);
         assert_same(&read_all(&img), &model, "kept overlay after SIGKILL");
         m.stop();
     }
     let map = keep.join("sample-vm/virtnbdbackup.2/sdb.overlay.json");
     std::fs::write(&map, b"{ not json").unwrap();
-    match Vmback::try_start(&src, &mnt, &flags) {
+    match Mounted::try_start(&src, &mnt, &flags) {
         Ok(_) => panic!("mounted with a damaged kept map"),
         Err((st, log)) => {
             assert!(st.is_some_and(|s| !s.success()), "{st:?}:\n{log}");
@@ -998,14 +967,14 @@ fn peak_rss_within_dirty_and_cache_size() {
     if !ready(&[]) {
         return;
     }
-    let t = tmp();
+    let t = tempdir();
     let src = t.path().join("set");
     let disks = [DiskSpec { name: "sda", size: 256 * MIB, lz4: false, extents: vec![(0, vec![1u8; 4096])] }];
     stream_set(&src, "big-vm", DATE, &disks);
     let mnt = t.path().join("mnt");
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
-    let m = Vmback::start(
+    let m = Mounted::start(
         &src,
         &mnt,
         &["--overlay-dir", path_str(&ovl), "--dirty-size", "96M", "--cache-size", "1M"],
@@ -1037,12 +1006,10 @@ fn seek_walk_is_not_quadratic_in_dirty_pages() {
     if !ready(&[]) {
         return;
     }
-    let t = tmp();
-    let src = sample(t.path());
-    let mnt = t.path().join("mnt");
+    let (t, src, mnt) = sample_dirs();
     let ovl = t.path().join("ovl");
     std::fs::create_dir_all(&ovl).unwrap();
-    let _m = Vmback::start(&src, &mnt, &["--overlay-dir", path_str(&ovl)]);
+    let _m = Mounted::start(&src, &mnt, &["--overlay-dir", path_str(&ovl)]);
     // Point 0 of sda: data at [0, 1M) and [8M, 11M), holes from 11M to the end.
     let img = sample_image(&mnt, "virtnbdbackup.0", "sda");
     let f = rw(&img);

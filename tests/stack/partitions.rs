@@ -4,7 +4,7 @@
 //! holding a logical one); ext4 filesystems with known files, made by `mkfs.ext4 -d`, are
 //! placed in its partitions (the one the test reads in the SECOND partition). The image is
 //! written into the qcow2 disk of a real libvirt domain (paused, no guest OS, as in
-//! tests/backup.rs) and backed up for real with `vmback backup -l full`; for GPT, a new
+//! tests/stack/backup.rs) and backed up for real with `vmback backup -l full`; for GPT, a new
 //! file is then written into partition 2's filesystem (debugfs, then the changed partition
 //! written into the running disk) and `vmback backup -l inc` saves it. For every point:
 //! - `vmback restore` gives an image whose table [`read_table`] reads at the offsets sfdisk

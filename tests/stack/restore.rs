@@ -144,7 +144,7 @@ fn every_restore_point_of_the_corpus_restores_to_its_truth() {
     let started = Instant::now();
     let rows = manifest(&corpus);
     assert!(rows.len() >= 20, "corpus too small: {} rows", rows.len());
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let mut listings: BTreeMap<String, Vec<Point>> = BTreeMap::new();
     for (i, row) in rows.iter().enumerate() {
         let set = corpus.join(&row.set);
@@ -229,7 +229,7 @@ fn every_restore_point_of_the_corpus_restores_to_its_truth() {
 fn qcow2_output_holds_the_truth() {
     let Some(corpus) = corpus() else { return };
     let rows = manifest(&corpus);
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     // A diff, a compressed inc with chunked (>= 32 MiB) lz4 extents, a compressed copy.
     let picks = [
         diff_row(&rows, "sets/plain", "vda"),
@@ -266,7 +266,7 @@ fn restores_equal_virtnbdrestore_on_the_same_chains() {
     let Some(corpus) = corpus() else { return };
     let started = Instant::now();
     let rows = manifest(&corpus);
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let mut compared = Vec::new();
     let mut shadowed = Vec::new();
     for set_name in ["sets/plain", "sets/compressed"] {
@@ -343,7 +343,7 @@ fn restores_equal_virtnbdrestore_on_the_same_chains() {
 fn sequence_applies_exactly_the_listed_files_like_virtnbdrestore() {
     let Some(corpus) = corpus() else { return };
     let rows = manifest(&corpus);
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let plain_diff = &diff_row(&rows, "sets/plain", "vda").data_file;
     let compressed_diff = &diff_row(&rows, "sets/compressed", "vdb").data_file;
     let cases = [
@@ -405,7 +405,7 @@ fn dump_matches_virtnbdrestore_dump() {
     support::upstream_ready();
     for set_name in ["sets/plain", "sets/compressed", "sets/copy-z"] {
         let set = corpus.join(set_name);
-        let tmp = tempdir();
+        let tmp = tempdir("restore");
         let up = Command::new("virtnbdrestore")
             .args(["-i", path_str(&set), "-o", "dump", "-L", path_str(&tmp.path().join("dump.log"))])
             .output()
@@ -466,7 +466,7 @@ fn dump_matches_virtnbdrestore_dump() {
 fn raw_output_of_a_mostly_empty_corpus_disk_is_sparse() {
     let Some(corpus) = corpus() else { return };
     let rows = manifest(&corpus);
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let r = last_row(&rows, "sets/plain", "vdb");
     restore_ok(&corpus.join("sets/plain"), tmp.path(), &["-d", "vdb"]);
     let image = tmp.path().join("vdb.raw");
@@ -479,7 +479,7 @@ fn raw_output_of_a_mostly_empty_corpus_disk_is_sparse() {
 
 #[test]
 fn raw_output_keeps_holes_zero_frames_and_stored_zeros_sparse() {
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     for compressed in [None, Some(2)] {
         let label = if compressed.is_some() { "lz4" } else { "plain" };
         let set = tmp.path().join(format!("set-{label}"));
@@ -526,7 +526,7 @@ fn stored_zero_runs_inside_data_extents_stay_holes() {
     let Some(corpus) = corpus() else { return };
     const BLOCK: u64 = 64 << 10;
     let rows = manifest(&corpus);
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let zeros = vec![0u8; BLOCK as usize];
     let mut bad = Vec::new();
     for set_name in ["sets/plain", "sets/compressed", "sets/copy", "sets/copy-z"] {
@@ -679,7 +679,7 @@ fn covered_later(set: &Path, chain: &[String], damaged: &str, range: std::ops::R
 fn verify_names_a_flipped_byte_inside_an_lz4_frame() {
     let Some(corpus) = corpus() else { return };
     let rows = manifest(&corpus);
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let set = intact_copy(&corpus, "sets/compressed", tmp.path());
     let name = "vda.inc.virtnbdbackup.1.data";
     let file = set.join(name);
@@ -748,7 +748,7 @@ fn verify_names_a_flipped_byte_inside_an_lz4_frame() {
 fn truncated_case(set_name: &str, name: &str, disk: &str) {
     let Some(corpus) = corpus() else { return };
     let rows = manifest(&corpus);
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let set = intact_copy(&corpus, set_name, tmp.path());
     let file = set.join(name);
     let s = walk(&file);
@@ -810,7 +810,7 @@ fn verify_names_a_truncated_compressed_stream() {
 /// Breaks the header of the second body frame of a data file of a copy.
 fn broken_header_case(set_name: &str, name: &str, disk: &str, patch: (u64, u8)) {
     let Some(corpus) = corpus() else { return };
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let set = intact_copy(&corpus, set_name, tmp.path());
     let file = set.join(name);
     let s = walk(&file);
@@ -849,7 +849,7 @@ fn verify_names_a_broken_frame_header_in_a_compressed_stream() {
 #[test]
 fn verify_checks_chksum_sidecars() {
     let Some(corpus) = corpus() else { return };
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let set = intact_copy(&corpus, "sets/plain", tmp.path());
     let name = "vdb.full.data";
     let file = set.join(name);
@@ -885,7 +885,7 @@ impl Drop for Reaped {
 
 #[test]
 fn an_interrupted_restore_leaves_only_a_partial_file() {
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     // Data per 64 MiB of a 2 GiB disk; doubled whenever the restore finishes before the kill.
     for (attempt, per) in [8 * MIB, 16 * MIB, 32 * MIB, 64 * MIB].into_iter().enumerate() {
         let set = tmp.path().join(format!("set{attempt}"));
@@ -972,7 +972,7 @@ fn restore_onto_a_loop_device() {
         return;
     }
     let rows = manifest(&corpus);
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let set = corpus.join("sets/compressed");
     let r = last_row(&rows, "sets/compressed", "vda");
     let size = fs::metadata(&r.truth).expect("truth").len();
@@ -1008,7 +1008,7 @@ fn restore_onto_a_loop_device() {
 /// stdout: Broken pipe") and exits 101. Same for `verify` and `ls`.
 #[test]
 fn dump_and_verify_into_a_closed_pipe_do_not_panic() {
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let set = tmp.path().join("set");
     let fills = [Fill { start: 0, len: MIB, byte: 0x5a }];
     write_full_set(&set, &tmp.path().join("truth.raw"), "sda", 8 * MIB, &fills, None);

@@ -2,7 +2,7 @@
 //! pieces the mount and write tests' guards share. Each guard keeps its own timeouts,
 //! flags and way of unmounting.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -105,6 +105,44 @@ pub fn umount_quietly(dir: &Path) {
     if mount_entry(dir).is_some() {
         let _ = Command::new("umount").arg("-l").arg(dir).stderr(Stdio::null()).status();
     }
+}
+
+/// Clears whatever is mounted at `mnt` (a vmback mount, live or dead, or a loop mount
+/// over it): `fusermount3 -uz`, then `umount -l`, a few times for stacked mounts.
+pub fn force_unmount(mnt: &Path) {
+    // Two mounts at most are stacked at one point in these tests; twice that is plenty.
+    for _ in 0..4 {
+        if mount_entry(mnt).is_none() {
+            return;
+        }
+        let quiet = |cmd: &str, args: &[&OsStr]| {
+            let _ = Command::new(cmd).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        };
+        if is_fuse_mounted(mnt) {
+            quiet("fusermount3", &["-uz".as_ref(), mnt.as_os_str()]);
+        }
+        if mount_entry(mnt).is_some() {
+            quiet("umount", &["-l".as_ref(), mnt.as_os_str()]);
+        }
+    }
+}
+
+/// Unmounts a folder (e.g. a tmpfs a test made) on drop.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        umount_quietly(&self.0);
+    }
+}
+
+/// A tmpfs of `size` (a `mount -o size=` value) mounted on `dir` (created): a small
+/// scratch disk for overlays, unmounted when the guard drops.
+pub fn small_tmpfs(dir: &Path, size: &str) -> Unmount {
+    std::fs::create_dir_all(dir).expect("tmpfs mountpoint");
+    let opts = format!("size={size}");
+    super::run::run_ok("mount", &["-t", "tmpfs", "-o", &opts, "vmback-test", path_str(dir)]);
+    Unmount(dir.to_owned())
 }
 
 /// Sends `sig` to the child when the test process dies without running its guards.

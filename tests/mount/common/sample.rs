@@ -14,3 +14,13 @@ pub fn sample(dir: &Path) -> PathBuf {
 pub fn sample_image(mnt: &Path, point: &str, disk: &str) -> PathBuf {
     mnt.join("sample-vm").join(point).join(format!("{disk}.raw"))
 }
+
+/// The start of most mount tests: a temp dir ([`super::tempdir`], so every user may enter
+/// it and a refusal comes from the mount, not from the path) holding the sample set in
+/// `set`, and the path `mnt` of a mountpoint beside it.
+pub fn sample_dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let t = super::tempdir();
+    let src = sample(t.path());
+    let mnt = t.path().join("mnt");
+    (t, src, mnt)
+}

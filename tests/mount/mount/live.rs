@@ -1,8 +1,8 @@
 //! A living catalog: while mounted, backups that land in SOURCE show up, sets that are
 //! deleted disappear, and files that are open keep reading. Real mounts; the sets are
-//! written with the library's stream writer (tests/mount/streams.rs) into a staging
+//! written with the library's stream writer (tests/mount/mount/streams.rs) into a staging
 //! folder and moved into SOURCE the way backup tools finish a file (`.partial`, then a
-//! rename). A real `vmback backup` into a mounted SOURCE is in tests/backup.rs.
+//! rename). A real `vmback backup` into a mounted SOURCE is in tests/stack/backup.rs.
 //!
 //! Part of the `mount` test binary. Each test prints how long the change took to show (`appeared after ... ms`).
 
@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::streams::{MIB, Point, Rng, SetBuilder, Style};
-use super::support::{self, VmbackMount};
+use crate::common::mounted::Mounted;
+use crate::common::ready::ready;
+use crate::common::tempdir;
 
 /// The bound on how soon a new backup shows.
 const APPEAR_WITHIN: Duration = Duration::from_secs(2);
@@ -89,16 +91,16 @@ fn set_files(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<String> {
 
 #[test]
 fn new_backups_appear_and_latest_follows() {
-    if !support::fuse_ready() {
+    if !ready(&[]) {
         return;
     }
-    let tmp = support::tempdir();
+    let tmp = tempdir();
     let (staged, points) = stage(tmp.path(), "vm-live", 2, Some(2));
     let source = tmp.path().join("source");
     let set = source.join("vm-live");
     // The full first, then mount.
     land(&staged, &set, &set_files(&staged, |n| n.contains(".full.") || !n.ends_with(".data")));
-    let m = VmbackMount::start(&source, &tmp.path().join("mnt"), &[]);
+    let m = Mounted::start(&source, &tmp.path().join("mnt"), &[]);
     let dom = m.mnt.join("vm-live");
     assert_eq!(names(&dom), ["latest", "virtnbdbackup.0"]);
 
@@ -133,16 +135,16 @@ fn new_backups_appear_and_latest_follows() {
 
 #[test]
 fn a_deleted_set_disappears_while_its_open_file_keeps_reading() {
-    if !support::fuse_ready() {
+    if !ready(&[]) {
         return;
     }
-    let tmp = support::tempdir();
+    let tmp = tempdir();
     let source = tmp.path().join("source");
     let (a, a_points) = stage(tmp.path(), "vm-stay", 1, None);
     let (b, b_points) = stage(tmp.path(), "vm-go", 1, Some(2));
     land(&a, &source.join("vm-stay"), &set_files(&a, |_| true));
     land(&b, &source.join("vm-go"), &set_files(&b, |_| true));
-    let m = VmbackMount::start(&source, &tmp.path().join("mnt"), &[]);
+    let m = Mounted::start(&source, &tmp.path().join("mnt"), &[]);
     assert_eq!(names(&m.mnt), [".stats", "vm-go", "vm-stay"]);
 
     let gone_img = m.mnt.join("vm-go/virtnbdbackup.1/sda.raw");
@@ -175,14 +177,14 @@ fn a_deleted_set_disappears_while_its_open_file_keeps_reading() {
 
 #[test]
 fn a_replaced_full_gets_new_contents_under_the_same_name() {
-    if !support::fuse_ready() {
+    if !ready(&[]) {
         return;
     }
-    let tmp = support::tempdir();
+    let tmp = tempdir();
     let source = tmp.path().join("source");
     let (a, _) = stage(tmp.path(), "vm-redo", 0, None);
     land(&a, &source.join("vm-redo"), &set_files(&a, |_| true));
-    let m = VmbackMount::start(&source, &tmp.path().join("mnt"), &[]);
+    let m = Mounted::start(&source, &tmp.path().join("mnt"), &[]);
     let img = m.mnt.join("vm-redo/virtnbdbackup.0/sda.raw");
     let before = std::fs::read(&img).expect("read");
 

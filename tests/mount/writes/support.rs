@@ -1,34 +1,24 @@
-//! Helpers for the write tests: the real `vmback mount`, qemu and loop mounts behind
-//! guards that always clean up, commands under `timeout`, and backup sets built with the
-//! library's stream writer.
+//! Helpers for the write tests: a paused qemu behind a guard that always cleans up, file
+//! checks, and backup sets built with the library's stream writer. (The vmback and loop
+//! mounts, commands and readiness checks are the mount tests' common ones.)
 
-use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::{Pid, Whence, lseek};
+use nix::sys::signal::Signal;
+use nix::unistd::{Whence, lseek};
 use vmback::chain::{MAX_REQUEST, StreamMeta, StreamWriter};
 
-use crate::common::fuse::{Watched, die_with_parent, mount_entry, stdout_of_success, umount_quietly, unique};
-pub use crate::common::fuse::{is_fuse_mounted, path_str, wait_until};
+use crate::common::fuse::{die_with_parent, unique, wait_until};
 
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
-
-/// How long a mount may take to appear, and a stopped vmback to exit.
-pub const MOUNT_WAIT: Duration = Duration::from_secs(15);
-
-/// Past this, a vmback still running is killed, so a request stuck in a hung mount fails
-/// with ENOTCONN instead of hanging the test run.
-const WATCHDOG: Duration = Duration::from_secs(150);
 
 pub use crate::common::rng::Rng;
 
@@ -43,263 +33,8 @@ impl Rng {
     }
 }
 
-// ---------------------------------------------------------------------------------------
-// Environment and commands
-
-pub use crate::common::ready::is_root;
-
-/// Whether this machine can run the test; prints why not. `cmds` are extra commands it
-/// needs beyond `timeout`, which [`run`] wraps every command in.
-pub fn ready(cmds: &[&str]) -> bool {
-    crate::common::ready::ready(&[&["timeout"], cmds].concat())
-}
-
-/// Runs `cmd args` under `timeout 120` with the C locale.
-pub fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new("timeout")
-        .arg("--kill-after=5")
-        .arg("120")
-        .arg(cmd)
-        .args(args)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
-}
-
-/// Like [`run`], failing the test unless it succeeds; returns stdout.
-pub fn run_ok(cmd: &str, args: &[&str]) -> String {
-    stdout_of_success(cmd, args, run(cmd, args))
-}
-
-/// The fs type mounted at exactly `mnt`, if any (the last, visible, mount).
-pub fn mount_type(mnt: &Path) -> Option<String> {
-    mount_entry(mnt).map(|(fstype, _)| fstype)
-}
-
 fn read_text(path: &Path) -> String {
-    let mut s = String::new();
-    if let Ok(mut f) = File::open(path) {
-        let _ = f.read_to_string(&mut s);
-    }
-    s
-}
-
-// ---------------------------------------------------------------------------------------
-// vmback
-
-/// A running `vmback mount`; dropping it unmounts and reaps whatever state it is in.
-pub struct Vmback {
-    vmback: Watched,
-    pub mnt: PathBuf,
-    log: PathBuf,
-}
-
-impl Vmback {
-    /// Mounts `source` on `mnt` (created if missing) with `extra` flags; fails the test
-    /// with vmback's log if the mount does not come up.
-    pub fn start(source: &Path, mnt: &Path, extra: &[&str]) -> Vmback {
-        Self::try_start(source, mnt, extra)
-            .unwrap_or_else(|(st, log)| panic!("vmback mount failed ({st:?}):\n{log}"))
-    }
-
-    /// Like [`Vmback::start`]; on failure returns vmback's exit status (None if it never
-    /// exited) and its output.
-    pub fn try_start(
-        source: &Path,
-        mnt: &Path,
-        extra: &[&str],
-    ) -> Result<Vmback, (Option<ExitStatus>, String)> {
-        std::fs::create_dir_all(mnt).expect("mountpoint");
-        let log = mnt.with_extension(format!("log{}", unique()));
-        let extra: Vec<OsString> = extra.iter().map(Into::into).collect();
-        let vmback = Watched::spawn(source, mnt, &extra, &log, WATCHDOG);
-        let mut m = Vmback { vmback, mnt: mnt.to_owned(), log };
-        match m.vmback.wait_mounted(mnt, MOUNT_WAIT) {
-            Ok(()) => Ok(m),
-            Err(Some(st)) => {
-                m.vmback.child = None;
-                Err((Some(st), m.log()))
-            }
-            Err(None) => Err((None, m.log())),
-        }
-    }
-
-    /// Peak resident memory of vmback so far (VmHWM), in bytes.
-    pub fn peak_rss(&self) -> u64 {
-        let pid = self.vmback.child.as_ref().expect("vmback running").id();
-        let status = read_text(Path::new(&format!("/proc/{pid}/status")));
-        let kib = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).expect("VmHWM");
-        kib.trim().trim_end_matches("kB").trim().parse::<u64>().expect("VmHWM value") * 1024
-    }
-
-    /// vmback's output so far.
-    pub fn log(&self) -> String {
-        read_text(&self.log)
-    }
-
-    /// SIGTERM, then a clean exit within [`MOUNT_WAIT`] and no mount left. Returns false
-    /// (after a warning and SIGKILL) only when our mount is gone but a copy of it lives on
-    /// in another process's mount namespace, which keeps the FUSE connection, and so
-    /// vmback, alive: libvirt gives every qemu it starts a private copy of the mount
-    /// table, so a domain started by anyone while this mount was up does that. The
-    /// caller then skips checks that need vmback's own clean exit.
-    pub fn stop(&mut self) -> bool {
-        let mnt = self.mnt.clone();
-        let log_path = self.log.clone();
-        let child = self.vmback.child.as_mut().expect("vmback running");
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).expect("signalling vmback");
-        let mut status = None;
-        wait_until(MOUNT_WAIT, || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        });
-        let log = read_text(&log_path);
-        let Some(status) = status else {
-            let diag = diagnose(child.id(), &mnt);
-            if mount_type(&mnt).is_none() && !foreign_copies(&mnt).is_empty() {
-                eprintln!(
-                    "warning: vmback unmounted {} but stays up for another mount namespace; \
-                     killing it, post-unmount checks skipped:\n{diag}",
-                    mnt.display()
-                );
-                let _ = child.kill();
-                let _ = child.wait();
-                self.vmback.child = None;
-                return false;
-            }
-            panic!("vmback did not exit after SIGTERM:\n{log}\n{diag}");
-        };
-        self.vmback.child = None;
-        assert!(status.success(), "vmback exited with {status}:\n{log}");
-        assert!(!is_fuse_mounted(&self.mnt), "{} still mounted after vmback exited", self.mnt.display());
-        true
-    }
-
-    /// SIGKILL (no clean unmount, no overlay saved at exit), then clears the dead mount.
-    pub fn kill_hard(&mut self) {
-        let mut child = self.vmback.child.take().expect("vmback running");
-        let _ = child.kill();
-        let _ = child.wait();
-        let _ = Command::new("fusermount3").arg("-uz").arg(&self.mnt).stderr(Stdio::null()).status();
-        assert!(wait_until(MOUNT_WAIT, || mount_type(&self.mnt).is_none()), "dead mount not cleared");
-    }
-
-    /// The `.stats` file, as a map.
-    pub fn stats(&self) -> BTreeMap<String, u64> {
-        read_text(&self.mnt.join(".stats"))
-            .lines()
-            .filter_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                Some((k.to_owned(), v.trim().parse().ok()?))
-            })
-            .collect()
-    }
-}
-
-/// What a stuck vmback is doing: its threads' kernel stacks, and whether it is mounted.
-fn diagnose(pid: u32, mnt: &Path) -> String {
-    let mut out = format!("mounted here: {:?}\n", mount_type(mnt));
-    // A copy of the mount in another mount namespace (e.g. one libvirt made for a qemu it
-    // started meanwhile) keeps the FUSE connection alive after our unmount.
-    for (pid, comm) in foreign_copies(mnt) {
-        out.push_str(&format!("also mounted in the mount namespace of pid {pid} ({comm})\n"));
-    }
-    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-        for t in tasks.flatten() {
-            let p = t.path();
-            let comm = read_text(&p.join("comm"));
-            let stat = read_text(&p.join("stat"));
-            let state = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().next().unwrap_or("?");
-            let stack = read_text(&p.join("stack"));
-            out.push_str(&format!(
-                "thread {} {} state {state}:\n{stack}\n",
-                t.file_name().to_string_lossy(),
-                comm.trim()
-            ));
-        }
-    }
-    out
-}
-
-/// Processes in another mount namespace that still see a mount at `mnt`.
-fn foreign_copies(mnt: &Path) -> Vec<(String, String)> {
-    let ours = std::fs::read_link("/proc/self/ns/mnt").ok();
-    let needle = format!(" {} ", mnt.display());
-    let mut out = Vec::new();
-    for p in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        if std::fs::read_link(p.path().join("ns/mnt")).ok() == ours {
-            continue;
-        }
-        if read_text(&p.path().join("mountinfo")).contains(&needle) {
-            let comm = read_text(&p.path().join("comm")).trim().to_owned();
-            out.push((p.file_name().to_string_lossy().into_owned(), comm));
-        }
-    }
-    out
-}
-
-impl Drop for Vmback {
-    fn drop(&mut self) {
-        self.vmback.reap();
-        for _ in 0..3 {
-            if mount_type(&self.mnt).is_none() {
-                break;
-            }
-            let quiet = |cmd: &str, args: &[&str]| {
-                let _ = Command::new(cmd).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
-            };
-            quiet("fusermount3", &["-uz", path_str(&self.mnt)]);
-            if mount_type(&self.mnt).is_some() {
-                quiet("umount", &["-l", path_str(&self.mnt)]);
-            }
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Loop mounts
-
-/// `mount -o loop,...`; unmounted on drop. Declare it after the [`Vmback`] it reads from.
-pub struct LoopMount {
-    pub dir: PathBuf,
-    image: PathBuf,
-}
-
-impl LoopMount {
-    pub fn mount(image: &Path, dir: &Path, opts: &str) -> LoopMount {
-        std::fs::create_dir_all(dir).expect("loop mountpoint");
-        run_ok("mount", &["-o", opts, path_str(image), path_str(dir)]);
-        LoopMount { dir: dir.to_owned(), image: image.to_owned() }
-    }
-
-    /// Unmounts (failing the test if that fails) and waits until the loop device has let
-    /// go of the image, so the FUSE mount can be unmounted next.
-    pub fn unmount(mut self) {
-        run_ok("umount", &[path_str(&self.dir)]);
-        self.wait_detached();
-    }
-
-    fn wait_detached(&mut self) {
-        let image = self.image.clone();
-        let free = wait_until(Duration::from_secs(10), || {
-            run("losetup", &["-j", path_str(&image)]).stdout.is_empty()
-        });
-        if !free {
-            let out = run("losetup", &["-j", path_str(&image)]);
-            for dev in String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split(':').next()) {
-                let _ = run("losetup", &["-d", dev]);
-            }
-        }
-    }
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        umount_quietly(&self.dir);
-        self.wait_detached();
-    }
+    std::fs::read_to_string(path).unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -450,20 +185,6 @@ fn files_under(dir: &Path, keep: impl Fn(&Path) -> bool) -> Vec<PathBuf> {
     out
 }
 
-/// sha256 of every regular file under `dir`, by path.
-pub fn sha256_tree(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let files = files_under(dir, |_| true);
-    let mut out = BTreeMap::new();
-    for chunk in files.chunks(64) {
-        let args: Vec<&str> = chunk.iter().map(|p| path_str(p)).collect();
-        for line in run_ok("sha256sum", &args).lines() {
-            let (sum, path) = line.split_once("  ").expect("sha256sum line");
-            out.insert(PathBuf::from(path), sum.to_owned());
-        }
-    }
-    out
-}
-
 /// Every `*.raw` image under a mount, not following the `latest` links.
 pub fn images(mnt: &Path) -> Vec<PathBuf> {
     files_under(mnt, |p| p.extension().is_some_and(|x| x == "raw"))
@@ -577,13 +298,4 @@ pub fn raw_set(dir: &Path, domain: &str, disk: &str, date: &str, raw: &Path) {
         w.zero(pos, size - pos).expect("zero frame");
     }
     w.finish().expect("finish").into_inner().expect("flush").sync_all().expect("sync");
-}
-
-/// Unmounts a folder (a tmpfs made by a test) on drop.
-pub struct Unmount(pub PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        umount_quietly(&self.0);
-    }
 }

@@ -72,15 +72,6 @@ pub fn virsh_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A scratch folder, removed when dropped.
-pub fn tempdir(what: &str) -> tempfile::TempDir {
-    tempfile::Builder::new().prefix(&format!("vmback-backup-test.{what}.")).tempdir().expect("tempdir")
-}
-
-pub fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
 // ---------------------------------------------------------------------------------------
 // Domains.
 
@@ -572,14 +563,6 @@ impl Dom {
 // Looking at sets.
 
 /// Names in a folder (files and folders), sorted.
-pub fn names(dir: &Path) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut v: Vec<String> =
-        rd.map(|e| e.expect("entry").file_name().to_string_lossy().into_owned()).collect();
-    v.sort();
-    v
-}
-
 /// Every regular file under `dir` (relative path -> contents).
 pub fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
@@ -689,12 +672,6 @@ pub fn check_set(set: &Path, steps: &[Step]) {
     }
 }
 
-/// `vmback ls --json SOURCE`.
-pub fn ls_json(source: &Path) -> Value {
-    let out = vmback_ok(&["ls", "--json", path_str(source)]);
-    serde_json::from_str(&out).expect("ls --json")
-}
-
 /// The `<domain>/<point>` of `set` whose chain for `disk` ends in `data_file`.
 pub fn point_of(ls: &Value, set: &Path, disk: &str, data_file: &str) -> Option<String> {
     for d in ls["domains"].as_array()? {
@@ -727,40 +704,8 @@ pub fn point_name(ls: &Value, step: &Step) -> String {
 // ---------------------------------------------------------------------------------------
 // Comparing images.
 
-pub use crate::common::compare::first_difference;
-
-pub fn assert_same(image: &Path, truth: &Path, what: &str) {
-    let d = first_difference(image, truth);
-    assert_eq!(
-        d,
-        None,
-        "{what}: {} differs from the truth {} at byte {d:?}",
-        image.display(),
-        truth.display()
-    );
-}
-
-/// A qcow2 (or any) image as raw, for comparing. Waits for the image's lock: the qemu-nbd
-/// virtnbdrestore forks may still be closing it when virtnbdrestore returns.
-pub fn to_raw(image: &Path, raw: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = Command::new("qemu-img")
-            .args(["convert", "-O", "raw", path_str(image), path_str(raw)])
-            .output()
-            .expect("run qemu-img");
-        if o.status.success() {
-            return;
-        }
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            err.contains("lock") && Instant::now() < deadline,
-            "qemu-img convert {}: {err}",
-            image.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+pub use crate::common::compare::{assert_same, first_difference, to_raw};
+pub use crate::common::{ls_json, names, path_str, tempdir};
 
 /// Runs jobs on up to `n` threads; a panic in any is re-raised.
 pub fn parallel(n: usize, jobs: Vec<Box<dyn FnOnce() + Send + '_>>) {

@@ -1,8 +1,13 @@
-//! Comparing two image files without loading them whole.
+//! Comparing two image files without loading them whole, and converting an image to raw
+//! to compare it.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::path_str;
 
 /// Compares two files in 1 MiB chunks; the first differing offset (or the shorter length
 /// when the lengths differ), `None` when they are equal.
@@ -26,5 +31,42 @@ pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
             return Some(off + i as u64);
         }
         off += n as u64;
+    }
+}
+
+/// Fails the test unless `image` equals `truth` byte for byte, naming the first
+/// differing byte.
+#[track_caller]
+pub fn assert_same(image: &Path, truth: &Path, what: &str) {
+    let d = first_difference(image, truth);
+    assert_eq!(
+        d,
+        None,
+        "{what}: {} differs from the truth {} at byte {d:?}",
+        image.display(),
+        truth.display()
+    );
+}
+
+/// A qcow2 (or any) image as raw, for comparing. Waits for the image's lock: the qemu-nbd
+/// virtnbdrestore forks may still be closing it when virtnbdrestore returns.
+pub fn to_raw(image: &Path, raw: &Path) {
+    // Closing takes milliseconds; 20 s is a loaded machine's worst case.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = Command::new("qemu-img")
+            .args(["convert", "-O", "raw", path_str(image), path_str(raw)])
+            .output()
+            .expect("run qemu-img");
+        if o.status.success() {
+            return;
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("lock") && Instant::now() < deadline,
+            "qemu-img convert {}: {err}",
+            image.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -13,15 +13,6 @@ pub const VMBACK: &str = env!("CARGO_BIN_EXE_vmback");
 
 pub use crate::common::corpus::{Row, corpus, manifest};
 
-/// A scratch folder, removed when dropped. Never inside the corpus.
-pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("vmback-restore-test.").tempdir().expect("tempdir")
-}
-
-pub fn path_str(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
 pub use crate::common::cli::{run_ok, vmback};
 
 /// Runs `vmback ARGS` and insists on success.
@@ -29,12 +20,6 @@ pub fn vmback_ok(args: &[&str]) -> Output {
     let out = vmback(args);
     crate::common::cli::assert_success("vmback", args, &out);
     out
-}
-
-/// `vmback ls --json SOURCE`.
-pub fn ls_json(source: &Path) -> Value {
-    let out = vmback_ok(&["ls", "--json", path_str(source)]);
-    serde_json::from_slice(&out.stdout).expect("ls --json is JSON")
 }
 
 /// A restore point as `ls --json` shows it.
@@ -114,52 +99,17 @@ pub fn points_reading(points: &[Point], file: &str) -> BTreeSet<String> {
         .collect()
 }
 
-pub use crate::common::compare::first_difference;
-
-pub fn assert_same(image: &Path, truth: &Path, what: &str) {
-    assert_eq!(
-        first_difference(image, truth),
-        None,
-        "{what}: {} differs from {} (first differing byte shown)",
-        image.display(),
-        truth.display()
-    );
-}
+pub use crate::common::compare::{assert_same, first_difference, to_raw};
+pub use crate::common::{ls_json, names, path_str, tempdir};
 
 /// Bytes allocated on disk for a file.
 pub fn allocated(p: &Path) -> u64 {
     std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).blocks() * 512
 }
 
-/// The names in a folder, sorted.
-pub fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd.map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned()).collect(),
-        Err(_) => Vec::new(),
-    };
-    v.sort();
-    v
-}
-
 /// `cp -a` of a corpus set into `dir` (mtimes kept: virtnbdrestore orders by them).
 pub fn copy_set(from: &Path, to: &Path) {
     run_ok("cp", &["-a", path_str(from), path_str(to)]);
-}
-
-/// `qemu-img convert -O raw` of any image into `to`. The qemu-nbd that virtnbdrestore
-/// forks may hold the image's lock for a moment after virtnbdrestore exits: wait for it.
-pub fn to_raw(image: &Path, to: &Path) {
-    let args = ["convert", "-O", "raw", path_str(image), path_str(to)];
-    for _ in 0..200 {
-        let out = Command::new("qemu-img").args(args).output().expect("qemu-img");
-        if out.status.success() {
-            return;
-        }
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("lock"), "qemu-img {args:?} failed: {err}");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("{}: still locked after 10 s", image.display());
 }
 
 /// Makes sure virtnbdrestore can run: it needs a libvirt daemon (1.9.15).

@@ -1,5 +1,6 @@
-//! A plain `vmback mount SOURCE DIR` for tests that only read the mounted images: TERM and
-//! `fusermount3 -uz` on drop. (The mount and write tests use their own fuller guards.)
+//! The mount fixture of the real-stack tests, which only read the mounted images: a plain
+//! `vmback mount SOURCE DIR`, TERM and `fusermount3 -uz` on drop. (The mount binary's
+//! tests, which also stop, kill and write, have their fuller `common::mounted::Mounted`.)
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
