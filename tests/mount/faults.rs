@@ -24,8 +24,8 @@ use crate::common::files::{aligned, assert_untouched, read_full_at, sha256_tree,
 use crate::common::fuse::small_tmpfs;
 use crate::common::fuse::{path_str, stdout_of_success};
 use crate::common::mounted::Mounted;
-use crate::common::ready::{is_root, ready};
-use crate::common::sample::{sample, sample_image as image};
+use crate::common::ready::{is_root, ready, root_ready};
+use crate::common::sample::{sample, sample_dirs, sample_image as image};
 use crate::common::tempdir;
 use vmback::catalog::Catalog;
 use vmback::chain::scan::Stored;
@@ -83,10 +83,8 @@ fn deleted_or_replaced_stream_files_keep_serving_their_old_bytes() {
     if !ready(&["sha256sum"]) {
         return;
     }
-    let t = tempdir();
-    let src = sample(t.path());
+    let (_t, src, mnt) = sample_dirs();
     let before = sha256_tree(&src);
-    let mnt = t.path().join("mnt");
     let mut m = Mounted::start(&src, &mnt, &["--cache-size", "0", "--read-only"]);
     let images: Vec<(PathBuf, File, Vec<u8>)> = [("virtnbdbackup.0", "sda"), ("virtnbdbackup.2", "sdb")]
         .into_iter()
@@ -134,10 +132,8 @@ fn truncated_stream_fails_only_the_ranges_past_the_cut() {
     if !ready(&["sha256sum"]) {
         return;
     }
-    let t = tempdir();
-    let src = sample(t.path());
+    let (_t, src, mnt) = sample_dirs();
     let before = sha256_tree(&src);
-    let mnt = t.path().join("mnt");
     let mut m = Mounted::start(&src, &mnt, &["--cache-size", "0", "--read-only"]);
     let (p0, p1) = ("virtnbdbackup.0", "virtnbdbackup.1");
     // The truth, read before the cut.
@@ -393,8 +389,7 @@ fn disk_read_error_from_a_device_mapper_error_target() {
     if !ready(&["dmsetup", "losetup", "mkfs.ext4", "filefrag", "mount", "umount", "sha256sum"]) {
         return;
     }
-    if !is_root() {
-        eprintln!("skipping: device-mapper needs root");
+    if !root_ready("device-mapper") {
         return;
     }
     let targets = Command::new("dmsetup").arg("targets").output();
@@ -654,8 +649,7 @@ fn full_scratch_disk_fails_only_the_writes_that_need_room() {
     if !ready(&["mount", "umount", "sha256sum"]) {
         return;
     }
-    if !is_root() {
-        eprintln!("skipping: a tmpfs mount needs root");
+    if !root_ready("a tmpfs mount") {
         return;
     }
     let t = tempdir();

@@ -23,7 +23,7 @@ use crate::common::fuse::{
     is_fuse_mounted, mount_entry, path_str, stdout_of_success, umount_quietly, wait_until, which,
 };
 use crate::common::mounted::{MOUNT_WAIT, Mounted};
-use crate::common::ready::{is_root, ready};
+use crate::common::ready::{is_root, ready, root_ready};
 use crate::common::rng::Rng;
 use crate::common::sample::{sample, sample_dirs, sample_image as image};
 use crate::common::tempdir;
@@ -199,10 +199,8 @@ fn sigkill_under_load_is_recovered_by_umount_and_by_mount() {
     if !ready(&[]) {
         return;
     }
-    let t = tempdir();
-    let src = sample(t.path());
+    let (t, src, mnt) = sample_dirs();
     let keep = t.path().join("keep");
-    let mnt = t.path().join("mnt");
     let flags = ["--keep-overlay", path_str(&keep)];
     let point = "virtnbdbackup.2";
     let images: Vec<PathBuf> = ["sda", "sdb"]
@@ -361,8 +359,7 @@ fn mount_t_fuse_vmback_and_an_fstab_line() {
     if !ready(&["mount", "findmnt", "cmp"]) {
         return;
     }
-    if !is_root() {
-        eprintln!("skipping: installing /sbin/mount.fuse.vmback needs root");
+    if !root_ready("installing /sbin/mount.fuse.vmback") {
         return;
     }
     let _helper = Helper::install();

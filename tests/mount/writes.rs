@@ -16,7 +16,7 @@ use std::path::Path;
 use crate::common::files::{aligned, sha256_tree, write_until_enospc};
 use crate::common::fuse::{is_fuse_mounted, path_str, small_tmpfs};
 use crate::common::mounted::{LoopMount, Mounted};
-use crate::common::ready::{is_root, ready};
+use crate::common::ready::{is_root, ready, root_ready};
 use crate::common::run::{run, run_ok};
 use crate::common::sample::{sample, sample_dirs, sample_image};
 use crate::common::tempdir;
@@ -835,15 +835,12 @@ fn full_overlay_disk_gives_enospc() {
     if !ready(&["mount", "umount"]) {
         return;
     }
-    if !is_root() {
-        eprintln!("skipping: a tmpfs mount needs root");
+    if !root_ready("a tmpfs mount") {
         return;
     }
-    let t = tempdir();
-    let src = sample(t.path());
+    let (t, src, mnt) = sample_dirs();
     let small = t.path().join("small");
     let _tmpfs = small_tmpfs(&small, "1M");
-    let mnt = t.path().join("mnt");
     let mut m = Mounted::start(&src, &mnt, &["--overlay-dir", path_str(&small), "--dirty-size", "64K"]);
     let img = sample_image(&mnt, "virtnbdbackup.0", "sda");
     let f = rw(&img);
@@ -916,10 +913,8 @@ fn kept_overlay_fsync_survives_sigkill() {
     if !ready(&[]) {
         return;
     }
-    let t = tempdir();
-    let src = sample(t.path());
+    let (t, src, mnt) = sample_dirs();
     let keep = t.path().join("keep");
-    let mnt = t.path().join("mnt");
     let flags = ["--keep-overlay", path_str(&keep), "--dirty-size", "64K"];
     let img = sample_image(&mnt, "virtnbdbackup.2", "sdb");
     let mut model;
