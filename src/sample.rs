@@ -101,16 +101,10 @@ pub fn sample_files() -> io::Result<Vec<(PathBuf, Vec<u8>)>> {
 /// The stream file of one run.
 fn stream(disk: &str, size: u64, compressed: Option<u32>, full: bool, run: &Run) -> io::Result<Vec<u8>> {
     let meta = StreamMeta {
-        virtual_size: size,
-        data_size: run.writes.iter().map(|w| w.1).sum(),
-        date: run.date.into(),
-        disk_name: disk.into(),
-        disk_format: Some("qcow2".into()),
-        checkpoint_name: run.checkpoint.into(),
-        parent_checkpoint: run.parent.into(),
-        incremental: !full,
         compressed,
-        stream_version: 2,
+        ..StreamMeta::full(disk, size, run.writes.iter().map(|w| w.1).sum())
+            .point(run.checkpoint, run.parent, !full)
+            .dated(run.date)
     };
     let mut w = StreamWriter::new(Vec::new(), &meta, MAX_REQUEST)?;
     let mut pos = 0;

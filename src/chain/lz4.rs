@@ -137,18 +137,7 @@ mod tests {
             *b = (i * 7 % 251) as u8;
         }
         image[32768..40000].fill(0x5a);
-        let meta = StreamMeta {
-            virtual_size: 65536,
-            data_size: 20000 + 7232,
-            date: String::new(),
-            disk_name: "sda".into(),
-            disk_format: None,
-            checkpoint_name: "virtnbdbackup.0".into(),
-            parent_checkpoint: String::new(),
-            incremental: false,
-            compressed: Some(2),
-            stream_version: 2,
-        };
+        let meta = StreamMeta::full("sda", 65536, 20000 + 7232).lz4(true);
         let mut w = StreamWriter::new(Vec::new(), &meta, 4096).unwrap();
         w.data(0, &image[..20000]).unwrap();
         w.zero(20000, 12768).unwrap();

@@ -131,6 +131,48 @@ impl StreamMeta {
     }
 }
 
+/// Building metadata for writers and tests: start from [`StreamMeta::full`] and change
+/// what differs.
+impl StreamMeta {
+    /// A full backup of `disk` as virtnbdbackup 1.9 writes it: stream version 2, a qcow2
+    /// disk, checkpoint `virtnbdbackup.0` with no parent, uncompressed, no date.
+    pub fn full(disk: &str, virtual_size: u64, data_size: u64) -> StreamMeta {
+        StreamMeta {
+            virtual_size,
+            data_size,
+            date: String::new(),
+            disk_name: disk.into(),
+            disk_format: Some("qcow2".into()),
+            checkpoint_name: "virtnbdbackup.0".into(),
+            parent_checkpoint: String::new(),
+            incremental: false,
+            compressed: None,
+            stream_version: 2,
+        }
+    }
+
+    /// The same stream as the point `checkpoint` after `parent` (`""` for none), an
+    /// incremental or differential when `incremental`.
+    pub fn point(self, checkpoint: &str, parent: &str, incremental: bool) -> StreamMeta {
+        StreamMeta {
+            checkpoint_name: checkpoint.into(),
+            parent_checkpoint: parent.into(),
+            incremental,
+            ..self
+        }
+    }
+
+    /// lz4-compressed when `on`, at level 2: what `virtnbdbackup -z` writes by default.
+    pub fn lz4(self, on: bool) -> StreamMeta {
+        StreamMeta { compressed: on.then_some(2), ..self }
+    }
+
+    /// Taken at `date` (`datetime.isoformat()`, local time, no zone).
+    pub fn dated(self, date: &str) -> StreamMeta {
+        StreamMeta { date: date.into(), ..self }
+    }
+}
+
 /// Python's `ensure_ascii`: every non-ASCII char becomes `\uXXXX` (UTF-16 units).
 /// Non-ASCII can only occur inside JSON strings, where this escape is valid.
 fn ascii_escape(json: &str) -> String {
@@ -317,7 +359,8 @@ mod tests {
         assert_eq!(m.virtual_size, 4096);
         assert_eq!(m.compressed, None);
         assert_eq!(m.to_json(), EXAMPLE);
-        let z = StreamMeta { compressed: Some(2), ..m };
+        assert_eq!(StreamMeta::full("sda", 4096, 8).dated("2026-06-30T08:21:01.123456"), m);
+        let z = m.lz4(true);
         assert_eq!(z.to_json().len(), 0x136);
     }
 

@@ -352,18 +352,7 @@ mod tests {
         }
         image[256 * K..512 * K].fill(0);
         image[768 * K..].fill(0);
-        let meta = StreamMeta {
-            virtual_size: image.len() as u64,
-            data_size: 512 * K as u64,
-            date: String::new(),
-            disk_name: "sda".into(),
-            disk_format: None,
-            checkpoint_name: "virtnbdbackup.0".into(),
-            parent_checkpoint: String::new(),
-            incremental: false,
-            compressed: lz4.then_some(2),
-            stream_version: 2,
-        };
+        let meta = StreamMeta::full("sda", image.len() as u64, 512 * K as u64).lz4(lz4);
         // 64 KiB requests: several lz4 frames per extent.
         let mut w = StreamWriter::new(Vec::new(), &meta, 64 * K as u64).unwrap();
         w.data(0, &image[..256 * K]).unwrap();

@@ -1,5 +1,5 @@
-//! Running `vmback` and other tools to completion (no timeout), for the restore and backup
-//! tests.
+//! Running `vmback` and other tools to completion (no timeout): shared by the `mount` and
+//! `stack` test binaries.
 
 use std::process::{Command, Output};
 

@@ -1,7 +1,8 @@
 //! splitmix64: deterministic test data and random offsets without a dependency.
 //!
-//! Shared by several test binaries (each includes only the `tests/common` files it uses).
-//! Binaries add the byte-filling methods they need in their own `impl Rng` blocks.
+//! Shared by the `lib` and `mount` test binaries (`tests/common/` holds what more than one
+//! binary uses; each binary's `common` module includes it by `#[path]`). Tests add the
+//! byte-filling methods they need in their own `impl Rng` blocks.
 
 pub struct Rng(pub u64);
 

@@ -1,0 +1,4 @@
+//! Helpers of the library-level tests.
+
+#[path = "../common/rng.rs"]
+pub mod rng;
