@@ -459,6 +459,9 @@ mod tests {
         // With the thread busy and the queue full, a prefetch is refused before it makes
         // an entry (which could evict another).
         let (go, wait) = std::sync::mpsc::channel::<()>();
+        // Counted before job 10 is queued: the thread counts it when it starts it, which
+        // may be before or after any later point of this test.
+        let prefetched = c.stats.prefetched.load(Ordering::Relaxed);
         c.prefetch::<()>(key(10), 10, move |_| {
             wait.recv().ok();
             Ok(vec![0; 10])
@@ -470,7 +473,6 @@ mod tests {
         // A reader that gets to a queued frame first decodes it, and counts a miss; the
         // job then finds it done and decodes nothing.
         let misses = c.stats.misses.load(Ordering::Relaxed);
-        let prefetched = c.stats.prefetched.load(Ordering::Relaxed);
         let queued = if c.lru.lock().map.contains(&key(12)) { key(12) } else { key(11) };
         c.get_or_load::<()>(queued, 10, |_| Ok(vec![9; 10])).unwrap();
         assert_eq!(c.stats.misses.load(Ordering::Relaxed), misses + 1);

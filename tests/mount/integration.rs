@@ -605,7 +605,7 @@ fn man_pages_render() {
 /// (issue 18.8); a point's date reads `2026-06-01 08:00:00`.
 #[test]
 fn ls_says_when_nothing_was_found_and_shows_plain_dates() {
-    let t = tmp();
+    let t = crate::common::tempdir();
     let empty = t.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let said = run_ok(env!("CARGO_BIN_EXE_vmback"), &["ls", path_str(&empty)]);

@@ -9,4 +9,5 @@ mod common;
 mod backup;
 mod partitions;
 mod realstack;
+mod remote;
 mod restore;

@@ -878,7 +878,7 @@ fn verify_checks_chksum_sidecars() {
 #[test]
 fn restore_o_verify_and_a_verify_verify_instead_of_restoring() {
     let Some(corpus) = corpus() else { return };
-    let tmp = tempdir();
+    let tmp = tempdir("restore");
     let set = intact_copy(&corpus, "sets/plain", tmp.path());
     let cwd = tmp.path().join("cwd");
     fs::create_dir(&cwd).expect("cwd");

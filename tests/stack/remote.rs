@@ -7,15 +7,12 @@
 //! virtnbdrestore, equals the disks' truth taken on the remote host, and the boot files
 //! came over with each backup. Needs root (namespaces, libvirt); skips otherwise.
 
-#[path = "remote"]
-mod remote {
-    pub mod host;
-}
+mod host;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use remote::host::{Host, check};
+use host::{Host, check};
 
 const DISKS: [&str; 2] = ["vda", "vdb"];
 
