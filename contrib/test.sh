@@ -18,3 +18,6 @@ VMBACK_CORPUS="$corpus" cargo test --all-targets
 # sanitizer, sharing this target dir so only libFuzzer and the targets are compiled.
 CARGO_TARGET_DIR=target cargo build --manifest-path fuzz/Cargo.toml
 VMBACK_CORPUS="$corpus" bash contrib/soak.sh 60
+# The tests' second host (contrib/realstack/remote-host.sh, started by the first test that
+# needs it and shared by the rest) is stopped once everything has run.
+bash contrib/realstack/remote-host.sh stop >/dev/null 2>&1 || true

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# build.sh [--no-build] [OUTDIR]: builds the Debian package of vmback
+# build.sh [--bin BINARY] [OUTDIR]: builds the Debian package of vmback
 # (OUTDIR/vmback_<version>_<arch>.deb, default OUTDIR target/debian) and prints its path.
 #
 # The package holds what `contrib/demo.sh` installs by hand, at Debian's paths:
@@ -14,15 +14,17 @@
 # qemu-utils (qemu-img, qemu-nbd: qcow2 restore output and offline backups).
 # dpkg-deb builds it (no cargo-deb: it would be compiled on every CI run; dpkg-dev is
 # Debian's own tool for this and is installed by contrib/install-deps.sh).
-# --no-build packages target/release/vmback as it is.
+# --bin BINARY packages that binary as it is (the tests package the one under test);
+# without it a release build is made first.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-build=1
-if [ "${1:-}" = --no-build ]; then build=0; shift; fi
+bin=
+if [ "${1:-}" = --bin ]; then bin=$2; shift 2; fi
 out=${1:-target/debian}
-
-[ $build = 1 ] && cargo build --release --quiet --bin vmback
-bin=target/release/vmback
+if [ -z "$bin" ]; then
+  cargo build --release --quiet --bin vmback
+  bin=target/release/vmback
+fi
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
 arch=$(dpkg --print-architecture)
 stage=$(mktemp -d /tmp/vmback-deb.XXXXXX)

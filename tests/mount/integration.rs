@@ -54,6 +54,15 @@ fn umount_live_busy_lazy_and_refusals() {
     assert_eq!(fs_type, "fuse.vmback");
     assert_eq!(Path::new(&fs_source), src.canonicalize().unwrap(), "the mount's source is SOURCE");
 
+    // qemu with cache=none asks XFS_IOC_DIOINFO (_IOR('X', 30, 12 bytes)) of an image: the
+    // answer is ENOTTY, as from a plain file, and nothing is logged (issue 18.8).
+    let img = image(&mnt, "latest", "sda");
+    let asked = Command::new("python3")
+        .args(["-c", "import fcntl,sys\ntry:\n fcntl.ioctl(open(sys.argv[1],'rb'),0x800c581e,bytes(12))\nexcept OSError as e:\n print(e.errno)", path_str(&img)])
+        .output()
+        .expect("python3");
+    assert_eq!(String::from_utf8_lossy(&asked.stdout).trim(), libc::ENOTTY.to_string(), "{asked:?}");
+
     // Busy: the error names this process and how to detach; the mount stays.
     let held = File::open(image(&mnt, "latest", "sda")).expect("open an image");
     let out = vmback(&["umount", path_str(&mnt)]);
@@ -254,20 +263,30 @@ fn sigkill_under_load_is_recovered_by_umount_and_by_mount() {
 // ---------------------------------------------------------------------------------------
 // mount -t fuse.vmback and /etc/fstab
 
+/// /sbin/mount.fuse.vmback is one file for the whole machine: the tests that install it
+/// (this guard, the Debian package) take turns.
+static SBIN_HELPER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn sbin_helper_turn() -> std::sync::MutexGuard<'static, ()> {
+    SBIN_HELPER.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// mount(8) finds the helper only at /sbin/mount.fuse.vmback: this guard points it at
 /// the binary under test and puts back what was there before.
 struct Helper {
     path: PathBuf,
     before: Option<PathBuf>,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Helper {
     fn install() -> Helper {
+        let _turn = sbin_helper_turn();
         let path = PathBuf::from("/sbin/mount.fuse.vmback");
         let before = std::fs::read_link(&path).ok();
         let _ = std::fs::remove_file(&path);
         std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_vmback"), &path).expect("install the mount helper");
-        Helper { path, before }
+        Helper { path, before, _turn }
     }
 }
 
@@ -605,7 +624,7 @@ fn man_pages_render() {
 /// (issue 18.8); a point's date reads `2026-06-01 08:00:00`.
 #[test]
 fn ls_says_when_nothing_was_found_and_shows_plain_dates() {
-    let t = crate::common::tempdir();
+    let t = tempdir();
     let empty = t.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     let said = run_ok(env!("CARGO_BIN_EXE_vmback"), &["ls", path_str(&empty)]);
@@ -665,4 +684,46 @@ fn log_level_flag_and_env() {
     let out = vmback(&["ls", path_str(&src), "--log-level", "no==such"]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     assert!(text(&out).contains("--log-level no==such"), "{}", text(&out));
+}
+
+// ---------------------------------------------------------------------------------------
+// The Debian package
+
+/// contrib/deb/build.sh packages the binary under test; contrib/deb/check.sh installs the
+/// .deb with apt-get as a user would, runs `vmback --version` from /usr/bin, mounts a
+/// sample set through the installed mount helper, finds the man page and the unit, and
+/// purges it leaving no file behind.
+#[test]
+fn the_debian_package_installs_runs_and_purges() {
+    if !root_ready("installing a package") {
+        return;
+    }
+    if which("dpkg-deb").is_none() {
+        eprintln!("skipping: dpkg-deb is not installed (contrib/install-deps.sh installs it)");
+        return;
+    }
+    let _turn = sbin_helper_turn();
+    let t = tempdir();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built = run_ok(
+        "bash",
+        &[
+            path_str(&root.join("contrib/deb/build.sh")),
+            "--bin",
+            env!("CARGO_BIN_EXE_vmback"),
+            path_str(t.path()),
+        ],
+    );
+    let deb = built.trim().lines().last().expect("build.sh prints the .deb");
+    assert!(deb.ends_with(".deb") && Path::new(deb).exists(), "{built}");
+    let said = run_ok("bash", &[path_str(&root.join("contrib/deb/check.sh")), deb]);
+    let version = format!("vmback {}", env!("CARGO_PKG_VERSION"));
+    for line in [
+        version.as_str(),
+        "read bytes through mount -t fuse.vmback: 4096",
+        "/usr/share/man/man1/vmback-mount.1.gz",
+        "purged, no file left",
+    ] {
+        assert!(said.contains(line), "missing {line:?} in:\n{said}");
+    }
 }
