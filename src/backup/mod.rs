@@ -19,6 +19,7 @@ mod direct;
 mod disk;
 pub mod domxml;
 mod folder;
+pub mod host;
 mod libvirt;
 mod nbd;
 mod offline;

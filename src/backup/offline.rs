@@ -19,6 +19,7 @@ use thiserror::Error;
 use super::disk::Extents;
 use super::domxml::DomDisk;
 use super::folder::{CPT_PREFIX, Folder};
+use super::host::LocalHost;
 use super::nbd::Nbd;
 use super::save::{Plan, save_disks, save_side_files};
 use super::{BackupError, BackupOptions, Level, Outcome, Progress};
@@ -165,7 +166,7 @@ pub fn offline(
     })?;
     drop(servers);
     if let Outcome::Saved { .. } = outcome {
-        save_side_files(&folder.out, xml, disks, &ident);
+        save_side_files(&LocalHost, &folder.out, xml, disks, &ident);
     }
     Ok(outcome)
 }

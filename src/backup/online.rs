@@ -20,6 +20,7 @@ use virt::domain::Domain;
 use super::disk::Extents;
 use super::domxml::{self, DomDisk};
 use super::folder::{CPT_PREFIX, Folder, cpt_number, next_checkpoint};
+use super::host::LocalHost;
 use super::libvirt;
 use super::nbd::Nbd;
 use super::save::{Plan, save_disks, save_side_files};
@@ -166,7 +167,7 @@ pub fn online(
         if let Some(c) = &new_cpt {
             folder.add_checkpoint(c, &libvirt::checkpoint_xml(dom, c)?)?;
         }
-        save_side_files(&folder.out, xml, disks, &ident);
+        save_side_files(&LocalHost, &folder.out, xml, disks, &ident);
     } else if let Some(c) = &new_cpt
         && checkpoint_xml.is_some()
     {

@@ -8,13 +8,13 @@
 //! `--threshold` return before anything is written.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use tracing::warn;
 
 use super::disk::{self, DiskError, Extent, Extents, query_extents, write_raw, write_stream};
 use super::domxml::DomDisk;
+use super::host::Host;
 use super::nbd::Nbd;
 use super::{BackupError, BackupOptions, DiskSummary, Level, Outcome, Progress};
 use crate::chain::StreamMeta;
@@ -162,21 +162,21 @@ fn save_one(
 }
 
 /// `vmconfig.<ident>.xml` and `<disk>.<ident>.qcow.json`, as upstream writes them.
-pub fn save_side_files(out: &Path, xml: &str, disks: &[DomDisk], ident: &str) {
+pub fn save_side_files(host: &dyn Host, out: &Path, xml: &str, disks: &[DomDisk], ident: &str) {
     let cfg = out.join(format!("vmconfig.{ident}.xml"));
     if let Err(e) = std::fs::write(&cfg, xml) {
         warn!("{}: {e}", cfg.display());
     }
     for d in disks.iter().filter(|d| d.format.starts_with("qcow")) {
         let Some(src) = &d.source else { continue };
-        match Command::new("qemu-img").args(["info", "--output", "json", "--force-share", src]).output() {
+        match host.command("qemu-img").args(["info", "--output", "json", "--force-share", src]).output() {
             Ok(o) if o.status.success() => {
                 let path = out.join(format!("{}.{ident}.qcow.json", d.target));
                 if let Err(e) = std::fs::write(&path, &o.stdout) {
                     warn!("{}: {e}", path.display());
                 }
             }
-            _ => warn!("{}: qemu-img info failed; no qcow.json saved", d.target),
+            _ => warn!("{}: qemu-img info on {} failed; no qcow.json saved", d.target, host.name()),
         }
     }
 }
