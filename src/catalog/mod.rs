@@ -4,6 +4,9 @@
 //! many, such as monthly rotation folders. Every folder with `*.data` files is a set; its
 //! domain is the `<name>` of its saved `vmconfig.*.xml`, else the `<domain>.cpt` file name,
 //! else the folder name. Symlinks are never followed, so nothing outside SOURCE is read.
+//! A zip archive (virtnbdbackup's `-o -`) counts as its members in its own folder, so the
+//! archives of one chain side by side are one set; SOURCE may also be one archive
+//! ([`crate::source::ZipSource`]).
 //! `*.partial` files (backups in progress or aborted) are skipped with a warning.
 //!
 //! Restore point names (also documented in README.md): a checkpoint keeps its name
@@ -35,7 +38,7 @@ use thiserror::Error;
 use tracing::warn;
 
 use crate::chain::{Layer, ScanError, StreamIndex};
-use crate::source::{Kind, LocalSource, Source, SourcePath, Stamp};
+use crate::source::{Kind, Source, SourcePath, Stamp, ZipSource};
 
 pub use set::{DiskChain, PointKey, Status};
 use set::{Found, SetPoint, build_points, stream_date};
@@ -234,9 +237,10 @@ pub struct Watched {
 }
 
 impl Watched {
-    /// The catalog of the local folder `root` now, with its warnings logged.
+    /// The catalog of the local folder `root` now (its zip archives read in place; `root`
+    /// may be one archive), with its warnings logged.
     pub fn open(root: &Path) -> Result<(Watched, Catalog), CatalogError> {
-        Watched::open_from(Arc::new(LocalSource::new(root)))
+        Watched::open_from(Arc::new(ZipSource::new(root)))
     }
 
     /// The catalog of `source` now, with its warnings logged.
@@ -550,7 +554,41 @@ pub fn stamp(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::LocalSource;
     use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+    /// The sample chain split over two stored zips (full, then the rest), as two
+    /// virtnbdbackup `-o -` runs leave it, catalogs as the same folder unzipped would.
+    #[test]
+    fn zips_of_one_chain_side_by_side_are_one_set() {
+        use std::io::Write;
+        let files = crate::sample::sample_files().expect("sample");
+        let plain = tempfile::tempdir().expect("tempdir");
+        crate::sample::write_sample(plain.path()).expect("sample");
+        let zipped = tempfile::tempdir().expect("tempdir");
+        let opts =
+            zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        for (name, pick) in [("full.zip", true), ("incs.zip", false)] {
+            let mut w = zip::ZipWriter::new(std::fs::File::create(zipped.path().join(name)).expect("create"));
+            for (path, bytes) in &files {
+                let full = path.to_string_lossy().contains(".full.");
+                if full == pick || !path.to_string_lossy().ends_with(".data") {
+                    w.start_file(path.to_string_lossy(), opts).expect("member");
+                    w.write_all(bytes).expect("write");
+                }
+            }
+            w.finish().expect("finish");
+        }
+        let summary = |cat: &Catalog| -> Vec<(String, String, usize)> {
+            let d = cat.domain(None).expect("one domain");
+            d.points.iter().map(|p| (d.name.clone(), p.name.clone(), p.disks.len())).collect()
+        };
+        let want = summary(&Catalog::discover(plain.path()).expect("plain"));
+        let got = Catalog::discover(zipped.path()).expect("zipped");
+        assert!(got.warnings.is_empty(), "{:?}", got.warnings);
+        assert_eq!(summary(&got), want);
+        assert_eq!(want.len(), 4, "{want:?}");
+    }
 
     #[test]
     fn a_chmod_is_a_change() {

@@ -5,9 +5,10 @@
 //! the root itself is the empty path. It can list the tree, stat an entry, open a file as a
 //! positional reader ([`ReadAt`], shared by every thread that reads it) and read a small
 //! file whole, bounded by a size the caller gives. [`LocalSource`] is a folder on the local
-//! filesystem; [`MemSource`] holds its files in memory (tests). An object store or a zip
-//! archive fits the same shape: keys or member names are the relative paths, a reader
-//! answers `read_at` with ranged reads, and its data runs are "all data".
+//! filesystem; [`MemSource`] holds its files in memory (tests); [`ZipSource`] is a local
+//! folder whose zip archives show as their members, read in place. An object store fits
+//! the same shape: keys are the relative paths, a reader answers `read_at` with ranged
+//! reads, and its data runs are "all data".
 //!
 //! Invariants every implementation keeps:
 //! - a path with `..`, a root or a prefix component is refused ([`SourceError::Escapes`]),
@@ -20,6 +21,7 @@
 
 mod local;
 mod mem;
+pub mod zip;
 
 use std::fmt::Debug;
 use std::io;
@@ -32,6 +34,7 @@ use thiserror::Error;
 
 pub use local::LocalSource;
 pub use mem::MemSource;
+pub use zip::ZipSource;
 
 /// A problem reading a source, naming the entry as [`Source::display`] shows it.
 #[derive(Debug, Error)]
