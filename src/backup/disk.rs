@@ -1,6 +1,7 @@
 //! Backing up one disk: ask the NBD server which extents to save, then stream them into
 //! a `.partial` file in the stream format (or a sparse raw image), sync, rename, and write
-//! the `.chksum` sidecar.
+//! the `.chksum` sidecar; or stream them into any other sink (a member of the `-o -` zip)
+//! through the same writer.
 
 use std::fs::File;
 use std::io::Write;
@@ -124,27 +125,42 @@ pub fn partial_of(path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Writes one stream file at `target` from `extents`, read through `nbd`. `meta` gets
-/// its `dataSize` here. `done(bytes)` reports progress.
+/// Writes one stream file at `target` from `extents`, read through `nbd`, as `.partial`
+/// (around the page cache) and synced. `meta` gets its `dataSize` here. `done(bytes)`
+/// reports progress.
 pub fn write_stream(
     nbd: &mut Nbd,
     extents: &[Extent],
-    mut meta: StreamMeta,
+    meta: StreamMeta,
     target: &Path,
     done: &dyn Fn(u64),
 ) -> Result<Pending, DiskError> {
-    meta.data_size = extents.iter().filter(|e| e.2).map(|e| e.1).sum();
     let partial = partial_of(target);
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| DiskError::Io { path, source }
-    };
-    let out = Checksummed {
-        inner: DirectFile::create(&partial).map_err(io(&partial))?,
-        adler: simd_adler32::Adler32::new(),
-    };
+    let io = |source| DiskError::Io { path: partial.clone(), source };
+    let out = DirectFile::create(&partial).map_err(io)?;
+    let (out, checksum, data_bytes) = stream_into(nbd, extents, meta, out, &partial, done)?;
+    let file = out.finish().map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(Pending { partial, target: target.to_owned(), checksum: Some(checksum), data_bytes })
+}
+
+/// Writes one stream from `extents`, read through `nbd`, into `out` (named `shown` in
+/// errors); returns `out`, the Adler-32 of what was written (the `.chksum` sidecar) and
+/// the data bytes. `meta` gets its `dataSize` here. Every output of a backup, a file or
+/// a zip member, gets its bytes from here.
+pub fn stream_into<W: Write>(
+    nbd: &mut Nbd,
+    extents: &[Extent],
+    mut meta: StreamMeta,
+    out: W,
+    shown: &Path,
+    done: &dyn Fn(u64),
+) -> Result<(W, u32, u64), DiskError> {
+    meta.data_size = extents.iter().filter(|e| e.2).map(|e| e.1).sum();
+    let io = |source| DiskError::Io { path: shown.to_owned(), source };
+    let out = Checksummed { inner: out, adler: simd_adler32::Adler32::new() };
     let max_request = nbd.max_request().unwrap_or(MAX_REQUEST).min(MAX_REQUEST);
-    let mut w = StreamWriter::new(out, &meta, max_request).map_err(io(&partial))?;
+    let mut w = StreamWriter::new(out, &meta, max_request).map_err(io)?;
     // A reader thread keeps NBD reads going while this one compresses and writes: the
     // two overlap instead of taking turns. Buffers go back to the reader for reuse.
     let (filled_tx, filled) = std::sync::mpsc::sync_channel::<Result<Vec<u8>, NbdError>>(READ_AHEAD);
@@ -184,21 +200,18 @@ pub fn write_stream(
                     Err(_) => Err(std::io::Error::other("NBD reader stopped")),
                 });
                 if let Err(e) = r {
-                    return Err(nbd_err.take().map_or_else(|| io(&partial)(e), DiskError::Nbd));
+                    return Err(nbd_err.take().map_or_else(|| io(e), DiskError::Nbd));
                 }
             } else if !meta.incremental {
-                w.zero(start, len).map_err(io(&partial))?;
+                w.zero(start, len).map_err(io)?;
             }
             done(len);
         }
         Ok(())
     });
     written?;
-    let out = w.finish().map_err(io(&partial))?;
-    let checksum = out.adler.finish();
-    let file = out.inner.finish().map_err(io(&partial))?;
-    file.sync_all().map_err(io(&partial))?;
-    Ok(Pending { partial, target: target.to_owned(), checksum: Some(checksum), data_bytes: meta.data_size })
+    let out = w.finish().map_err(io)?;
+    Ok((out.inner, out.adler.finish(), meta.data_size))
 }
 
 /// A data file written and synced as `.partial`, waiting for every other disk of the

@@ -147,6 +147,9 @@ pub struct Folder {
     pub cpt_dir: PathBuf,
     /// The chain's checkpoints, oldest first (empty: no chain yet).
     pub checkpoints: Vec<String>,
+    /// `-o -`: the zip on standard output the data and side files go to (the folder,
+    /// then the current one, keeps the checkpoint files).
+    pub zip: Option<super::zipout::ZipOut>,
     _lock: FolderLock,
 }
 
@@ -165,7 +168,7 @@ impl Folder {
         };
         let cpt_dir = cpt_dir.map_or_else(|| out.join("checkpoints"), Path::to_owned);
         std::fs::create_dir_all(&cpt_dir).map_err(io(&cpt_dir))?;
-        Ok(Folder { out: out.to_owned(), cpt_file, cpt_dir, checkpoints, _lock: lock })
+        Ok(Folder { out: out.to_owned(), cpt_file, cpt_dir, checkpoints, zip: None, _lock: lock })
     }
 
     /// The names of the files in the folder.

@@ -7,7 +7,9 @@
 //! its lock, file naming), [`domxml`] (domain, backup and checkpoint XML), `online` (a
 //! running domain, through libvirt's pull-mode backup job), `offline` (a shut-off one,
 //! through our own `qemu-nbd`), `save` (the disks' data files), with `disk` (one disk's
-//! stream), `nbd` (libnbd) and `libvirt` (the calls `virt` lacks) below them.
+//! stream), `nbd` (libnbd) and `libvirt` (the calls `virt` lacks) below them; `zipout`
+//! is `-o -`, the set as a zip on standard output with the chain kept in the current
+//! folder.
 //!
 //! Invariants: the output folder is locked for the whole run, so only a dead run's
 //! `*.partial` files are removed; each data file is written as `.partial`, synced and
@@ -25,6 +27,7 @@ mod nbd;
 mod offline;
 mod online;
 mod save;
+mod zipout;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -38,6 +41,8 @@ use domxml::DomDisk;
 use folder::{CPT_PREFIX, Folder, FolderError};
 pub use libvirt::LibvirtError;
 use offline::QemuNbdError;
+use zipout::ZipOut;
+pub use zipout::ZipOutError;
 
 /// The backup level (`-l`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,11 +77,10 @@ pub struct BackupOptions {
 /// Why a backup failed.
 #[derive(Debug, Error)]
 pub enum BackupError {
-    #[error(
-        "-o -: writing the backup to standard output (a zip stream) is not supported yet; \
-         give a folder"
-    )]
-    Stdout,
+    #[error("-o -: {0} cannot go to standard output (as with virtnbdbackup); give a folder")]
+    StdoutRaw(&'static str),
+    #[error(transparent)]
+    Zip(#[from] ZipOutError),
     #[error("cannot connect to libvirt at {uri} (is libvirtd running?)")]
     Connect {
         uri: String,
@@ -182,11 +186,24 @@ fn resolve_level(asked: Level, has_chain: bool, active: bool) -> Level {
 
 /// Runs one backup. `progress` is told of every extent written.
 pub fn run(opts: &BackupOptions, progress: Progress<'_>) -> Result<Outcome> {
-    // Refused before libvirt is asked anything: a checkpoint made now would belong to no
-    // chain.
-    if opts.output == Path::new("-") {
-        return Err(BackupError::Stdout);
+    if opts.output != Path::new("-") {
+        return run_into(opts, None, progress);
     }
+    // `-o -`, as upstream: refused for raw output before libvirt is asked anything; the
+    // chain's files in the current folder; one disk at a time into the zip.
+    if opts.raw_output {
+        return Err(BackupError::StdoutRaw("-t raw"));
+    }
+    if opts.raw_disks {
+        return Err(BackupError::StdoutRaw("--raw"));
+    }
+    let zip = ZipOut::stdout()?;
+    let opts = BackupOptions { output: PathBuf::from("."), workers: 1, ..opts.clone() };
+    run_into(&opts, Some(zip), progress)
+}
+
+/// Runs one backup into `opts.output`, or into `zip` with the chain's files kept there.
+fn run_into(opts: &BackupOptions, zip: Option<ZipOut>, progress: Progress<'_>) -> Result<Outcome> {
     // libvirt prints every error to stderr by default; ours are reported with context.
     virt::error::clear_error_callback();
     let conn = Connect::open(Some(&opts.uri))
@@ -197,11 +214,15 @@ pub fn run(opts: &BackupOptions, progress: Progress<'_>) -> Result<Outcome> {
     let disks = select_disks(&xml, opts)?;
     let active = dom.is_active().map_err(|e| LibvirtError::new("domain state", e))?;
     let mut folder = Folder::open(&opts.output, &opts.domain, opts.checkpoint_dir.as_deref())?;
+    folder.zip = zip;
+    // The current folder of a `-o -` run holds the chain's files and whatever else;
+    // only its `.cpt` matters (upstream checks and cleans nothing else there).
+    let to_zip = folder.zip.is_some();
     let level = resolve_level(opts.level, !folder.checkpoints.is_empty(), active);
     if opts.level == Level::Full && level == Level::Copy {
         warn!("{} is not running: a full backup needs a checkpoint, taking a copy instead", opts.domain);
     }
-    if matches!(level, Level::Full | Level::Copy) && folder.has_data()? && !opts.print_only {
+    if matches!(level, Level::Full | Level::Copy) && !to_zip && folder.has_data()? && !opts.print_only {
         let level = if level == Level::Full { "full" } else { "copy" };
         return Err(BackupError::ChainExists { folder: opts.output.clone(), level });
     }
@@ -215,14 +236,33 @@ pub fn run(opts: &BackupOptions, progress: Progress<'_>) -> Result<Outcome> {
             BackupError::UnknownCheckpoints { folder, cpt_file, domain: opts.domain.clone(), checkpoints }
         });
     }
-    if !opts.print_only {
+    if !opts.print_only && !to_zip {
         folder.clean_partials()?;
     }
-    if active {
+    let outcome = if active {
         online::online(&dom, &xml, &disks, level, &mut folder, opts, progress)
     } else {
         offline::offline(&xml, &disks, level, &folder, opts, progress)
+    }?;
+    if let (Some(zip), Outcome::Saved { level, .. }) = (&folder.zip, &outcome) {
+        finish_zip(zip, &folder, *level)?;
     }
+    Ok(outcome)
+}
+
+/// The chain's files into the zip (for a full or inc, as upstream: `<domain>.cpt` and
+/// every checkpoint's XML), then its central directory.
+fn finish_zip(zip: &ZipOut, folder: &Folder, level: Level) -> Result<()> {
+    if matches!(level, Level::Full | Level::Inc) {
+        let name = |p: &Path| p.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        zip.add_file(&name(&folder.cpt_file), &folder.cpt_file)?;
+        let dir = name(&folder.cpt_dir);
+        zip.add_dir(&dir)?;
+        for c in &folder.checkpoints {
+            zip.add_file(&format!("{dir}/{c}.xml"), &folder.checkpoint_path(c))?;
+        }
+    }
+    Ok(zip.finish()?)
 }
 
 /// Ends the backup job of `domain`, if it has one (for Ctrl-C: used from another thread
@@ -285,11 +325,13 @@ mod tests {
     }
 
     #[test]
-    fn output_to_stdout_is_refused_before_libvirt_is_asked() {
-        let err = run(&opts(), &|_, _| {}).err().unwrap();
-        assert!(matches!(err, BackupError::Stdout), "{err}");
-        assert!(err.to_string().contains("-o -"), "{err}");
-        assert!(!Path::new("-").exists());
+    fn raw_output_to_stdout_is_refused_before_libvirt_is_asked() {
+        for (raw_output, raw_disks, what) in [(true, false, "-t raw"), (false, true, "--raw")] {
+            let err = run(&BackupOptions { raw_output, raw_disks, ..opts() }, &|_, _| {}).err().unwrap();
+            assert!(matches!(err, BackupError::StdoutRaw(w) if w == what), "{err}");
+            assert!(err.to_string().contains("-o -") && err.to_string().contains(what), "{err}");
+        }
+        assert!(!Path::new("-").exists(), "no folder named -");
     }
 
     #[test]

@@ -160,13 +160,13 @@ pub fn offline(
         Some(b) => format!("qemu:dirty-bitmap:{b}"),
         None => "base:allocation".to_owned(),
     };
-    let outcome = save_disks(disks, &plan, opts, progress, |d| {
+    let outcome = save_disks(disks, &plan, folder, opts, progress, |d| {
         let i = disks.iter().position(|x| x.target == d.target).expect("one of ours");
         servers[i].connect(&context)
     })?;
     drop(servers);
     if let Outcome::Saved { .. } = outcome {
-        save_side_files(&LocalHost, &folder.out, xml, disks, &ident);
+        save_side_files(&LocalHost, folder, xml, disks, &ident)?;
     }
     Ok(outcome)
 }

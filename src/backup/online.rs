@@ -155,7 +155,7 @@ pub fn online(
     };
     let plan =
         Plan { level, kind, meta_cpt, parent: parent.clone().unwrap_or_default(), ident: ident.clone() };
-    let outcome = save_disks(disks, &plan, opts, progress, |d| {
+    let outcome = save_disks(disks, &plan, folder, opts, progress, |d| {
         let context = match kind {
             Extents::Allocation => "base:allocation".to_owned(),
             Extents::Dirty => format!("qemu:dirty-bitmap:backup-{}", d.target),
@@ -167,7 +167,7 @@ pub fn online(
         if let Some(c) = &new_cpt {
             folder.add_checkpoint(c, &libvirt::checkpoint_xml(dom, c)?)?;
         }
-        save_side_files(&LocalHost, &folder.out, xml, disks, &ident);
+        save_side_files(&LocalHost, folder, xml, disks, &ident)?;
     } else if let Some(c) = &new_cpt
         && checkpoint_xml.is_some()
     {

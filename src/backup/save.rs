@@ -7,13 +7,14 @@
 //! that failed on one disk leaves none that pass for a complete restore point. `-p` and
 //! `--threshold` return before anything is written.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::time::Instant;
 
 use tracing::warn;
 
-use super::disk::{self, DiskError, Extent, Extents, query_extents, write_raw, write_stream};
+use super::disk::{self, DiskError, Extent, Extents, query_extents, stream_into, write_raw, write_stream};
 use super::domxml::DomDisk;
+use super::folder::Folder;
 use super::host::Host;
 use super::nbd::Nbd;
 use super::{BackupError, BackupOptions, DiskSummary, Level, Outcome, Progress};
@@ -66,6 +67,7 @@ impl Plan {
 pub fn save_disks(
     disks: &[DomDisk],
     plan: &Plan,
+    folder: &Folder,
     opts: &BackupOptions,
     progress: Progress<'_>,
     mut connect: impl FnMut(&DomDisk) -> Result<Nbd>,
@@ -88,6 +90,7 @@ pub fn save_disks(
     {
         return Ok(Outcome::BelowThreshold { bytes });
     }
+    let run = Run { plan, folder, opts, progress };
     let results = std::sync::Mutex::new(Vec::new());
     let queue = std::sync::Mutex::new(work);
     std::thread::scope(|s| {
@@ -98,7 +101,7 @@ pub fn save_disks(
                     else {
                         break;
                     };
-                    let r = save_one(d, &mut nbd, size, &extents, plan, opts, progress);
+                    let r = save_one(d, &mut nbd, size, &extents, &run);
                     results.lock().expect("no panics while held").push(r);
                 }
             });
@@ -110,30 +113,46 @@ pub fn save_disks(
         results.into_inner().expect("no panics while held").into_iter().collect::<Result<Vec<_>>>()?;
     let mut disks = Vec::with_capacity(saved.len());
     for (summary, pending) in saved {
-        pending.commit().map_err(|source| BackupError::Disk { disk: summary.disk.clone(), source })?;
+        if let Some(p) = pending {
+            p.commit().map_err(|source| BackupError::Disk { disk: summary.disk.clone(), source })?;
+        }
         disks.push(summary);
     }
     disks.sort_by(|a, b| a.disk.cmp(&b.disk));
     Ok(Outcome::Saved { level: plan.level, disks })
 }
 
+/// What every disk of a run is saved with.
+struct Run<'a> {
+    plan: &'a Plan,
+    folder: &'a Folder,
+    opts: &'a BackupOptions,
+    progress: Progress<'a>,
+}
+
+/// Saves one disk: into a `.partial` file, left for [`disk::Pending::commit`], or (`-o -`)
+/// straight into the zip, data file and `.chksum` member.
 fn save_one(
     d: &DomDisk,
     nbd: &mut Nbd,
     size: u64,
     extents: &[Extent],
-    plan: &Plan,
-    opts: &BackupOptions,
-    progress: Progress<'_>,
-) -> Result<(DiskSummary, disk::Pending)> {
+    run: &Run<'_>,
+) -> Result<(DiskSummary, Option<disk::Pending>)> {
+    let Run { plan, folder, opts, progress } = *run;
     let started = Instant::now();
     let raw_disk = d.format == "raw";
     let raw_image = raw_disk || (opts.raw_output && matches!(plan.level, Level::Full | Level::Copy));
-    let file = opts.output.join(plan.file_name(&d.target, raw_disk));
+    let name = plan.file_name(&d.target, raw_disk);
+    let file = match &folder.zip {
+        Some(_) => PathBuf::from(format!("-:{name}")),
+        None => folder.out.join(&name),
+    };
     let done = |n| progress(&d.target, n);
     let err = |source| BackupError::Disk { disk: d.target.clone(), source };
     let pending = if raw_image {
-        write_raw(nbd, extents, size, &file, &done).map_err(err)?
+        // run() refuses raw output to a zip, as upstream does.
+        Some(write_raw(nbd, extents, size, &file, &done).map_err(err)?)
     } else {
         let meta = StreamMeta {
             virtual_size: size,
@@ -147,38 +166,69 @@ fn save_one(
             compressed: opts.compress,
             stream_version: 2,
         };
-        write_stream(nbd, extents, meta, &file, &done).map_err(err)?
+        match &folder.zip {
+            None => Some(write_stream(nbd, extents, meta, &file, &done).map_err(err)?),
+            Some(zip) => {
+                let checksum = zip.member(&name, |w| {
+                    stream_into(nbd, extents, meta, w, &file, &done).map(|(_, sum, _)| sum).map_err(err)
+                })?;
+                zip.add_bytes(&format!("{name}.chksum"), checksum.to_string().as_bytes())?;
+                None
+            }
+        }
+    };
+    let data_bytes = match &pending {
+        Some(p) => p.data_bytes,
+        None => extents.iter().filter(|e| e.2).map(|e| e.1).sum(),
     };
     let zero_bytes = extents.iter().filter(|e| !e.2).map(|e| e.1).sum();
     let summary = DiskSummary {
         disk: d.target.clone(),
         file,
         virtual_size: size,
-        data_bytes: pending.data_bytes,
+        data_bytes,
         zero_bytes,
         elapsed: started.elapsed(),
     };
     Ok((summary, pending))
 }
 
-/// `vmconfig.<ident>.xml` and `<disk>.<ident>.qcow.json`, as upstream writes them.
-pub fn save_side_files(host: &dyn Host, out: &Path, xml: &str, disks: &[DomDisk], ident: &str) {
+/// `vmconfig.<ident>.xml` and `<disk>.<ident>.qcow.json`, as upstream writes them (with
+/// `-o -`, in the current folder and in the zip).
+pub fn save_side_files(
+    host: &dyn Host,
+    folder: &Folder,
+    xml: &str,
+    disks: &[DomDisk],
+    ident: &str,
+) -> Result<()> {
+    let out = &folder.out;
+    let mut written = Vec::new();
     let cfg = out.join(format!("vmconfig.{ident}.xml"));
-    if let Err(e) = std::fs::write(&cfg, xml) {
-        warn!("{}: {e}", cfg.display());
+    match std::fs::write(&cfg, xml) {
+        Ok(()) => written.push(cfg),
+        Err(e) => warn!("{}: {e}", cfg.display()),
     }
     for d in disks.iter().filter(|d| d.format.starts_with("qcow")) {
         let Some(src) = &d.source else { continue };
         match host.command("qemu-img").args(["info", "--output", "json", "--force-share", src]).output() {
             Ok(o) if o.status.success() => {
                 let path = out.join(format!("{}.{ident}.qcow.json", d.target));
-                if let Err(e) = std::fs::write(&path, &o.stdout) {
-                    warn!("{}: {e}", path.display());
+                match std::fs::write(&path, &o.stdout) {
+                    Ok(()) => written.push(path),
+                    Err(e) => warn!("{}: {e}", path.display()),
                 }
             }
             _ => warn!("{}: qemu-img info on {} failed; no qcow.json saved", d.target, host.name()),
         }
     }
+    if let Some(zip) = &folder.zip {
+        for path in written {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            zip.add_file(&name, &path)?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -115,10 +115,17 @@ fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     parse_size::Config::new().with_binary().parse_size(s).map_err(|e| e.to_string())
 }
 
-/// Writes one line to stdout; see [`outln`].
+/// Set when stdout carries data (`backup -o -`, a zip): command output goes to stderr.
+static STDOUT_IS_DATA: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes one line to stdout (stderr when stdout carries data); see [`outln`].
 pub(crate) fn write_line(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    let mut out = std::io::stdout().lock();
+    let mut out: Box<dyn Write> = if STDOUT_IS_DATA.load(std::sync::atomic::Ordering::Relaxed) {
+        Box::new(std::io::stderr().lock())
+    } else {
+        Box::new(std::io::stdout().lock())
+    };
     if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n"))
         && e.kind() != std::io::ErrorKind::BrokenPipe
     {
@@ -143,7 +150,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", ls::ls_text(&catalog, &source).trim_end());
             }
         }
-        Command::Backup(a) => return backup::backup(&BackupOptions::from(&a)),
+        Command::Backup(a) => {
+            let opts = BackupOptions::from(&a);
+            STDOUT_IS_DATA.store(opts.output == Path::new("-"), std::sync::atomic::Ordering::Relaxed);
+            return backup::backup(&opts);
+        }
         Command::Restore(a) => return restore::run(&a),
         Command::Dump { input } => return restore::dump(&input),
         Command::Verify { source, json, threads } => {

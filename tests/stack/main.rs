@@ -11,3 +11,4 @@ mod partitions;
 mod realstack;
 mod remote;
 mod restore;
+mod zip;
