@@ -197,9 +197,10 @@ pub fn run(opts: &BackupOptions, progress: Progress<'_>) -> Result<Outcome> {
     if opts.raw_disks {
         return Err(BackupError::StdoutRaw("--raw"));
     }
-    let zip = ZipOut::stdout()?;
+    // `-p` writes nothing, so it needs no archive.
+    let zip = if opts.print_only { None } else { Some(ZipOut::stdout()?) };
     let opts = BackupOptions { output: PathBuf::from("."), workers: 1, ..opts.clone() };
-    run_into(&opts, Some(zip), progress)
+    run_into(&opts, zip, progress)
 }
 
 /// Runs one backup into `opts.output`, or into `zip` with the chain's files kept there.
