@@ -48,7 +48,9 @@ const DIR_BUFFER: usize = 64 << 10;
 /// Why an archive's directory could not be read.
 #[derive(Debug, Error)]
 pub enum ZipDirError {
-    #[error("{path}: not a zip archive vmback can read")]
+    #[error(
+        "{path}: not a zip archive vmback can read (one still being written has no central directory yet)"
+    )]
     Archive {
         path: PathBuf,
         #[source]
