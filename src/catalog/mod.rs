@@ -192,7 +192,8 @@ impl Listing {
         for entry in tree.entries {
             let name = entry.path.file_name().unwrap_or_default().to_string_lossy();
             let kind = if entry.kind == Kind::Symlink {
-                (name.ends_with(".data") || name.ends_with(".xml")).then_some(EntryKind::Symlink)
+                (name.ends_with(".data") || name.ends_with(".xml") || name.ends_with(".zip"))
+                    .then_some(EntryKind::Symlink)
             } else if entry.kind != Kind::File {
                 None
             } else if name.ends_with(".data.partial") {

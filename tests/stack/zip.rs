@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::backup::support::{
     Dom, MIB, Truth, assert_same, check_virtnbdrestore, cpt_list, disk, ls_json, mount, names, path_str,
@@ -159,12 +160,16 @@ fn vmback_backup_to_stdout_writes_a_zip_chain_either_tool_restores() {
     }
     let vmback_bin = env!("CARGO_BIN_EXE_vmback");
     let mut truths = Vec::new();
+    let mut mounted = None;
     for (round, (level, file, pipe)) in
         [("full", "full.zip", false), ("inc", "inc1.zip", true)].into_iter().enumerate()
     {
         write_round(&dom, round as u8);
         to_zip(vmback_bin, &["backup", "-d", name, "-l", level, "-o", "-"], &work, &zips.join(file), pipe);
         truths.push(dom.truth());
+        // Mounted after the full: the inc's archive, written into the mounted folder,
+        // shows up as the next point once it is complete.
+        mounted.get_or_insert_with(|| mount(&zips));
         // Unzipped by Python's zipfile (not the zip crate), later archives over earlier.
         crate::backup::support::run_ok(
             "python3",
@@ -194,6 +199,16 @@ fn vmback_backup_to_stdout_writes_a_zip_chain_either_tool_restores() {
         ]
     );
     assert_eq!(cpt_list(&unzipped, name), ["virtnbdbackup.0", "virtnbdbackup.1"]);
+
+    let m = mounted.expect("mounted");
+    let image = m.dir.path().join(name).join("virtnbdbackup.1").join("vda.raw");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !image.exists() {
+        assert!(Instant::now() < deadline, "{} did not show up in the mount", image.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_same(&image, &truths[1]["vda"], "the inc's zip in a live mount");
+    drop(m);
 
     // Debian's virtnbdrestore on the unzipped files: the whole chain and the full.
     check_virtnbdrestore(&unzipped, &[], &truths[1], "whole chain from the zips");
