@@ -15,6 +15,7 @@
 //! `checkpoints/` are updated only after every disk is saved; no path that fails deletes a
 //! checkpoint (or its bitmaps) the folder's chain or another folder's still needs.
 
+mod bootfiles;
 mod direct;
 mod disk;
 pub mod domxml;
@@ -221,7 +222,7 @@ pub fn run(opts: &BackupOptions, progress: Progress<'_>) -> Result<Outcome> {
     if active {
         online::online(&dom, &xml, &disks, level, &mut folder, opts, progress)
     } else {
-        offline::offline(&xml, &disks, level, &folder, opts, progress)
+        offline::offline(&xml, &disks, level, &folder, opts, progress, dom.autostart().unwrap_or(false))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Saving the disks of one run: which extents each disk has to save, then the data files
 //! (up to `--worker` disks at a time), named as upstream names them, and the side files
-//! (`vmconfig.<ident>.xml`, `<disk>.<ident>.qcow.json`).
+//! (`vmconfig.<ident>.xml`, `<disk>.<ident>.qcow.json`, the boot files and
+//! `autostart.<ident>`: `bootfiles`).
 //!
 //! Invariants: each data file is written as `.partial` and synced; only when every disk
 //! is saved do the files take their final names (never over an existing file), so a run
@@ -161,8 +162,16 @@ fn save_one(
     Ok((summary, pending))
 }
 
-/// `vmconfig.<ident>.xml` and `<disk>.<ident>.qcow.json`, as upstream writes them.
-pub fn save_side_files(host: &dyn Host, out: &Path, xml: &str, disks: &[DomDisk], ident: &str) {
+/// `vmconfig.<ident>.xml`, `<disk>.<ident>.qcow.json`, the boot files and (for a domain
+/// that starts with its host) `autostart.<ident>`, as upstream writes them.
+pub fn save_side_files(
+    host: &dyn Host,
+    out: &Path,
+    xml: &str,
+    disks: &[DomDisk],
+    ident: &str,
+    autostart: bool,
+) {
     let cfg = out.join(format!("vmconfig.{ident}.xml"));
     if let Err(e) = std::fs::write(&cfg, xml) {
         warn!("{}: {e}", cfg.display());
@@ -179,6 +188,7 @@ pub fn save_side_files(host: &dyn Host, out: &Path, xml: &str, disks: &[DomDisk]
             _ => warn!("{}: qemu-img info on {} failed; no qcow.json saved", d.target, host.name()),
         }
     }
+    super::bootfiles::save(host, out, xml, ident, autostart);
 }
 
 #[cfg(test)]
