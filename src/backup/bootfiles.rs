@@ -14,12 +14,7 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use super::host::{Host, HostError};
-use crate::catalog::boot::{self, Named};
-
-/// Largest boot file copied. Loaders and NVRAM stores are a few MiB and kernels tens of
-/// MiB, but an initrd holding every module and firmware of a distribution reaches a few
-/// hundred MiB; the copy is held in memory once, and anything larger is no boot file.
-const MAX_BOOT_FILE: u64 = 512 << 20;
+use crate::catalog::boot::{self, MAX_BOOT_FILE, Named};
 
 /// Why a boot file was not saved (logged as a warning).
 #[derive(Debug, Error)]

@@ -15,6 +15,12 @@ use quick_xml::events::Event;
 
 use super::naming::safe_component;
 
+/// Largest boot file copied into a set or out of one. Loaders and NVRAM stores are a few
+/// MiB and kernels tens of MiB, but an initrd holding every module and firmware of a
+/// distribution reaches a few hundred MiB; a copy is held in memory once, and anything
+/// larger is no boot file.
+pub const MAX_BOOT_FILE: u64 = 512 << 20;
+
 /// The `<os>` children that name a boot file, in the order upstream looks at them.
 pub const ELEMENTS: [&str; 4] = ["loader", "nvram", "kernel", "initrd"];
 
