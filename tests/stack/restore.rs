@@ -9,6 +9,7 @@
 
 mod stream;
 mod support;
+mod vm;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
