@@ -185,10 +185,21 @@ pub fn run(a: &RestoreArgs) -> Result<ExitCode> {
                 warn!("--sequence: -c and -D are ignored, as virtnbdrestore ignores them");
             }
             let (what, opts, vm) = (What::from(a), RestoreOptions::from(a), Machine::from(a));
+            if vm.define && remote_uri(&vm.uri) {
+                // The images are written here: a VM defined there would name files it
+                // does not have.
+                return Err(format!("-U {}: restoring to a remote host is not supported yet", vm.uri).into());
+            }
             restore(&a.input, output, &what, &opts, &vm, progress)
         }
         (Action::Restore, None) => Err("restore needs an output: -o FOLDER (or a block device)".into()),
     }
+}
+
+/// A libvirt URI naming another host (`qemu+ssh://user@host/system`), not this one
+/// (`qemu:///system`, `qemu+unix:///system`).
+fn remote_uri(uri: &str) -> bool {
+    uri.split_once("://").is_some_and(|(_, rest)| !rest.starts_with('/'))
 }
 
 /// Cache for decoded frames during a restore: a few 32 MiB frames per worker, so two
@@ -527,6 +538,8 @@ mod tests {
         let vm = Machine::from(&a);
         assert!(!vm.adjust && !vm.define, "--sequence disables -c and -D");
         assert_eq!(Machine::from(&restore_args(&["-i", "in", "-o", "out"])).config_file, "vmconfig.xml");
+        assert!(!remote_uri("qemu:///system") && !remote_uri("qemu+unix:///system"));
+        assert!(remote_uri("qemu+ssh://root@10.0.0.2/system") && remote_uri("qemu+tcp://h/system"));
     }
 
     /// `-a` chooses the action; with the default action, an output named `dump` or

@@ -6,8 +6,9 @@
 //!   virtnbdrestore puts the NVRAM back from it.
 //! - The mount shows them beside `vmconfig.xml`, byte for byte.
 //! - `vmback restore -D -N NAME` defines a VM that `virsh start` starts, whose disk
-//!   equals the truth and whose NVRAM is in the output; the missing original NVRAM is put
-//!   back; the raw disk and the cdrom are left out.
+//!   equals the truth and whose NVRAM is in the output, marked for autostart as the
+//!   original was; the missing original NVRAM is put back; the raw disk and the cdrom are
+//!   left out.
 //! - `--raw`, `--compress` and `-A` each show their effect in the files and `qemu-img`.
 
 use std::path::{Path, PathBuf};
@@ -134,7 +135,9 @@ fn a_uefi_vm_is_backed_up_with_its_boot_files_and_rebuilt_by_restore() {
     let vars = nvram(tmp.path());
     let vars_bytes = read(&vars);
     let set = tmp.path().join("set");
+    virsh_ok(&["autostart", DOM]);
     vmback_ok(&["backup", "-d", DOM, "-l", "full", "-o", path_str(&set), "--raw"]);
+    assert_eq!(read(&set.join("autostart.virtnbdbackup.0")), b"True", "upstream's autostart marker");
 
     // The set: upstream's names, the same bytes.
     let in_set = set.join(format!("{DOM}_VARS.fd.virtnbdbackup.0"));
@@ -190,6 +193,8 @@ fn a_uefi_vm_is_backed_up_with_its_boot_files_and_rebuilt_by_restore() {
     }
     assert!(!xml.contains("scratch.img") && !xml.contains("cdrom"), "raw disk and cdrom left out:\n{xml}");
     assert_ne!(virsh_ok(&["domuuid", COPY]), virsh_ok(&["domuuid", DOM]), "a UUID of its own");
+    let info = virsh_ok(&["dominfo", COPY]);
+    assert!(info.lines().any(|l| l.starts_with("Autostart:") && l.contains("enable")), "{info}");
     virsh_ok(&["start", "--paused", COPY]);
     assert!(virsh_ok(&["domstate", COPY]).contains("paused"), "the restored VM runs");
     virsh_ok(&["destroy", COPY]);
