@@ -210,7 +210,7 @@ impl Listing {
                 Some(EntryKind::Partial)
             } else if name.ends_with(".data") {
                 Some(EntryKind::Data)
-            } else if let Some(ident) = name.strip_prefix("vmconfig.").and_then(|n| n.strip_suffix(".xml")) {
+            } else if let Some(ident) = naming::config_ident(&name) {
                 Some(EntryKind::Config(ident.to_owned()))
             } else if let Some(dom) = name.strip_suffix(".cpt") {
                 Some(EntryKind::Cpt(dom.to_owned()))
@@ -510,7 +510,7 @@ fn boot_files(
 ) -> Vec<BootFile> {
     let Some(config) = config else { return Vec::new() };
     let file_name = config.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let Some(ident) = file_name.strip_prefix("vmconfig.").and_then(|n| n.strip_suffix(".xml")) else {
+    let Some(ident) = naming::config_ident(&file_name) else {
         return Vec::new();
     };
     let Ok(xml) = source.read_whole(&config.path, MAX_CONFIG) else { return Vec::new() };

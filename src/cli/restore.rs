@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::backup::domxml::{DomDisk, disks};
 use crate::catalog::{BootFile, Catalog, Status};
 use crate::chain::{ImageReader, Layer, StreamIndex};
-use crate::restore::rebuild::{define, image_name, restore_boot_files, write_new};
+use crate::restore::rebuild::{define, image_name, qcow2_options, restore_boot_files, write_new};
 use crate::restore::vmconfig::{Adjust, RestoredDisk, adjust};
 use crate::restore::{Format, RestoreOptions, Sparse, restore_image, verify::verify as verify_catalog};
 use crate::source::SourcePath;
@@ -133,6 +133,7 @@ impl From<&RestoreArgs> for RestoreOptions {
             threads: a.threads.unwrap_or_else(cores),
             compress: a.compress,
             preallocate: a.preallocate,
+            qcow2_options: Vec::new(),
         }
     }
 }
@@ -218,12 +219,13 @@ pub struct What {
     pub raw: bool,
 }
 
-/// One image to write: its disk name, chain, file name and format.
+/// One image to write: its disk name, chain, file name, format and qcow2 options.
 struct Job {
     disk: String,
     layers: Vec<Layer>,
     name: String,
     format: Format,
+    qcow2_options: Vec<String>,
 }
 
 /// What a restore point gives besides its disks.
@@ -280,7 +282,7 @@ pub fn restore(
             .progress_chars("=> "),
         );
         bar.set_prefix(job.disk.clone());
-        let opts = RestoreOptions { format: job.format, ..*opts };
+        let opts = RestoreOptions { format: job.format, qcow2_options: job.qcow2_options, ..opts.clone() };
         match restore_image(&reader, &target, &opts, &|n| bar.inc(n)) {
             Ok(r) => {
                 bar.finish();
@@ -386,7 +388,17 @@ fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Extras)> {
         // A raw disk is copied as it is: raw, whatever --format says.
         let format = if raw_disk { Format::Raw } else { what.format.unwrap_or(original) };
         let name = image_name(dom.and_then(|x| x.source.as_deref()), &d.disk, original, format);
-        jobs.push(Job { disk: d.disk.clone(), layers: d.layers.clone(), name, format });
+        // The image info saved with the point: `<disk>.<ident>.qcow.json` beside its XML.
+        let qcow2_options = point
+            .vmconfig
+            .as_ref()
+            .and_then(|cfg| {
+                let json = cfg.path.with_file_name(format!("{}.{}.qcow.json", d.disk, ident_of(cfg)));
+                cfg.source.read_whole(&json, crate::catalog::MAX_CONFIG).ok()
+            })
+            .map(|j| qcow2_options(&j))
+            .unwrap_or_default();
+        jobs.push(Job { disk: d.disk.clone(), layers: d.layers.clone(), name, format, qcow2_options });
     }
     if jobs.is_empty() {
         return Err(
@@ -402,11 +414,15 @@ fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Extras)> {
         }
     }
     let autostart = point.vmconfig.as_ref().is_some_and(|cfg| {
-        let name = cfg.path.file_name().unwrap_or_default().to_string_lossy();
-        let ident = name.strip_prefix("vmconfig.").and_then(|n| n.strip_suffix(".xml")).unwrap_or("");
-        cfg.source.stat(&cfg.path.with_file_name(format!("autostart.{ident}"))).is_ok()
+        cfg.source.stat(&cfg.path.with_file_name(format!("autostart.{}", ident_of(cfg)))).is_ok()
     });
     Ok((jobs, Extras { vmconfig: point.vmconfig.clone(), boot_files: point.boot_files.clone(), autostart }))
+}
+
+/// The `<ident>` of a `vmconfig.<ident>.xml`, which names the files saved beside it.
+fn ident_of(cfg: &SourcePath) -> String {
+    let name = cfg.path.file_name().unwrap_or_default().to_string_lossy();
+    crate::catalog::naming::config_ident(&name).unwrap_or_default().to_owned()
 }
 
 /// Exactly the listed files, in order (virtnbdrestore's `--sequence`): one image, named
@@ -431,7 +447,7 @@ fn from_sequence(input: &Path, files: &[PathBuf], format: Option<Format>) -> Res
     let original = Format::of_disk(meta.disk_format.as_deref().unwrap_or("raw"));
     let format = format.unwrap_or(original);
     let name = image_name(None, &disk, original, format);
-    Ok(vec![Job { disk, layers, name, format }])
+    Ok(vec![Job { disk, layers, name, format, qcow2_options: Vec::new() }])
 }
 
 /// Prints each stream file's metadata, as `virtnbdrestore -o dump` does.

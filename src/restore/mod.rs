@@ -82,7 +82,7 @@ impl Format {
 }
 
 /// How to restore.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub format: Format,
     pub sparse: Sparse,
@@ -92,6 +92,8 @@ pub struct RestoreOptions {
     pub compress: bool,
     /// Allocate the whole image (`-A`).
     pub preallocate: bool,
+    /// qcow2 creation options of the original image (`rebuild::qcow2_options`).
+    pub qcow2_options: Vec<String>,
 }
 
 /// What one disk's restore did.
@@ -159,8 +161,12 @@ pub fn restore_image(
                 if opts.compress {
                     convert.arg("-c");
                 }
+                let mut create = opts.qcow2_options.clone();
                 if opts.preallocate {
-                    convert.args(["-o", "preallocation=full"]);
+                    create.push("preallocation=full".to_owned());
+                }
+                if !create.is_empty() {
+                    convert.arg("-o").arg(create.join(","));
                 }
                 let out = convert.arg(&raw).arg(&partial).output().map_err(io(Path::new("qemu-img")))?;
                 if !out.status.success() {

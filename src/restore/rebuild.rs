@@ -9,6 +9,9 @@
 //! - Boot files (`catalog::boot`) are written into the output folder under their own
 //!   names, and each one missing at its original path is put back there (upstream's rule:
 //!   on every restore, never over an existing file); one that cannot be is a warning.
+//! - A qcow2 image is created with the original's `compat`, `cluster_size`,
+//!   `lazy_refcounts` and `compression_type`, from the `<disk>.<ident>.qcow.json` saved
+//!   with the backup, as upstream creates it.
 //! - The domain is defined only with `-D`, so nothing else needs a libvirt daemon.
 //!
 //! Invariants: every name written comes from `catalog::naming::safe_component` or is a
@@ -73,6 +76,36 @@ pub fn image_name(file: Option<&str>, target: &str, original: Format, chosen: Fo
         _ => &base,
     };
     format!("{stem}.{}", chosen.extension())
+}
+
+/// The `qemu-img create -o` options of the image a `.qcow.json` (`qemu-img info` output)
+/// describes. A value that is not a plain word or number is left out, so a file in the
+/// set cannot add options of its own (a `,` would).
+pub fn qcow2_options(json: &[u8]) -> Vec<String> {
+    let Ok(info) = serde_json::from_slice::<serde_json::Value>(json) else { return Vec::new() };
+    let data = &info["format-specific"]["data"];
+    let plain = |v: &serde_json::Value| {
+        let s = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            _ => return None,
+        };
+        (!s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '.')).then_some(s)
+    };
+    let mut out = Vec::new();
+    if let Some(v) = plain(&data["compat"]) {
+        out.push(format!("compat={v}"));
+    }
+    if let Some(v) = plain(&info["cluster-size"]) {
+        out.push(format!("cluster_size={v}"));
+    }
+    if data["lazy-refcounts"] == serde_json::Value::Bool(true) {
+        out.push("lazy_refcounts=on".to_owned());
+    }
+    if let Some(v) = plain(&data["compression-type"]) {
+        out.push(format!("compression_type={v}"));
+    }
+    out
 }
 
 /// Writes the point's boot files into `output` (under their names) and puts back each
@@ -159,6 +192,19 @@ mod tests {
         // A name from the XML never leaves the output folder.
         assert_eq!(image_name(Some("/images/.."), "sda", q, q), "sda");
         assert_eq!(image_name(Some("/"), "sda", q, q), "sda");
+    }
+
+    #[test]
+    fn qcow2_options_come_from_the_saved_image_info() {
+        let json = br#"{"cluster-size": 131072, "format-specific": {"type": "qcow2", "data":
+            {"compat": "0.10", "lazy-refcounts": true, "compression-type": "zlib"}}}"#;
+        assert_eq!(
+            qcow2_options(json),
+            ["compat=0.10", "cluster_size=131072", "lazy_refcounts=on", "compression_type=zlib"]
+        );
+        let hostile = br#"{"cluster-size": "65536,data_file=/etc/passwd", "format-specific": {"data": {"compat": "1.1"}}}"#;
+        assert_eq!(qcow2_options(hostile), ["compat=1.1"]);
+        assert!(qcow2_options(b"not json").is_empty());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   equals the truth and whose NVRAM is in the output, marked for autostart as the
 //!   original was; the missing original NVRAM is put back; the raw disk and the cdrom are
 //!   left out.
+//! - The qcow2 image is created with the original's options (from the saved qcow.json).
 //! - `--raw`, `--compress` and `-A` each show their effect in the files and `qemu-img`.
 
 use std::path::{Path, PathBuf};
@@ -71,7 +72,9 @@ fn uefi_domain(dir: &Path) -> (PathBuf, PathBuf) {
         std::fs::create_dir(dir.join(sub)).expect("mkdir");
     }
     let vda = dir.join("disks/uefi-vda.qcow2");
-    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", path_str(&vda), &VDA_SIZE.to_string()]);
+    // Not qemu-img's defaults: the restored image is created with the original's options.
+    let opts = "cluster_size=131072,lazy_refcounts=on";
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", "-o", opts, path_str(&vda), &VDA_SIZE.to_string()]);
     let vdb = dir.join("disks/scratch.img");
     run_ok("qemu-img", &["create", "-q", "-f", "raw", path_str(&vdb), &VDB_SIZE.to_string()]);
     for (img, fmt, writes) in [
@@ -179,7 +182,13 @@ fn a_uefi_vm_is_backed_up_with_its_boot_files_and_rebuilt_by_restore() {
         ["OVMF_CODE_4M.fd", "uefi-vda.qcow2", &format!("{DOM}_VARS.fd"), "vmconfig.xml"],
         "images as virtnbdrestore names them; the raw disk left out without --raw"
     );
-    assert_eq!(qemu_info(&out.join("uefi-vda.qcow2"))["format"], "qcow2", "the disk's own format");
+    let info = qemu_info(&out.join("uefi-vda.qcow2"));
+    assert_eq!(info["format"], "qcow2", "the disk's own format");
+    assert_eq!(info["cluster-size"], 131072, "the original's cluster size: {info}");
+    assert_eq!(
+        info["format-specific"]["data"]["lazy-refcounts"], true,
+        "the original's lazy refcounts: {info}"
+    );
     assert_same_as(&out.join("uefi-vda.qcow2"), &vda_truth, "vmback restore -D, vda");
     let xml = virsh_ok(&["dumpxml", COPY]);
     let copy_vars = out.join(format!("{DOM}_VARS.fd"));
