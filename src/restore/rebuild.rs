@@ -8,7 +8,8 @@
 //!   extension (`.qcow2`, `.qcow`, `.raw`, `.img`) replaced or `.raw`/`.qcow2` added.
 //! - Boot files (`catalog::boot`) are written into the output folder under their own
 //!   names, and each one missing at its original path is put back there (upstream's rule:
-//!   on every restore, never over an existing file); one that cannot be is a warning.
+//!   on every restore, never over an existing file, and here only to a plain absolute
+//!   path, into a folder that exists); one that cannot be is a warning.
 //! - A qcow2 image is created with the original's `compat`, `cluster_size`,
 //!   `lazy_refcounts` and `compression_type`, from the `<disk>.<ident>.qcow.json` saved
 //!   with the backup, as upstream creates it.
@@ -124,7 +125,9 @@ pub fn restore_boot_files(boot: &[BootFile], output: &Path) -> Result<Vec<(Strin
         info!("{} {}: {}", b.named.element, b.file.shown().display(), to.display());
         written.push((b.named.element.clone(), to));
         let original = Path::new(&b.named.path);
-        if original.exists() {
+        if !plain_absolute(original) {
+            warn!("{}: {} is no plain absolute path; not put back", b.named.element, original.display());
+        } else if original.exists() {
             info!("{}: {} exists; left as it is", b.named.element, original.display());
         } else {
             match write_new(original, &data) {
@@ -134,6 +137,13 @@ pub fn restore_boot_files(boot: &[BootFile], output: &Path) -> Result<Vec<(Strin
         }
     }
     Ok(written)
+}
+
+/// An absolute path without `..` components (`.` ones mean nothing): where a boot file
+/// may be put back.
+fn plain_absolute(p: &Path) -> bool {
+    use std::path::Component;
+    p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
 }
 
 /// Writes a new file `to` through `to.partial`, synced, never over an existing file.
@@ -205,6 +215,14 @@ mod tests {
         let hostile = br#"{"cluster-size": "65536,data_file=/etc/passwd", "format-specific": {"data": {"compat": "1.1"}}}"#;
         assert_eq!(qcow2_options(hostile), ["compat=1.1"]);
         assert!(qcow2_options(b"not json").is_empty());
+    }
+
+    #[test]
+    fn boot_files_go_back_only_to_plain_absolute_paths() {
+        assert!(plain_absolute(Path::new("/var/lib/libvirt/qemu/nvram/vm1_VARS.fd")));
+        for p in ["nvram/vm1_VARS.fd", "/var/lib/../../etc/x", "../x"] {
+            assert!(!plain_absolute(Path::new(p)), "{p}");
+        }
     }
 
     #[test]
