@@ -2,8 +2,9 @@
 //! booting with UEFI (Debian's OVMF loader and an NVRAM made from its template; the guest
 //! needs no OS), a qcow2 disk, a raw disk and an empty cdrom, backed up by vmback.
 //!
-//! - The set holds the boot files under upstream's names, byte for byte, and Debian's
-//!   virtnbdrestore puts the NVRAM back from it.
+//! - The set holds the boot files under upstream's names, byte for byte (a full of the
+//!   running domain, a copy of the shut-off one), and Debian's virtnbdrestore puts the
+//!   NVRAM back from it.
 //! - The mount shows them beside `vmconfig.xml`, byte for byte.
 //! - `vmback restore -D -N NAME` defines a VM that `virsh start` starts, whose disk
 //!   equals the truth and whose NVRAM is in the output, marked for autostart as the
@@ -263,4 +264,11 @@ fn a_uefi_vm_is_backed_up_with_its_boot_files_and_rebuilt_by_restore() {
     ]);
     assert_eq!(allocated(&ar_out.join("uefi-vda.raw")), VDA_SIZE, "-A --format raw: every block allocated");
     assert_same(&ar_out.join("uefi-vda.raw"), &vda_truth, "-A --format raw, vda");
+
+    // Shut off, a copy (offline, through qemu-nbd): the boot files under their plain names.
+    virsh_ok(&["destroy", DOM]);
+    let copy_set = tmp.path().join("copy-set");
+    vmback_ok(&["backup", "-d", DOM, "-l", "copy", "-o", path_str(&copy_set)]);
+    assert_eq!(read(&copy_set.join("OVMF_CODE_4M.fd")), read(Path::new(LOADER)), "loader in a copy");
+    assert_eq!(read(&copy_set.join(format!("{DOM}_VARS.fd"))), read(&vars), "NVRAM in a copy");
 }
