@@ -153,7 +153,7 @@ mib_of() { du -cb --apparent-size "$@" | tail -n 1 | awk '{ printf "%.1f", $1 / 
 check() {
   local set=$1 d
   rm -rf -- "$work/restored"
-  "$vmback" restore -i "$set" -o "$work/restored" >>"$log" 2>&1 || die "vmback restore $set failed"
+  "$vmback" restore -i "$set" -o "$work/restored" --format raw >>"$log" 2>&1 || die "vmback restore $set failed"
   for d in "${disks[@]}"; do
     qio "$d" flush
     qemu-img compare -q -U -f raw -F qcow2 "$work/restored/$d.raw" "$work/disks/$d.qcow2" ||

@@ -103,13 +103,13 @@ for set in plain lz4; do
   say "$set: vmback restore raw, qcow2; cp --sparse=always; qemu-img convert (x$reps)"
   vr=() vq=() cpt=() qi=()
   for rep in $(seq 1 "$reps"); do
-    vr+=("$(timed_into "$o" "$vmback" restore -i "$src" -o "$o")")
+    vr+=("$(timed_into "$o" "$vmback" restore -i "$src" -o "$o" --format raw)")
     if [ "$rep" = 1 ]; then
-      cmp "$o/sda.raw" "$truth" || die "$set: vmback's raw image differs from the truth"
+      cmp "$o/bench-vm-sda.raw" "$truth" || die "$set: vmback's raw image differs from the truth"
     fi
     vq+=("$(timed_into "$o" "$vmback" restore -i "$src" -o "$o" --format qcow2)")
     if [ "$rep" = 1 ]; then
-      qemu-img compare -q -f qcow2 -F raw "$o/sda.qcow2" "$truth" || die "$set: vmback's qcow2 differs from the truth"
+      qemu-img compare -q -f qcow2 -F raw "$o/bench-vm-sda.qcow2" "$truth" || die "$set: vmback's qcow2 differs from the truth"
     fi
     cpt+=("$(timed_into "$o" cp_truth "$o")")
     qi+=("$(timed_into "$o" convert_truth "$o")")

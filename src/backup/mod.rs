@@ -17,6 +17,7 @@
 //! `checkpoints/` are updated only after every disk is saved; no path that fails deletes a
 //! checkpoint (or its bitmaps) the folder's chain or another folder's still needs.
 
+mod bootfiles;
 mod direct;
 mod disk;
 pub mod domxml;
@@ -243,7 +244,7 @@ fn run_into(opts: &BackupOptions, zip: Option<ZipOut>, progress: Progress<'_>) -
     let outcome = if active {
         online::online(&dom, &xml, &disks, level, &mut folder, opts, progress)
     } else {
-        offline::offline(&xml, &disks, level, &folder, opts, progress)
+        offline::offline(&xml, &disks, level, &folder, opts, progress, dom.autostart().unwrap_or(false))
     }?;
     if let (Some(zip), Outcome::Saved { level, .. }) = (&folder.zip, &outcome) {
         finish_zip(zip, &folder, *level)?;

@@ -136,6 +136,7 @@ pub fn offline(
     folder: &Folder,
     opts: &BackupOptions,
     progress: Progress<'_>,
+    autostart: bool,
 ) -> Result<Outcome, BackupError> {
     let parent = folder.checkpoints.last().cloned().filter(|_| level != Level::Copy);
     let bitmap = parent.clone();
@@ -166,7 +167,7 @@ pub fn offline(
     })?;
     drop(servers);
     if let Outcome::Saved { .. } = outcome {
-        save_side_files(&LocalHost, folder, xml, disks, &ident)?;
+        save_side_files(&LocalHost, folder, xml, disks, &ident, autostart)?;
     }
     Ok(outcome)
 }

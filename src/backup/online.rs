@@ -167,7 +167,7 @@ pub fn online(
         if let Some(c) = &new_cpt {
             folder.add_checkpoint(c, &libvirt::checkpoint_xml(dom, c)?)?;
         }
-        save_side_files(&LocalHost, folder, xml, disks, &ident)?;
+        save_side_files(&LocalHost, folder, xml, disks, &ident, dom.autostart().unwrap_or(false))?;
     } else if let Some(c) = &new_cpt
         && checkpoint_xml.is_some()
     {

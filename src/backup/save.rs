@@ -1,6 +1,7 @@
 //! Saving the disks of one run: which extents each disk has to save, then the data files
 //! (up to `--worker` disks at a time), named as upstream names them, and the side files
-//! (`vmconfig.<ident>.xml`, `<disk>.<ident>.qcow.json`).
+//! (`vmconfig.<ident>.xml`, `<disk>.<ident>.qcow.json`, the boot files and
+//! `autostart.<ident>`: `bootfiles`).
 //!
 //! Invariants: each data file is written as `.partial` and synced; only when every disk
 //! is saved do the files take their final names (never over an existing file), so a run
@@ -193,14 +194,16 @@ fn save_one(
     Ok((summary, pending))
 }
 
-/// `vmconfig.<ident>.xml` and `<disk>.<ident>.qcow.json`, as upstream writes them (with
-/// `-o -`, in the current folder and in the zip).
+/// `vmconfig.<ident>.xml`, `<disk>.<ident>.qcow.json`, the boot files and (for a domain
+/// that starts with its host) `autostart.<ident>`, as upstream writes them (with `-o -`,
+/// in the current folder and in the zip).
 pub fn save_side_files(
     host: &dyn Host,
     folder: &Folder,
     xml: &str,
     disks: &[DomDisk],
     ident: &str,
+    autostart: bool,
 ) -> Result<()> {
     let out = &folder.out;
     let mut written = Vec::new();
@@ -222,6 +225,7 @@ pub fn save_side_files(
             _ => warn!("{}: qemu-img info on {} failed; no qcow.json saved", d.target, host.name()),
         }
     }
+    written.extend(super::bootfiles::save(host, out, xml, ident, autostart).into_iter().map(|n| out.join(n)));
     if let Some(zip) = &folder.zip {
         for path in written {
             let name = path.file_name().unwrap_or_default().to_string_lossy();

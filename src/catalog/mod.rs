@@ -24,6 +24,7 @@
 //! are new or changed since the last build ([`Indexed`]); an unchanged file keeps its
 //! [`Layer`], id included, so everything built on it carries over.
 
+pub mod boot;
 pub mod info;
 pub mod naming;
 pub mod set;
@@ -95,6 +96,15 @@ pub struct RestorePoint {
     pub set_dir: PathBuf,
     pub disks: Vec<DiskChain>,
     pub vmconfig: Option<SourcePath>,
+    /// The boot files saved with that backup (see [`boot`]), as its `vmconfig` names them.
+    pub boot_files: Vec<BootFile>,
+}
+
+/// A boot file of a restore point: what the domain XML says of it, and its file in the set.
+#[derive(Debug, Clone)]
+pub struct BootFile {
+    pub named: boot::Named,
+    pub file: SourcePath,
 }
 
 impl RestorePoint {
@@ -153,6 +163,8 @@ struct Folder {
     data: Vec<PathBuf>,
     configs: BTreeMap<String, (PathBuf, SystemTime)>,
     cpt: Option<String>,
+    /// Names of the folder's other regular files (boot files among them).
+    others: std::collections::HashSet<String>,
 }
 
 /// What a file found in SOURCE is to the catalog.
@@ -164,6 +176,8 @@ enum EntryKind {
     Cpt(String),
     /// A symlink with a name the catalog would read: reported, never followed.
     Symlink,
+    /// Any other regular file: a boot file may be one. Only its presence matters.
+    Other,
 }
 
 /// A file of a [`Listing`]: its relative path, what it is, and its stamp and mtime.
@@ -200,16 +214,18 @@ impl Listing {
                 Some(EntryKind::Partial)
             } else if name.ends_with(".data") {
                 Some(EntryKind::Data)
-            } else if let Some(ident) = name.strip_prefix("vmconfig.").and_then(|n| n.strip_suffix(".xml")) {
+            } else if let Some(ident) = naming::config_ident(&name) {
                 Some(EntryKind::Config(ident.to_owned()))
+            } else if let Some(dom) = name.strip_suffix(".cpt") {
+                Some(EntryKind::Cpt(dom.to_owned()))
             } else {
-                name.strip_suffix(".cpt").map(|dom| EntryKind::Cpt(dom.to_owned()))
+                Some(EntryKind::Other)
             };
             if let Some(kind) = kind {
                 // A backup in progress grows its `.partial` all the time; only its coming
                 // and going (renamed to `.data`) changes the catalog.
                 let stamp = match kind {
-                    EntryKind::Partial | EntryKind::Symlink => None,
+                    EntryKind::Partial | EntryKind::Symlink | EntryKind::Other => None,
                     _ => Some((entry.stamp, entry.mtime)),
                 };
                 listing.entries.push((entry.path, kind, stamp));
@@ -327,6 +343,10 @@ impl Catalog {
                     folders.entry(dir).or_default().configs.insert(ident.clone(), (path.clone(), mtime));
                 }
                 EntryKind::Cpt(dom) => folders.entry(dir).or_default().cpt = Some(dom.clone()),
+                EntryKind::Other => {
+                    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    folders.entry(dir).or_default().others.insert(name);
+                }
             }
         }
         // A file whose stamp could not be read is indexed again every time.
@@ -378,7 +398,10 @@ impl Catalog {
                 .into_iter()
                 .map(|(ident, (path, _))| (ident, SourcePath { source: source.clone(), path }))
                 .collect();
-            let points = build_points(found, &configs);
+            let mut points = build_points(found, &configs);
+            for p in &mut points {
+                p.boot_files = boot_files(&**source, source, p.vmconfig.as_ref(), &dir, &folder.others);
+            }
             domains.entry(domain).or_default().push((source.display(&dir), points));
         }
         cat.domains = domains.into_iter().map(|(name, sets)| name_points(name, sets)).collect();
@@ -481,6 +504,34 @@ fn domain_name(source: &dyn Source, dir: &Path, folder: &Folder) -> String {
     naming::safe_component(&name)
 }
 
+/// The boot files saved with the backup whose domain XML is `config`: those it names
+/// that are in the set's folder `dir` under upstream's name.
+fn boot_files(
+    source: &dyn Source,
+    shared: &Arc<dyn Source>,
+    config: Option<&SourcePath>,
+    dir: &Path,
+    present: &std::collections::HashSet<String>,
+) -> Vec<BootFile> {
+    let Some(config) = config else { return Vec::new() };
+    let file_name = config.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let Some(ident) = naming::config_ident(&file_name) else {
+        return Vec::new();
+    };
+    let Ok(xml) = source.read_whole(&config.path, MAX_CONFIG) else { return Vec::new() };
+    let Ok(named) = boot::named_in(&String::from_utf8_lossy(&xml)) else { return Vec::new() };
+    named
+        .into_iter()
+        .filter_map(|named| {
+            let in_set = boot::set_name(&named.name, ident);
+            present.contains(&in_set).then(|| BootFile {
+                named,
+                file: SourcePath { source: shared.clone(), path: dir.join(in_set) },
+            })
+        })
+        .collect()
+}
+
 /// `<domain><name>` of a saved domain XML.
 fn config_domain_name(source: &dyn Source, path: &Path) -> Option<String> {
     use quick_xml::events::Event;
@@ -540,6 +591,7 @@ fn name_points(domain: String, sets: Vec<(PathBuf, Vec<SetPoint>)>) -> Domain {
                 set_dir: dir.clone(),
                 disks: p.disks,
                 vmconfig: p.vmconfig,
+                boot_files: p.boot_files,
             });
         }
     }
@@ -601,6 +653,33 @@ mod tests {
         let full = dir.path().join("sda.full.data");
         std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         assert_ne!(Listing::walk(&source).expect("walk"), before);
+    }
+
+    /// Boot files named in a point's vmconfig are found under upstream's names; one that
+    /// appears later is a change; a name from the XML never leaves the folder.
+    #[test]
+    fn boot_files_are_found_beside_their_vmconfig() {
+        let mem = Arc::new(crate::source::MemSource::new());
+        for (path, bytes) in crate::sample::sample_files().expect("sample") {
+            mem.insert(path, bytes);
+        }
+        let xml = "<domain><name>sample-vm</name><os><loader>/usr/share/OVMF/CODE.fd</loader>\
+                   <nvram>/var/lib/libvirt/qemu/nvram/vm_VARS.fd</nvram><kernel>/x/..</kernel></os></domain>";
+        mem.insert("vmconfig.virtnbdbackup.0.xml", xml.as_bytes().to_vec());
+        mem.insert("vm_VARS.fd.virtnbdbackup.0", b"vars".to_vec());
+        let (mut watched, cat) = Watched::open_from(mem.clone()).expect("catalog");
+        let point = |cat: &Catalog| {
+            let d = cat.domain(None).expect("one domain");
+            d.find_point("virtnbdbackup.0").expect("point").clone()
+        };
+        let names = |p: &RestorePoint| {
+            p.boot_files.iter().map(|b| (b.named.element.clone(), b.file.path.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&point(&cat)), [("nvram".to_owned(), PathBuf::from("vm_VARS.fd.virtnbdbackup.0"))]);
+        mem.insert("CODE.fd.virtnbdbackup.0", b"code".to_vec());
+        let cat = watched.poll().expect("poll").expect("a new boot file is a change");
+        assert_eq!(names(&point(&cat)).len(), 2);
+        assert!(watched.poll().expect("poll").is_none());
     }
 
     #[test]

@@ -38,6 +38,12 @@ pub fn parse_stream_name(name: &str) -> Option<StreamName> {
     Some(StreamName { disk: disk.to_owned(), level })
 }
 
+/// The `<ident>` of a `vmconfig.<ident>.xml` name, which names the files saved beside it
+/// (boot files, `autostart.<ident>`, `<disk>.<ident>.qcow.json`).
+pub fn config_ident(name: &str) -> Option<&str> {
+    name.strip_prefix("vmconfig.").and_then(|n| n.strip_suffix(".xml"))
+}
+
 /// Longest name shown in the mount. Linux allows 255 bytes per component; the margin
 /// leaves room for the suffixes vmback appends (`.raw`, `.2`).
 const MAX_NAME: usize = 200;

@@ -75,6 +75,8 @@ pub struct SetPoint {
     pub date: SystemTime,
     pub disks: Vec<DiskChain>,
     pub vmconfig: Option<SourcePath>,
+    /// Filled in by the catalog, which knows the folder's other files.
+    pub boot_files: Vec<super::BootFile>,
 }
 
 /// A data file as found in the folder: its name, and its index or why it has none.
@@ -126,6 +128,7 @@ pub fn build_points(files: Vec<Found>, configs: &BTreeMap<String, SourcePath>) -
                 date,
                 disks: Vec::new(),
                 vmconfig,
+                boot_files: Vec::new(),
             });
             p.date = p.date.max(date);
             p.disks.push(chain);

@@ -6,7 +6,14 @@
 //! The action follows virtnbdrestore: `-a dump|restore|verify`, and an output named
 //! `dump` or `verify` with the default action means that action (its `-o dump`), so a
 //! restore never writes into a folder of either name.
+//!
+//! So do the rest of the flags: `-r/--raw` (raw-format disks are copied as they are, and
+//! only with it), `-c` (the domain XML written is adjusted to the restored VM), `-D`
+//! (defined in libvirt at `-U`; implies `-c`), `-N` (its name), `-C` (the name of the
+//! XML file written), `-A` and `--compress`; `--sequence` turns `-c`/`-D` off, as
+//! upstream does. Images are named as upstream names them (`restore::rebuild`).
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,8 +26,13 @@ use super::Result;
 use super::cores;
 use super::ls::{human, status_words};
 use crate::cache::ReadCache;
-use crate::catalog::{Catalog, Status};
+use tracing::{info, warn};
+
+use crate::backup::domxml::{DomDisk, disks};
+use crate::catalog::{BootFile, Catalog, Status};
 use crate::chain::{ImageReader, Layer, StreamIndex};
+use crate::restore::rebuild::{define, image_name, qcow2_options, restore_boot_files, write_new};
+use crate::restore::vmconfig::{Adjust, RestoredDisk, adjust};
 use crate::restore::{Format, RestoreOptions, Sparse, restore_image, verify::verify as verify_catalog};
 use crate::source::SourcePath;
 
@@ -57,9 +69,10 @@ pub struct RestoreArgs {
     /// Apply exactly these stream files (relative to -i), in this order.
     #[arg(short = 's', long, value_delimiter = ',')]
     pub sequence: Vec<PathBuf>,
-    /// Output image format.
-    #[arg(long, value_enum, default_value = "raw")]
-    pub format: Format,
+    /// Output image format [default: the disk's own, as virtnbdrestore writes it: qcow2
+    /// for a qcow2 disk]; the image's name then says the format written.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
     /// Leave holes (always), or write zeros over them (never: for block devices).
     #[arg(long, value_enum, default_value = "always")]
     pub sparse: Sparse,
@@ -72,6 +85,32 @@ pub struct RestoreArgs {
     /// No progress bars (there are none anyway when stderr is not a terminal).
     #[arg(short = 'n', long = "noprogress")]
     pub no_progress: bool,
+    /// Restore raw-format disks too, copied as they are (and keep them in the adjusted
+    /// domain XML); without it they are left out, as virtnbdrestore leaves them.
+    #[arg(short = 'r', long)]
+    pub raw: bool,
+    /// Adjust the domain XML written to the output: new name, no UUID, disks and boot
+    /// files at their restored paths, no backing chains, no cdrom/floppy/lun.
+    #[arg(short = 'c', long = "adjust-config")]
+    pub adjust_config: bool,
+    /// Define the restored VM in libvirt (implies -c).
+    #[arg(short = 'D', long)]
+    pub define: bool,
+    /// The restored VM's name [default: restore_<name>].
+    #[arg(short = 'N', long)]
+    pub name: Option<String>,
+    /// The name of the domain XML file written into the output.
+    #[arg(short = 'C', long = "config-file", default_value = "vmconfig.xml")]
+    pub config_file: String,
+    /// libvirt URI the VM is defined at (-D).
+    #[arg(short = 'U', long, default_value = "qemu:///system")]
+    pub uri: String,
+    /// Preallocate the images (qcow2 preallocation=full; raw: every block allocated).
+    #[arg(short = 'A', long)]
+    pub preallocate: bool,
+    /// Write qcow2 with compressed clusters (qemu-img's compression).
+    #[arg(long)]
+    pub compress: bool,
 }
 
 impl RestoreArgs {
@@ -88,7 +127,14 @@ impl RestoreArgs {
 
 impl From<&RestoreArgs> for RestoreOptions {
     fn from(a: &RestoreArgs) -> RestoreOptions {
-        RestoreOptions { format: a.format, sparse: a.sparse, threads: a.threads.unwrap_or_else(cores) }
+        RestoreOptions {
+            format: a.format.unwrap_or(Format::Qcow2),
+            sparse: a.sparse,
+            threads: a.threads.unwrap_or_else(cores),
+            compress: a.compress,
+            preallocate: a.preallocate,
+            qcow2_options: Vec::new(),
+        }
     }
 }
 
@@ -99,6 +145,32 @@ impl From<&RestoreArgs> for What {
             disk: a.disk.clone(),
             sequence: a.sequence.clone(),
             domain: a.domain.clone(),
+            format: a.format,
+            raw: a.raw,
+        }
+    }
+}
+
+/// What becomes of the VM beyond its disks.
+pub struct Machine {
+    pub adjust: bool,
+    pub define: bool,
+    pub name: Option<String>,
+    pub config_file: String,
+    pub uri: String,
+    pub raw: bool,
+}
+
+impl From<&RestoreArgs> for Machine {
+    fn from(a: &RestoreArgs) -> Machine {
+        let sequence = !a.sequence.is_empty();
+        Machine {
+            adjust: (a.adjust_config || a.define) && !sequence,
+            define: a.define && !sequence,
+            name: a.name.clone(),
+            config_file: a.config_file.clone(),
+            uri: a.uri.clone(),
+            raw: a.raw,
         }
     }
 }
@@ -110,10 +182,25 @@ pub fn run(a: &RestoreArgs) -> Result<ExitCode> {
         (Action::Verify, _) => verify(&a.input, false, a.threads.unwrap_or_else(cores)),
         (Action::Restore, Some(output)) => {
             let progress = !a.no_progress && std::io::stderr().is_terminal();
-            restore(&a.input, output, &What::from(a), &RestoreOptions::from(a), progress)
+            if !a.sequence.is_empty() && (a.adjust_config || a.define) {
+                warn!("--sequence: -c and -D are ignored, as virtnbdrestore ignores them");
+            }
+            let (what, opts, vm) = (What::from(a), RestoreOptions::from(a), Machine::from(a));
+            if vm.define && remote_uri(&vm.uri) {
+                // The images are written here: a VM defined there would name files it
+                // does not have.
+                return Err(format!("-U {}: restoring to a remote host is not supported yet", vm.uri).into());
+            }
+            restore(&a.input, output, &what, &opts, &vm, progress)
         }
         (Action::Restore, None) => Err("restore needs an output: -o FOLDER (or a block device)".into()),
     }
+}
+
+/// A libvirt URI naming another host (`qemu+ssh://user@host/system`), not this one
+/// (`qemu:///system`, `qemu+unix:///system`).
+fn remote_uri(uri: &str) -> bool {
+    uri.split_once("://").is_some_and(|(_, rest)| !rest.starts_with('/'))
 }
 
 /// Cache for decoded frames during a restore: a few 32 MiB frames per worker, so two
@@ -126,26 +213,44 @@ pub struct What {
     pub disk: Option<String>,
     pub sequence: Vec<PathBuf>,
     pub domain: Option<String>,
+    /// `--format`; `None`: each disk's own.
+    pub format: Option<Format>,
+    /// `--raw`: raw-format disks too, as they are.
+    pub raw: bool,
 }
 
-/// One image to write: its disk name and chain.
+/// One image to write: its disk name, chain, file name, format and qcow2 options.
 struct Job {
     disk: String,
     layers: Vec<Layer>,
+    name: String,
+    format: Format,
+    qcow2_options: Vec<String>,
 }
 
-/// Restores the images `what` names into `output`, with progress bars when `progress`.
+/// What a restore point gives besides its disks.
+#[derive(Default)]
+struct Extras {
+    vmconfig: Option<SourcePath>,
+    boot_files: Vec<BootFile>,
+    /// Upstream's `autostart.<ident>` was saved with the point.
+    autostart: bool,
+}
+
+/// Restores the images `what` names into `output`, with progress bars when `progress`,
+/// and then what `vm` asks for of the VM.
 pub fn restore(
     input: &Path,
     output: &Path,
     what: &What,
     opts: &RestoreOptions,
+    vm: &Machine,
     progress: bool,
 ) -> Result<ExitCode> {
-    let (jobs, vmconfig) = if what.sequence.is_empty() {
+    let (jobs, extras) = if what.sequence.is_empty() {
         from_catalog(input, what)?
     } else {
-        from_sequence(input, &what.sequence)?
+        (from_sequence(input, &what.sequence, what.format)?, Extras::default())
     };
     let device = std::fs::metadata(output)
         .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
@@ -155,16 +260,15 @@ pub fn restore(
     if !device {
         std::fs::create_dir_all(output).map_err(|e| format!("{}: {e}", output.display()))?;
     }
+    // The domain XML names files by absolute paths.
+    let output = &std::path::absolute(output).map_err(|e| format!("{}: {e}", output.display()))?;
     let cache = Arc::new(ReadCache::new(RESTORE_CACHE));
     let bars = MultiProgress::new();
     let mut failed = 0;
+    let mut restored = HashMap::new();
     for job in jobs {
         let reader = ImageReader::new(job.layers, cache.clone());
-        let target = if device {
-            output.to_owned()
-        } else {
-            output.join(format!("{}.{}", job.disk, opts.format.extension()))
-        };
+        let target = if device { output.to_owned() } else { output.join(&job.name) };
         let bar = if progress {
             bars.add(ProgressBar::new(reader.map().data_bytes()))
         } else {
@@ -178,7 +282,8 @@ pub fn restore(
             .progress_chars("=> "),
         );
         bar.set_prefix(job.disk.clone());
-        match restore_image(&reader, &target, opts, &|n| bar.inc(n)) {
+        let opts = RestoreOptions { format: job.format, qcow2_options: job.qcow2_options, ..opts.clone() };
+        match restore_image(&reader, &target, &opts, &|n| bar.inc(n)) {
             Ok(r) => {
                 bar.finish();
                 let secs = r.elapsed.as_secs_f64().max(1e-6);
@@ -191,6 +296,8 @@ pub fn restore(
                     human(r.stats.zero_skipped),
                     human(((r.stats.written + r.stats.zero_skipped) as f64 / secs) as u64),
                 );
+                let path = r.target.display().to_string();
+                restored.insert(job.disk, RestoredDisk { path, format: job.format.extension().to_owned() });
             }
             Err(e) => {
                 bar.abandon();
@@ -199,16 +306,47 @@ pub fn restore(
             }
         }
     }
-    if let (Some(cfg), false) = (vmconfig, device) {
+    if device {
+        return Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    let boot = restore_boot_files(&extras.boot_files, output)?;
+    if let Some(cfg) = &extras.vmconfig {
         let xml = cfg.source.read_whole(&cfg.path, crate::catalog::MAX_CONFIG)?;
-        let to = output.join("vmconfig.xml");
-        std::fs::write(&to, xml).map_err(|e| format!("{}: {e}", to.display()))?;
+        let xml = String::from_utf8(xml).map_err(|_| format!("{}: not UTF-8", cfg.shown().display()))?;
+        let config_name = crate::catalog::naming::safe_component(&vm.config_file);
+        let to = output.join(&config_name);
+        let adjusted = if vm.adjust {
+            let adj = Adjust {
+                name: vm.name.clone(),
+                disks: restored,
+                keep_raw: vm.raw,
+                boot_files: boot.into_iter().map(|(el, p)| (el, p.display().to_string())).collect(),
+            };
+            let a = adjust(&xml, &adj)?;
+            for c in &a.changes {
+                info!("domain XML: {c}");
+            }
+            Some(a)
+        } else {
+            None
+        };
+        write_new(&to, adjusted.as_ref().map_or(xml.as_bytes(), |a| a.xml.as_bytes()))?;
+        outln!("domain XML: {}", to.display());
+        if let Some(a) = adjusted.filter(|_| vm.define) {
+            if failed > 0 {
+                return Err(format!("{failed} disks failed; domain {} not defined", a.name).into());
+            }
+            define(&vm.uri, &a.name, &a.xml, extras.autostart)?;
+            outln!("defined domain {} ({})", a.name, vm.uri);
+        }
+    } else if vm.adjust {
+        warn!("no domain XML was saved with this restore point; nothing to adjust or define");
     }
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// The disks of the chosen restore point.
-fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Option<SourcePath>)> {
+/// The disks of the chosen restore point, and what was saved with it.
+fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Extras)> {
     let catalog = Catalog::discover(input)?;
     let domain = catalog.domain(what.domain.as_deref())?;
     let point = match &what.until {
@@ -221,20 +359,75 @@ fn from_catalog(input: &Path, what: &What) -> Result<(Vec<Job>, Option<SourcePat
     if let Status::Broken(reason) = point.status() {
         return Err(format!("{}: cannot be rebuilt: {reason}", point.name).into());
     }
-    let jobs: Vec<Job> = point
-        .disks
-        .iter()
-        .filter(|d| what.disk.as_ref().is_none_or(|w| *w == d.disk))
-        .map(|d| Job { disk: d.disk.clone(), layers: d.layers.clone() })
-        .collect();
-    if jobs.is_empty() {
-        return Err(format!("{}: no disk {:?}", point.name, what.disk.as_deref().unwrap_or("")).into());
+    // The disks as the domain XML saved with the point has them: file and format.
+    let dom_disks: HashMap<String, DomDisk> = match &point.vmconfig {
+        Some(cfg) => {
+            let xml = cfg.source.read_whole(&cfg.path, crate::catalog::MAX_CONFIG)?;
+            disks(&String::from_utf8_lossy(&xml))
+                .map_err(|e| format!("{}: {e}", cfg.shown().display()))?
+                .into_iter()
+                .map(|d| (d.target.clone(), d))
+                .collect()
+        }
+        None => HashMap::new(),
+    };
+    let mut jobs = Vec::new();
+    for d in point.disks.iter().filter(|d| what.disk.as_ref().is_none_or(|w| *w == d.disk)) {
+        let dom = dom_disks.get(&d.disk);
+        let meta_format = d.layers.first().map(|l| match l.index.format {
+            crate::chain::Format::Raw => "raw".to_owned(),
+            _ => l.index.meta.disk_format.clone().unwrap_or_else(|| "raw".to_owned()),
+        });
+        let original =
+            Format::of_disk(dom.map(|x| x.format.clone()).or(meta_format).as_deref().unwrap_or("raw"));
+        let raw_disk = dom.is_some_and(|x| x.format == "raw");
+        if raw_disk && !what.raw {
+            warn!("{}: raw-format disk left out (restore it with --raw)", d.disk);
+            continue;
+        }
+        // A raw disk is copied as it is: raw, whatever --format says.
+        let format = if raw_disk { Format::Raw } else { what.format.unwrap_or(original) };
+        let name = image_name(dom.and_then(|x| x.source.as_deref()), &d.disk, original, format);
+        // The image info saved with the point: `<disk>.<ident>.qcow.json` beside its XML.
+        let qcow2_options = point
+            .vmconfig
+            .as_ref()
+            .and_then(|cfg| {
+                let json = cfg.path.with_file_name(format!("{}.{}.qcow.json", d.disk, ident_of(cfg)));
+                cfg.source.read_whole(&json, crate::catalog::MAX_CONFIG).ok()
+            })
+            .map(|j| qcow2_options(&j))
+            .unwrap_or_default();
+        jobs.push(Job { disk: d.disk.clone(), layers: d.layers.clone(), name, format, qcow2_options });
     }
-    Ok((jobs, point.vmconfig.clone()))
+    if jobs.is_empty() {
+        return Err(
+            format!("{}: no disk {:?} to restore", point.name, what.disk.as_deref().unwrap_or("")).into()
+        );
+    }
+    let mut names = std::collections::HashSet::new();
+    for j in &mut jobs {
+        // Two disks from files of one name in different folders: keep them apart.
+        if !names.insert(j.name.clone()) {
+            j.name = format!("{}-{}", j.disk, j.name);
+            names.insert(j.name.clone());
+        }
+    }
+    let autostart = point.vmconfig.as_ref().is_some_and(|cfg| {
+        cfg.source.stat(&cfg.path.with_file_name(format!("autostart.{}", ident_of(cfg)))).is_ok()
+    });
+    Ok((jobs, Extras { vmconfig: point.vmconfig.clone(), boot_files: point.boot_files.clone(), autostart }))
 }
 
-/// Exactly the listed files, in order (virtnbdrestore's `--sequence`).
-fn from_sequence(input: &Path, files: &[PathBuf]) -> Result<(Vec<Job>, Option<SourcePath>)> {
+/// The `<ident>` of a `vmconfig.<ident>.xml`, which names the files saved beside it.
+fn ident_of(cfg: &SourcePath) -> String {
+    let name = cfg.path.file_name().unwrap_or_default().to_string_lossy();
+    crate::catalog::naming::config_ident(&name).unwrap_or_default().to_owned()
+}
+
+/// Exactly the listed files, in order (virtnbdrestore's `--sequence`): one image, named
+/// after its disk as upstream names it, in the disk's format unless `format` says.
+fn from_sequence(input: &Path, files: &[PathBuf], format: Option<Format>) -> Result<Vec<Job>> {
     let mut layers = Vec::new();
     for (i, f) in files.iter().enumerate() {
         let path = input.join(f);
@@ -249,9 +442,12 @@ fn from_sequence(input: &Path, files: &[PathBuf]) -> Result<(Vec<Job>, Option<So
         }
         layers.push(Layer { id: i as u32 + 1, index: Arc::new(index) });
     }
-    let disk = layers.last().map(|l| l.index.meta.disk_name.clone()).ok_or("--sequence names no file")?;
-    let disk = crate::catalog::naming::safe_component(&disk);
-    Ok((vec![Job { disk, layers }], None))
+    let meta = &layers.last().ok_or("--sequence names no file")?.index.meta;
+    let disk = crate::catalog::naming::safe_component(&meta.disk_name);
+    let original = Format::of_disk(meta.disk_format.as_deref().unwrap_or("raw"));
+    let format = format.unwrap_or(original);
+    let name = image_name(None, &disk, original, format);
+    Ok(vec![Job { disk, layers, name, format, qcow2_options: Vec::new() }])
 }
 
 /// Prints each stream file's metadata, as `virtnbdrestore -o dump` does.
@@ -326,6 +522,40 @@ mod tests {
         assert_eq!(a.sequence, [PathBuf::from("a.full.data"), PathBuf::from("b")]);
         assert!(a.no_progress);
         assert_eq!(a.action(), Action::Restore);
+    }
+
+    /// virtnbdrestore's VM flags: -D implies -c, --sequence turns both off.
+    #[test]
+    fn vm_flags_follow_virtnbdrestore() {
+        let a = restore_args(&[
+            "-i",
+            "in",
+            "-o",
+            "out",
+            "-D",
+            "-N",
+            "copy",
+            "-C",
+            "vm.xml",
+            "-r",
+            "-A",
+            "--compress",
+        ]);
+        let vm = Machine::from(&a);
+        assert!(vm.adjust && vm.define && vm.raw, "-D implies -c");
+        assert_eq!(
+            (vm.name.as_deref(), vm.config_file.as_str(), vm.uri.as_str()),
+            (Some("copy"), "vm.xml", "qemu:///system")
+        );
+        let o = RestoreOptions::from(&a);
+        assert!(o.preallocate && o.compress);
+        assert_eq!(a.format, None, "the disk's own format unless --format says");
+        let a = restore_args(&["-i", "in", "-o", "out", "-cD", "-s", "sda.full.data"]);
+        let vm = Machine::from(&a);
+        assert!(!vm.adjust && !vm.define, "--sequence disables -c and -D");
+        assert_eq!(Machine::from(&restore_args(&["-i", "in", "-o", "out"])).config_file, "vmconfig.xml");
+        assert!(!remote_uri("qemu:///system") && !remote_uri("qemu+unix:///system"));
+        assert!(remote_uri("qemu+ssh://root@10.0.0.2/system") && remote_uri("qemu+tcp://h/system"));
     }
 
     /// `-a` chooses the action; with the default action, an output named `dump` or

@@ -7,6 +7,7 @@
 //! /<domain>/<point>/<disk>.raw         the disk image at that point
 //! /<domain>/<point>/<disk>.p<N>.raw    partition N of that image (MBR or GPT)
 //! /<domain>/<point>/vmconfig.xml       the domain XML saved with that backup
+//! /<domain>/<point>/<boot file>        kernel, initrd, loader, NVRAM saved with it
 //! /<domain>/<point>/info.json          which stream files make the point, and its status
 //! ```
 //! Partition files are not stored in the tree: they are synthetic nodes, made by a
@@ -259,21 +260,33 @@ impl Tree {
                 let of = Arc::new((domain.name.clone(), point.clone()));
                 b.drafts.push((info, dir, Draft::Done(NodeKind::Info(of, OnceLock::new())), point.date));
                 files.push((INFO_NAME.to_owned(), info));
-                if let Some(file) = &point.vmconfig
-                    && let Ok(entry) = file.source.stat(&file.path)
-                    && entry.kind == source::Kind::File
-                {
-                    let size = entry.size;
-                    // A file rewritten in place keeps its path and may keep its size: its
-                    // stamp (locally inode, times and length) tells the versions apart.
-                    let cfg = b.ino(format!("c:{}:{size}:{:?}", file.shown().display(), entry.stamp));
-                    b.drafts.push((
-                        cfg,
-                        dir,
-                        Draft::Done(NodeKind::Config { file: file.clone(), size }),
-                        point.date,
-                    ));
-                    files.push(("vmconfig.xml".to_owned(), cfg));
+                // The domain XML, and beside it the boot files saved with it, under their
+                // own names (plain file names: `catalog::boot`), unless one would take the
+                // name of another file of the folder.
+                let side = point
+                    .vmconfig
+                    .iter()
+                    .map(|f| ("vmconfig.xml".to_owned(), f))
+                    .chain(point.boot_files.iter().map(|bf| (bf.named.name.clone(), &bf.file)));
+                for (name, file) in side {
+                    if files.iter().any(|(n, _)| *n == name) {
+                        continue;
+                    }
+                    if let Ok(entry) = file.source.stat(&file.path)
+                        && entry.kind == source::Kind::File
+                    {
+                        let size = entry.size;
+                        // A file rewritten in place keeps its path and may keep its size: its
+                        // stamp (locally inode, times and length) tells the versions apart.
+                        let cfg = b.ino(format!("c:{}:{size}:{:?}", file.shown().display(), entry.stamp));
+                        b.drafts.push((
+                            cfg,
+                            dir,
+                            Draft::Done(NodeKind::Config { file: file.clone(), size }),
+                            point.date,
+                        ));
+                        files.push((name, cfg));
+                    }
                 }
                 b.dir(dir, dom, files, point.date);
                 dom_children.push((point.name.clone(), dir));

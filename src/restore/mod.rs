@@ -4,11 +4,15 @@
 //! Every image is written to `NAME.partial`, synced, and renamed to `NAME` only when it
 //! is whole, so an interrupted or failed restore never leaves a file that passes for
 //! complete. Raw output is sparse. qcow2 output is the raw image converted by
-//! `qemu-img convert` (then the raw file is removed). A block device is written in place
+//! `qemu-img convert` (then the raw file is removed), compressed with `--compress`;
+//! `--preallocate` allocates the whole image (qcow2 `preallocation=full`, as upstream
+//! creates its images; a raw file is `fallocate`d). A block device is written in place
 //! (it cannot be renamed), with `--sparse=never` writing zeros over holes for devices that
-//! were not zeroed beforehand.
+//! were not zeroed beforehand. `rebuild` makes the rest of a VM: image names, boot files,
+//! the (adjusted) domain XML and its definition in libvirt.
 
 pub mod copy;
+pub mod rebuild;
 pub mod verify;
 pub mod vmconfig;
 
@@ -51,6 +55,8 @@ pub enum RestoreError {
     DeviceTooSmall { path: PathBuf, have: u64, need: u64 },
     #[error("qemu-img convert to {path} failed: {detail}")]
     QemuImg { path: PathBuf, detail: String },
+    #[error("{0}: --compress writes qcow2 images; not with raw output")]
+    CompressRaw(PathBuf),
 }
 
 /// The image format written.
@@ -67,15 +73,27 @@ impl Format {
             Format::Qcow2 => "qcow2",
         }
     }
+
+    /// The format of a disk whose libvirt `<driver type>` (or stream `diskFormat`) is
+    /// `name`: raw stays raw, anything else is restored as qcow2, as upstream restores it.
+    pub fn of_disk(name: &str) -> Format {
+        if name == "raw" { Format::Raw } else { Format::Qcow2 }
+    }
 }
 
 /// How to restore.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub format: Format,
     pub sparse: Sparse,
     /// Worker threads per disk.
     pub threads: usize,
+    /// qcow2 with compressed clusters (`--compress`).
+    pub compress: bool,
+    /// Allocate the whole image (`-A`).
+    pub preallocate: bool,
+    /// qcow2 creation options of the original image (`rebuild::qcow2_options`).
+    pub qcow2_options: Vec<String>,
 }
 
 /// What one disk's restore did.
@@ -115,25 +133,42 @@ pub fn restore_image(
         if target.exists() {
             return Err(RestoreError::Exists(target.to_owned()));
         }
+        if opts.compress && opts.format == Format::Raw {
+            return Err(RestoreError::CompressRaw(target.to_owned()));
+        }
         let raw = partial_name(target, opts.format == Format::Qcow2);
         let file = File::create(&raw).map_err(io(&raw))?;
         file.set_len(size).map_err(io(&raw))?;
         let stats = copy_image(reader, &file, &raw, opts.sparse, opts.threads, done)?;
         match opts.format {
             Format::Raw => {
+                if opts.preallocate {
+                    // Mode 0 allocates the holes (as unwritten extents: still zeros) and
+                    // leaves the data as it is.
+                    nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, size as i64)
+                        .map_err(|e| io(&raw)(e.into()))?;
+                }
                 file.sync_all().map_err(io(&raw))?;
                 std::fs::rename(&raw, target).map_err(io(target))?;
             }
             Format::Qcow2 => {
                 // The raw stage is read once and deleted: no need to make it durable.
-                // `-W` lets qemu-img write clusters out of order, in parallel.
+                // `-W` lets qemu-img write clusters out of order, in parallel; compressed
+                // clusters (`-c`) and preallocation are qemu-img's.
                 let partial = partial_name(target, false);
-                let out = Command::new("qemu-img")
-                    .args(["convert", "-q", "-W", "-f", "raw", "-O", "qcow2"])
-                    .arg(&raw)
-                    .arg(&partial)
-                    .output()
-                    .map_err(io(Path::new("qemu-img")))?;
+                let mut convert = Command::new("qemu-img");
+                convert.args(["convert", "-q", "-W", "-f", "raw", "-O", "qcow2"]);
+                if opts.compress {
+                    convert.arg("-c");
+                }
+                let mut create = opts.qcow2_options.clone();
+                if opts.preallocate {
+                    create.push("preallocation=full".to_owned());
+                }
+                if !create.is_empty() {
+                    convert.arg("-o").arg(create.join(","));
+                }
+                let out = convert.arg(&raw).arg(&partial).output().map_err(io(Path::new("qemu-img")))?;
                 if !out.status.success() {
                     let detail = String::from_utf8_lossy(&out.stderr).trim().to_owned();
                     return Err(RestoreError::QemuImg { path: target.to_owned(), detail });

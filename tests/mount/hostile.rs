@@ -196,6 +196,43 @@ fn hostile_names_in_vmconfig_and_metadata_stay_one_safe_component() {
     }
 }
 
+/// Boot files whose paths in `<os>` climb out, end in `..`, or end in the name of another
+/// file of the point's folder: only plain names show, each beside `vmconfig.xml` with
+/// the bytes of its file in the set, and no name takes the place of the image or the XML.
+#[test]
+fn hostile_boot_file_names_stay_in_their_folder() {
+    let source = tempfile::tempdir().expect("source");
+    write_good(source.path());
+    let xml = "<domain type='kvm'><name>boot-vm</name><os>\
+               <loader>/usr/share/../../x/vmconfig.xml</loader><nvram>../../vm_VARS.fd</nvram>\
+               <kernel>/boot/sda.raw</kernel><initrd>/boot/..</initrd></os></domain>";
+    let stream = full_stream("sda", &good_image(), false);
+    write_set(
+        &source.path().join("boot"),
+        &[
+            ("sda.full.data", &stream),
+            ("vmconfig.virtnbdbackup.0.xml", xml.as_bytes()),
+            ("vm_VARS.fd.virtnbdbackup.0", b"vars"),
+            ("vmconfig.xml.virtnbdbackup.0", b"not the config"),
+            ("sda.raw.virtnbdbackup.0", b"not the image"),
+        ],
+    );
+    let (m, _dir) = mount_and_check_good(source.path());
+    let point = m.mnt.join("boot-vm/virtnbdbackup.0");
+    let mut names: Vec<String> = std::fs::read_dir(&point)
+        .expect("point folder")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["info.json", "sda.raw", "vm_VARS.fd", "vmconfig.xml"]);
+    assert_eq!(std::fs::read(point.join("vm_VARS.fd")).expect("nvram"), b"vars");
+    assert_eq!(std::fs::read(point.join("vmconfig.xml")).expect("xml"), xml.as_bytes());
+    assert!(
+        std::fs::read(point.join("sda.raw")).expect("image") == good_image(),
+        "the image, not a boot file"
+    );
+}
+
 /// Domain names taken from the `.cpt` file name (no vmconfig), and a data file whose disk
 /// part holds a newline.
 #[test]

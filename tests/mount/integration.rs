@@ -390,7 +390,7 @@ fn mount_t_fuse_vmback_and_an_fstab_line() {
     let (t, src, mnt) = sample_dirs();
     std::fs::create_dir(&mnt).unwrap();
     let reference = t.path().join("restored");
-    let out = vmback(&["restore", "-i", path_str(&src), "-o", path_str(&reference)]);
+    let out = vmback(&["restore", "-i", path_str(&src), "-o", path_str(&reference), "--format", "raw"]);
     assert!(out.status.success(), "{}", text(&out));
     let same_as_restore = |mnt: &Path| {
         for disk in ["sda", "sdb"] {

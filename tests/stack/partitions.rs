@@ -139,7 +139,17 @@ fn check_fs(m: &LoopMount, what: &str, files: &[(&str, Option<&str>)]) {
 fn check_restore(set: &Path, point: &str, layout: &[Partition], expect: &[Expect]) {
     let out = tempdir("restore");
     let until = point.rsplit('/').next().expect("point name");
-    vmback_ok(&["restore", "-i", path_str(set), "-o", path_str(out.path()), "--until", until]);
+    vmback_ok(&[
+        "restore",
+        "-i",
+        path_str(set),
+        "-o",
+        path_str(out.path()),
+        "--until",
+        until,
+        "--format",
+        "raw",
+    ]);
     let image = out.path().join("vda.raw");
     assert_eq!(table_of(&image), layout, "restored {point}: partition table");
     for (number, files) in expect {

@@ -9,6 +9,7 @@
 
 mod stream;
 mod support;
+mod vm;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
@@ -36,10 +37,19 @@ fn set_points(set: &Path) -> Vec<Point> {
     points(&ls_json(set))
 }
 
+/// Raw images (`<disk>.raw` for the `<disk>.qcow2` disks of these sets), which the tests
+/// compare with the truth, unless the test chose a format.
+fn raw_unless_said(args: &mut Vec<&str>) {
+    if !args.contains(&"--format") {
+        args.extend(["--format", "raw"]);
+    }
+}
+
 /// `vmback restore -i SET -o OUT ARGS...`, which must succeed.
 fn restore_ok(set: &Path, out: &Path, args: &[&str]) {
     let mut all = vec!["restore", "-i", path_str(set), "-o", path_str(out)];
     all.extend_from_slice(args);
+    raw_unless_said(&mut all);
     vmback_ok(&all);
 }
 
@@ -47,6 +57,7 @@ fn restore_ok(set: &Path, out: &Path, args: &[&str]) {
 fn restore_fails(set: &Path, out: &Path, args: &[&str]) -> String {
     let mut all = vec!["restore", "-i", path_str(set), "-o", path_str(out)];
     all.extend_from_slice(args);
+    raw_unless_said(&mut all);
     let o = vmback(&all);
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(
@@ -938,7 +949,17 @@ fn an_interrupted_restore_leaves_only_a_partial_file() {
         let (partial, image) = (out.join("sda.raw.partial"), out.join("sda.raw"));
         let mut child = Reaped(
             Command::new(support::VMBACK)
-                .args(["restore", "-i", path_str(&set), "-o", path_str(&out), "--threads", "1"])
+                .args([
+                    "restore",
+                    "-i",
+                    path_str(&set),
+                    "-o",
+                    path_str(&out),
+                    "--threads",
+                    "1",
+                    "--format",
+                    "raw",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()

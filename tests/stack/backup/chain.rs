@@ -101,6 +101,8 @@ pub fn check_vmback_restore(steps: &[Step]) {
                 point,
                 "-d",
                 disk,
+                "--format",
+                "raw",
             ]);
             assert_same(
                 &out.path().join(format!("{disk}.raw")),
