@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::ls::human;
 use super::{Result, cores, parse_bytes};
-use crate::backup::{BackupOptions, Level, Outcome, run};
+use crate::backup::{BackupOptions, JobOptions, Level, Outcome, run};
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
@@ -60,6 +60,68 @@ pub struct BackupArgs {
     /// Folder for the NBD socket and libvirt's scratch files.
     #[arg(long = "scratchdir", default_value = "/var/tmp")]
     pub scratch_dir: PathBuf,
+    #[command(flatten)]
+    pub job: JobArgs,
+    #[command(flatten)]
+    pub log: BackupLogArgs,
+    /// Ask qemu's tools for the extents to save (`nbdinfo --map`, as upstream's -q does)
+    /// instead of the NBD server directly; the backup is the same.
+    #[arg(short = 'q', long = "qemu")]
+    pub qemu: bool,
+    /// Accepted for upstream's scripts: vmback never turns dirty ranges that read as
+    /// zeros into holes (see the README), which is what this asks of upstream.
+    #[arg(long = "no-sparse-detection")]
+    pub no_sparse_detection: bool,
+}
+
+/// The domain and its backup job (upstream's names and meanings).
+#[derive(Args, Debug)]
+pub struct JobArgs {
+    /// Start a shut-off domain paused for the backup (so a full makes its checkpoint),
+    /// and stop it again after.
+    #[arg(short = 'S', long = "start-domain")]
+    pub start_domain: bool,
+    /// Pause the running domain while the backup job starts.
+    #[arg(long)]
+    pub pause: bool,
+    /// Freeze only the guest's filesystems on these mountpoints (comma-separated;
+    /// default: all), through the guest agent.
+    #[arg(short = 'F', long = "freeze-mountpoint", value_delimiter = ',')]
+    pub freeze_mountpoint: Vec<String>,
+    /// Only start the backup job and leave its NBD server running for other tools (see
+    /// --socketfile); save nothing. End it with -k.
+    #[arg(short = 's', long = "startonly", conflicts_with = "killonly")]
+    pub startonly: bool,
+    /// End the domain's backup job (one left by -s, another tool or a killed run), and
+    /// do nothing else.
+    #[arg(short = 'k', long = "killonly")]
+    pub killonly: bool,
+    /// The NBD server's unix socket; a shut-off domain's disks are served on PATH.DISK
+    /// [default: SCRATCHDIR/vmback.PID.sock; with -s SCRATCHDIR/vmback-DOMAIN.sock].
+    #[arg(short = 'f', long = "socketfile")]
+    pub socketfile: Option<PathBuf>,
+}
+
+/// How `vmback backup` reports (upstream's names; the log filter and file are the global
+/// --log-level and --log-file/--logfile).
+#[derive(Args, Debug)]
+pub struct BackupLogArgs {
+    /// No progress bars.
+    #[arg(short = 'n', long = "noprogress")]
+    pub noprogress: bool,
+    /// Log debug lines too (as --log-level debug; --log-level wins).
+    #[arg(short = 'v', long = "verbose")]
+    pub verbose: bool,
+    /// Send the log to syslog too (/dev/log).
+    #[arg(short = 'L', long = "syslog")]
+    pub syslog: bool,
+    /// No log on stderr (and no progress bars); --log-file and -L still get it.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Exit 2 when the backup succeeded but a warning was logged (e.g. no guest agent
+    /// answered, so the filesystems were not frozen).
+    #[arg(short = 'e', long = "strict")]
+    pub strict: bool,
 }
 
 impl From<&BackupArgs> for BackupOptions {
@@ -79,14 +141,24 @@ impl From<&BackupArgs> for BackupOptions {
             raw_disks: a.raw,
             checkpoint_dir: a.checkpoint_dir.clone(),
             scratch_dir: a.scratch_dir.clone(),
+            qemu_extents: a.qemu,
+            job: JobOptions {
+                start_domain: a.job.start_domain,
+                pause: a.job.pause,
+                freeze: a.job.freeze_mountpoint.clone(),
+                start_only: a.job.startonly,
+                kill_only: a.job.killonly,
+                socket: a.job.socketfile.clone(),
+            },
         }
     }
 }
 
-pub fn backup(opts: &BackupOptions) -> Result<ExitCode> {
+pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
+    let opts = &BackupOptions::from(a);
     stop_on_signal(opts);
     let bars = MultiProgress::new();
-    let show = std::io::stderr().is_terminal();
+    let show = std::io::stderr().is_terminal() && !a.log.noprogress && !a.log.quiet;
     let by_disk: Mutex<HashMap<String, ProgressBar>> = Mutex::new(HashMap::new());
     let logged: Mutex<HashMap<String, u64>> = Mutex::new(HashMap::new());
     let progress = |disk: &str, n: u64| {
@@ -118,6 +190,14 @@ pub fn backup(opts: &BackupOptions) -> Result<ExitCode> {
         Outcome::BelowThreshold { bytes } => {
             outln!("{} changed, below the threshold: no backup taken", human(bytes))
         }
+        Outcome::JobStarted { endpoints } => {
+            for (disk, uri) in endpoints {
+                outln!("{disk}: {uri}");
+            }
+        }
+        Outcome::JobEnded { ended } => {
+            outln!("{}: {}", opts.domain, if ended { "backup job ended" } else { "no backup job" })
+        }
         Outcome::Saved { level, disks } => {
             for b in by_disk.lock().expect("no panics while held").values() {
                 b.finish();
@@ -145,6 +225,12 @@ pub fn backup(opts: &BackupOptions) -> Result<ExitCode> {
                 human(zero)
             );
         }
+    }
+    let warnings = super::logging::warnings();
+    if a.log.strict && warnings > 0 {
+        info!("{warnings} warning(s) logged: exit code 2 (--strict)");
+        // 2: upstream's exit code for a backup that logged warnings under --strict.
+        return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,7 @@
 //! parallel with each other and with other test binaries.
 
 mod chain;
+mod options;
 pub mod support;
 
 use std::path::Path;
@@ -457,8 +458,12 @@ fn sigkill_mid_backup_leaves_nothing_complete_and_the_next_run_cleans_up() {
         set = root.path().join(format!("set{attempt}"));
     }
     assert_killed_cleanly(&dom, &set, "vda.full.data", "virtnbdbackup.0");
-    // The next full removes the partial file, ends the job and starts over.
-    steps.push(dom.backup(Tool::Vmback, "full", &set, &[]));
+    // The next full removes the partial file, ends the job and starts over, and says so.
+    let log = root.path().join("next.log");
+    steps.push(dom.backup(Tool::Vmback, "full", &set, &["--logfile", path_str(&log)]));
+    let said = std::fs::read_to_string(&log).expect("--logfile");
+    assert!(said.contains("vda.full.data.partial: removing what an earlier backup"), "{said}");
+    assert!(said.contains("ending the backup job of vmback PID"), "{said}");
     assert!(dom.no_job(), "the job is still running");
     assert_eq!(dom.checkpoints(), ["virtnbdbackup.0".to_owned()].into());
 
