@@ -2,8 +2,9 @@
 //! domains, written in virtnbdbackup's format so either tool can continue the other's
 //! chain.
 //!
-//! The run itself is here: which level (`auto`), which disks, and the checks that refuse
-//! a run before anything is written. The parts: `folder` (the chain folder, its `.cpt`,
+//! The run itself is here: which level (`auto`), which disks, the checks that refuse a
+//! run before anything is written, and `-S` (a shut-off domain started paused for the
+//! run, with libvirt's autodestroy, and stopped again at its end). The parts: `folder` (the chain folder, its `.cpt`,
 //! its lock, file naming), [`domxml`] (domain, backup and checkpoint XML), `online` (a
 //! running domain, through libvirt's pull-mode backup job), `offline` (a shut-off one,
 //! through our own `qemu-nbd`), `save` (the disks' data files), with `disk` (one disk's

@@ -4,7 +4,14 @@
 //! A full or inc creates its checkpoint atomically with the job; a diff reads the changes
 //! since the last checkpoint without creating one; a copy has no checkpoint at all.
 //!
-//! Invariants: the job is always ended (also on error and on unwinding). Before an inc or
+//! Around the job's start the guest's filesystems are frozen through the guest agent
+//! (`-F`: some mountpoints), unless the domain is paused (`--pause` pauses it for that
+//! moment). A domain that has a backup job already is refused, unless the job is a dead
+//! vmback's (its socket `vmback.<pid>.sock` names a process that is gone): that one is
+//! ended. `-s` starts the job and leaves it running; `-k` only ends it.
+//!
+//! Invariants: the job is always ended (also on error and on unwinding), except the one
+//! `-s` is asked to leave running; another tool's job is never ended unasked. Before an inc or
 //! diff the domain's checkpoints are brought in step with the folder's chain, and every
 //! check that can refuse runs before anything is deleted: a checkpoint vmback did not make
 //! refuses the run, so does one of the chain's names that libvirt holds with another
