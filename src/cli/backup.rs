@@ -43,7 +43,7 @@ pub struct BackupArgs {
     #[arg(short = 'w', long = "worker")]
     pub worker: Option<usize>,
     /// Skip an inc/diff that would save fewer bytes than this.
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(short = 'T', long, value_parser = parse_bytes)]
     pub threshold: Option<u64>,
     /// Print how much a backup would save, and exit.
     #[arg(short = 'p', long = "printonly")]
@@ -52,7 +52,7 @@ pub struct BackupArgs {
     #[arg(short = 't', long = "type", default_value = "stream", value_parser = ["stream", "raw"])]
     pub output_type: String,
     /// Include raw-format disks (saved as raw images in full and copy backups).
-    #[arg(long)]
+    #[arg(short = 'r', long)]
     pub raw: bool,
     /// Where checkpoint XML files are kept [default: OUTPUT/checkpoints].
     #[arg(short = 'C', long = "checkpointdir")]
@@ -118,6 +118,9 @@ pub struct BackupLogArgs {
     /// No log on stderr (and no progress bars); --log-file and -L still get it.
     #[arg(long)]
     pub quiet: bool,
+    /// No colours in the log on a terminal.
+    #[arg(long)]
+    pub nocolor: bool,
     /// Exit 2 when the backup succeeded but a warning was logged (e.g. no guest agent
     /// answered, so the filesystems were not frozen).
     #[arg(short = 'e', long = "strict")]
@@ -253,4 +256,39 @@ fn stop_on_signal(opts: &BackupOptions) {
             std::process::exit(130);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    fn parse(args: &str) -> super::BackupArgs {
+        let cli = Cli::try_parse_from(format!("vmback backup -d vm -o /b {args}").split_whitespace())
+            .unwrap_or_else(|e| panic!("{args}: {e}"));
+        let Command::Backup(a) = cli.command else { panic!("not a backup") };
+        a
+    }
+
+    /// Upstream's short and long names of the options, as scripts spell them.
+    #[test]
+    fn upstreams_option_names_parse() {
+        let a = parse("-S --pause -F /mnt,/var -s -f /tmp/s.sock -n -v -L --quiet --nocolor -e -q -r -T 100");
+        assert!(a.job.start_domain && a.job.pause && a.job.startonly && a.raw && a.qemu);
+        assert_eq!(a.job.freeze_mountpoint, ["/mnt", "/var"]);
+        assert_eq!(a.job.socketfile.as_deref(), Some(std::path::Path::new("/tmp/s.sock")));
+        let l = &a.log;
+        assert!(l.noprogress && l.verbose && l.syslog && l.quiet && l.nocolor && l.strict);
+        assert_eq!(a.threshold, Some(100));
+        let a = parse(
+            "--start-domain --freeze-mountpoint /x --killonly --socketfile s --noprogress --verbose \
+             --syslog --strict --qemu --no-sparse-detection --raw --threshold 1K",
+        );
+        assert!(a.job.start_domain && a.job.killonly && a.no_sparse_detection && a.log.strict);
+        assert_eq!(a.threshold, Some(1024));
+        assert!(Cli::try_parse_from("vmback backup -d vm -o /b -s -k".split_whitespace()).is_err());
+        let cli = Cli::try_parse_from("vmback --logfile /l backup -d vm -o /b".split_whitespace()).unwrap();
+        assert_eq!(cli.log_file.as_deref(), Some(std::path::Path::new("/l")));
+    }
 }

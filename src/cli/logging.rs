@@ -1,7 +1,8 @@
 //! Where the log goes: tracing to stderr, or appended to `--log-file` (`--logfile`), and
 //! with `backup -L` to syslog as well; `backup --quiet` leaves stderr out. One filter for
 //! all of them: `--log-level`, else `backup -v` (debug), else `VMBACK_LOG`, else
-//! [`DEFAULT_LOG`]. Beside them a layer counts the warnings, for `backup --strict`.
+//! [`DEFAULT_LOG`]. Colours only on a terminal, and not with `backup --nocolor`. Beside
+//! them a layer counts the warnings, for `backup --strict`.
 //!
 //! Syslog goes through `syslog-tracing` (libc's `openlog`/`syslog`, so `/dev/log` as
 //! every syslog daemon and journald serve it, as upstream's `SysLogHandler("/dev/log")`),
@@ -64,9 +65,9 @@ fn filter_spec(cli: &Cli, verbose: bool) -> Result<String, String> {
 /// Sets up logging for `cli` (see the module note). A bad filter or a log file that
 /// cannot be opened is an error.
 pub fn init_logging(cli: &Cli) -> Result<(), String> {
-    let (verbose, quiet, syslog) = match &cli.command {
-        Command::Backup(a) => (a.log.verbose, a.log.quiet, a.log.syslog),
-        _ => (false, false, false),
+    let (verbose, quiet, syslog, nocolor) = match &cli.command {
+        Command::Backup(a) => (a.log.verbose, a.log.quiet, a.log.syslog, a.log.nocolor),
+        _ => (false, false, false, false),
     };
     let spec = filter_spec(cli, verbose)?;
     let filter = || EnvFilter::new(&spec);
@@ -85,7 +86,7 @@ pub fn init_logging(cli: &Cli) -> Result<(), String> {
             .push(fmt().with_writer(std::sync::Mutex::new(f)).with_ansi(false).with_filter(filter()).boxed());
     }
     if to_stderr {
-        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let ansi = !nocolor && std::io::IsTerminal::is_terminal(&std::io::stderr());
         layers.push(fmt().with_writer(std::io::stderr).with_ansi(ansi).with_filter(filter()).boxed());
     }
     let syslog = syslog
