@@ -763,8 +763,9 @@ fn failed_incs_keep_every_bitmap_a_chain_needs() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("qemu-io");
-    // Held once a plain `qemu-img info` (which wants a shared lock) is refused.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Held once a plain `qemu-img info` (which wants a shared lock) is refused. 60 s: with
+    // the whole stack suite running on 2 cores, 10 s were once not enough.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::process::Command::new("qemu-img")
         .args(["info", path_str(&dom.image("vdb"))])
         .output()
@@ -772,6 +773,9 @@ fn failed_incs_keep_every_bitmap_a_chain_needs() {
         .status
         .success()
     {
+        if let Some(status) = holder.try_wait().expect("try_wait") {
+            panic!("qemu-io exited ({status}) instead of holding vdb");
+        }
         assert!(std::time::Instant::now() < deadline, "qemu-io did not open vdb");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
