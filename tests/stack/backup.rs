@@ -797,7 +797,9 @@ fn failed_incs_keep_every_bitmap_a_chain_needs() {
 }
 
 /// A second run into the folder of one still running fails at once, naming the first's
-/// PID, and leaves its `.partial` alone; the first completes.
+/// PID, and leaves its `.partial` alone; one into another folder is refused for the
+/// first's live backup job (vmback used to end it, failing the first run); the first
+/// completes.
 #[test]
 fn a_second_run_into_a_busy_folder_fails_and_spares_the_first_runs_partial() {
     if !stack() {
@@ -822,6 +824,9 @@ fn a_second_run_into_a_busy_folder_fails_and_spares_the_first_runs_partial() {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         let second = support::vmback(&["backup", "-d", name, "-l", "copy", "-o", path_str(&set)]);
+        // Into another folder: the first run's job is live (its PID runs): refused, not ended.
+        let other = root.path().join(format!("other{attempt}"));
+        let third = support::vmback(&["backup", "-d", name, "-l", "copy", "-o", path_str(&other)]);
         let still_running = first.try_wait().expect("try_wait").is_none();
         let status = first.wait().expect("wait");
         assert!(status.success(), "the first run failed: {status}");
@@ -832,6 +837,12 @@ fn a_second_run_into_a_busy_folder_fails_and_spares_the_first_runs_partial() {
         assert_eq!(second.status.code(), Some(1), "{err}");
         assert!(
             err.contains(&format!("PID {}", first.id())) && err.contains("another vmback backup"),
+            "{err}"
+        );
+        let err = String::from_utf8_lossy(&third.stderr);
+        assert_eq!(third.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("active backup job") && err.contains(&format!("vmback.{}.sock", first.id())),
             "{err}"
         );
         assert!(file.exists() && !partial.exists(), "{:?}", names(&set));
