@@ -221,14 +221,22 @@ fn socket_pid(socket: &Path) -> Option<u32> {
     name.strip_prefix("vmback.")?.strip_suffix(".sock")?.parse().ok()
 }
 
-/// Where the NBD server of a backup job's XML listens: its unix socket, or host:port.
-fn job_endpoint(job_xml: &str) -> Option<String> {
+/// The PID in a scratch file name `vmback.<pid>.<disk>.scratch` ([`domxml::scratch_file`]).
+fn scratch_pid(scratch: &Path) -> Option<u32> {
+    let name = scratch.file_name()?.to_str()?;
+    name.strip_prefix("vmback.")?.split('.').next()?.parse().ok()
+}
+
+/// What a backup job's XML says: where its NBD server listens (its unix socket, or
+/// host:port), and the vmback run that started it, if one did: the PID in its unix
+/// socket's name, or for a TCP server (a remote hypervisor's), in its scratch files'. A
+/// `-s` job's socket names no PID; over TCP a `-s` job cannot be told from a killed run's.
+fn job_owner(job_xml: &str) -> (Option<String>, Option<u32>) {
     let mut reader = quick_xml::Reader::from_str(job_xml);
+    let (mut endpoint, mut unix, mut scratch) = (None, false, None);
     loop {
-        match reader.read_event().ok()? {
-            quick_xml::events::Event::Empty(e) | quick_xml::events::Event::Start(e)
-                if e.name().as_ref() == b"server" =>
-            {
+        match reader.read_event() {
+            Ok(quick_xml::events::Event::Empty(e) | quick_xml::events::Event::Start(e)) => {
                 let attr = |k: &[u8]| {
                     e.try_get_attribute(k)
                         .ok()
@@ -236,21 +244,35 @@ fn job_endpoint(job_xml: &str) -> Option<String> {
                         .and_then(|a| a.unescape_value().ok())
                         .map(|v| v.into_owned())
                 };
-                return attr(b"socket").or_else(|| Some(format!("{}:{}", attr(b"name")?, attr(b"port")?)));
+                match e.name().as_ref() {
+                    b"server" => {
+                        unix = attr(b"socket").is_some();
+                        endpoint = attr(b"socket")
+                            .or_else(|| Some(format!("{}:{}", attr(b"name")?, attr(b"port")?)));
+                    }
+                    b"scratch" if scratch.is_none() => scratch = attr(b"file"),
+                    _ => {}
+                }
             }
-            quick_xml::events::Event::Eof => return None,
-            _ => {}
+            Ok(quick_xml::events::Event::Eof) | Err(_) => break,
+            Ok(_) => {}
         }
     }
+    let pid = match (&endpoint, unix) {
+        (Some(socket), true) => socket_pid(Path::new(socket)),
+        _ => scratch.as_deref().and_then(|s| scratch_pid(Path::new(s))),
+    };
+    (endpoint, pid)
 }
 
-/// A backup job the domain has already: a killed vmback's (its socket names a process
+/// A backup job the domain has already: a killed vmback's (see [`job_owner`]: a process
 /// that is gone) is ended, with a warning; any other one (another tool's, a `-s` job, a
 /// run still going) refuses the run, as upstream refuses it.
 fn end_stale_job(dom: &Domain, domain: &str) -> Result<()> {
     let Ok(job_xml) = libvirt::backup_job_xml(dom) else { return Ok(()) };
-    let endpoint = job_endpoint(&job_xml).unwrap_or_else(|| "unknown".into());
-    match socket_pid(Path::new(&endpoint)) {
+    let (endpoint, pid) = job_owner(&job_xml);
+    let endpoint = endpoint.unwrap_or_else(|| "unknown".into());
+    match pid {
         Some(pid) if !Path::new(&format!("/proc/{pid}")).exists() => {
             warn!("{domain}: ending the backup job of vmback PID {pid}, which is gone ({endpoint})");
             Ok(libvirt::abort_job(dom)?)
@@ -266,7 +288,7 @@ pub fn kill_job(dom: &Domain, domain: &str) -> Result<Outcome> {
         return Ok(Outcome::JobEnded { ended: false });
     };
     libvirt::abort_job(dom)?;
-    info!("{domain}: ended its backup job (NBD server {})", job_endpoint(&job_xml).unwrap_or_default());
+    info!("{domain}: ended its backup job (NBD server {})", job_owner(&job_xml).0.unwrap_or_default());
     Ok(Outcome::JobEnded { ended: true })
 }
 
@@ -348,20 +370,28 @@ mod tests {
     }
 
     #[test]
-    fn a_jobs_endpoint_and_a_dead_runs_pid_are_read_from_its_xml() {
-        let unix = "<domainbackup mode='pull'><server transport='unix' socket='/var/tmp/vmback.4242.sock'/>\
-                    <disks><disk name='vda' backup='yes' type='file'/></disks></domainbackup>";
-        let sock = job_endpoint(unix).unwrap();
-        assert_eq!(sock, "/var/tmp/vmback.4242.sock");
-        assert_eq!(socket_pid(Path::new(&sock)), Some(4242));
-        let tcp =
-            "<domainbackup mode='pull'><server transport='tcp' name='10.0.0.2' port='10809'/></domainbackup>";
-        assert_eq!(job_endpoint(tcp).as_deref(), Some("10.0.0.2:10809"));
-        for other in
-            ["/var/tmp/vmback-vm1.sock", "/tmp/nbd.sock", "/var/tmp/virtnbdbackup.77", "/x/vmback.x.sock"]
-        {
-            assert_eq!(socket_pid(Path::new(other)), None, "{other}");
+    fn a_jobs_endpoint_and_its_runs_pid_are_read_from_its_xml() {
+        let scratch = "<disks><disk name='vda' backup='yes' type='file'>\
+                       <scratch file='/var/tmp/vmback.4343.vda.scratch'/></disk></disks>";
+        let unix = format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='/var/tmp/vmback.4242.sock'/>{scratch}</domainbackup>"
+        );
+        assert_eq!(job_owner(&unix), (Some("/var/tmp/vmback.4242.sock".into()), Some(4242)));
+        // -s or -f: the socket names no run, whatever the scratch files say.
+        let s = unix.replace("vmback.4242.sock", "vmback-vm1.sock");
+        assert_eq!(job_owner(&s), (Some("/var/tmp/vmback-vm1.sock".into()), None));
+        // TCP (a remote hypervisor): the scratch files name the run.
+        let tcp = format!(
+            "<domainbackup mode='pull'><server transport='tcp' name='10.0.0.2' port='10809'/>{scratch}</domainbackup>"
+        );
+        assert_eq!(job_owner(&tcp), (Some("10.0.0.2:10809".into()), Some(4343)));
+        let other = "<domainbackup mode='pull'><server transport='unix' socket='/var/tmp/virtnbdbackup.77'/>\
+                     <disks><disk name='vda'><scratch file='/var/tmp/backup.ABCDE.vda'/></disk></disks></domainbackup>";
+        assert_eq!(job_owner(other).1, None);
+        for name in ["/tmp/nbd.sock", "/x/vmback.x.sock"] {
+            assert_eq!(socket_pid(Path::new(name)), None, "{name}");
         }
+        assert_eq!(scratch_pid(Path::new("/tmp/vmback.12.v.d.scratch")), Some(12));
     }
 
     #[test]
