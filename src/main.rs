@@ -1,6 +1,6 @@
 use std::process::ExitCode;
 
-use vmback::cli::{parse, run};
+use vmback::cli::{init_logging, parse, run};
 
 /// glibc's `malloc` raises its mmap threshold the first time it frees a large block
 /// (a decoded 32 MiB lz4 frame); from then on, freed frames smaller than that stay in
@@ -23,47 +23,6 @@ fn pin_malloc_threshold() {
     let _ = std::process::Command::new(exe).arg0(arg0).args(args).env(VAR, "1048576").exec();
 }
 
-/// The log filter when neither `--log-level` nor `VMBACK_LOG` sets one: fuser's own info
-/// lines (one per session event) are noise to a user.
-const DEFAULT_LOG: &str = "info,fuser=warn";
-
-/// Logs through tracing to stderr (or appends to `--log-file`), filtered by `--log-level`
-/// if given, else by the `VMBACK_LOG` environment variable, else [`DEFAULT_LOG`]. A bad
-/// filter or a log file that cannot be opened is an error.
-fn init_logging(flag: Option<&str>, file: Option<&std::path::Path>) -> Result<(), String> {
-    use tracing_subscriber::EnvFilter;
-    use tracing_subscriber::fmt::writer::BoxMakeWriter;
-    let filter = match (flag, std::env::var("VMBACK_LOG")) {
-        (Some(f), _) => EnvFilter::try_new(f).map_err(|e| format!("--log-level {f}: {e}"))?,
-        (None, Ok(f)) if !f.is_empty() => {
-            EnvFilter::try_new(&f).map_err(|e| format!("VMBACK_LOG={f}: {e}"))?
-        }
-        (None, _) => EnvFilter::new(DEFAULT_LOG),
-    };
-    let (writer, ansi) = match file {
-        Some(path) => {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| format!("--log-file {}: {e}", path.display()))?;
-            (BoxMakeWriter::new(std::sync::Mutex::new(f)), false)
-        }
-        None => (BoxMakeWriter::new(std::io::stderr), std::io::IsTerminal::is_terminal(&std::io::stderr())),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(ansi)
-        .with_target(false)
-        // The server of a `mount --background` logs into a pipe whose reader leaves once
-        // the mount is up: a failed write must drop the line, not report (and panic) on
-        // the same stderr.
-        .log_internal_errors(false)
-        .init();
-    Ok(())
-}
-
 fn main() -> ExitCode {
     pin_malloc_threshold();
     let cli = match parse(std::env::args_os().collect()) {
@@ -71,7 +30,7 @@ fn main() -> ExitCode {
         Ok(None) => return ExitCode::SUCCESS,
         Err(e) => e.exit(),
     };
-    if let Err(e) = init_logging(cli.log_level.as_deref(), cli.log_file.as_deref()) {
+    if let Err(e) = init_logging(&cli) {
         eprintln!("vmback: {e}");
         // 2: clap's exit code for a bad command line, which a bad filter or log file is.
         return ExitCode::from(2);

@@ -26,6 +26,8 @@ pub enum DiskError {
     },
     #[error("NBD server answered block status at {0} with no extents")]
     NoExtents(u64),
+    #[error("nbdinfo --map {uri} (-q): {reason}")]
+    Nbdinfo { uri: String, reason: String },
 }
 
 /// Largest block-status request: the NBD protocol counts in 32 bits; 1 GiB keeps each
@@ -50,35 +52,92 @@ pub type Extent = (u64, u64, bool);
 
 /// The extents of the whole export, merged where neighbours are of the same kind.
 pub fn query_extents(nbd: &mut Nbd, size: u64, kind: Extents) -> Result<Vec<Extent>, DiskError> {
-    let mut out: Vec<Extent> = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let entries = nbd.block_status((size - pos).min(STATUS_CHUNK), pos)?;
+    let mut merged = Merged::new(size, kind);
+    while merged.pos < size {
+        let entries = nbd.block_status((size - merged.pos).min(STATUS_CHUNK), merged.pos)?;
         if entries.is_empty() {
-            return Err(DiskError::NoExtents(pos));
+            return Err(DiskError::NoExtents(merged.pos));
         }
+        merged.extend(entries);
+    }
+    Ok(merged.finish())
+}
+
+/// `-q`: the same extents as [`query_extents`], asked of qemu's tools as upstream's `-q`
+/// asks them: `nbdinfo --json --map=CONTEXT URI`, a connection of its own to the server.
+pub fn nbdinfo_extents(nbd: &Nbd, size: u64, kind: Extents) -> Result<Vec<Extent>, DiskError> {
+    let uri = nbd.uri()?;
+    let nbdinfo = |reason: String| DiskError::Nbdinfo { uri: uri.clone(), reason };
+    let out = std::process::Command::new("nbdinfo")
+        .args(["--json", &format!("--map={}", nbd.context()), &uri])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| nbdinfo(format!("cannot run it: {e}")))?;
+    if !out.status.success() {
+        return Err(nbdinfo(format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        offset: u64,
+        length: u64,
+        #[serde(rename = "type")]
+        flags: u32,
+    }
+    let entries: Vec<Entry> =
+        serde_json::from_slice(&out.stdout).map_err(|e| nbdinfo(format!("unexpected output: {e}")))?;
+    let mut merged = Merged::new(size, kind);
+    for e in entries {
+        if e.offset != merged.pos {
+            return Err(nbdinfo(format!("extent at {} where {} was expected", e.offset, merged.pos)));
+        }
+        merged.extend([(e.length, e.flags)]);
+    }
+    if merged.pos < size {
+        return Err(DiskError::NoExtents(merged.pos));
+    }
+    Ok(merged.finish())
+}
+
+/// Extents `(length, flags)` from `pos` on, as the server answers them, turned into
+/// [`Extent`]s merged where neighbours are of the same kind.
+struct Merged {
+    out: Vec<Extent>,
+    pos: u64,
+    size: u64,
+    kind: Extents,
+}
+
+impl Merged {
+    fn new(size: u64, kind: Extents) -> Merged {
+        Merged { out: Vec::new(), pos: 0, size, kind }
+    }
+
+    fn extend(&mut self, entries: impl IntoIterator<Item = (u64, u32)>) {
         for (len, flags) in entries {
-            let len = len.min(size - pos);
+            let len = len.min(self.size - self.pos);
             if len == 0 {
                 break;
             }
             // base:allocation: bit 0 is "hole"; an allocated range that reads as zeros is
             // still saved as data, as upstream does (FORMAT.md §1.13). Dirty bitmaps: bit 0 is "dirty".
-            let data = match kind {
+            let data = match self.kind {
                 Extents::Allocation => flags & 1 == 0,
                 Extents::Dirty => flags & 1 == 1,
             };
-            match out.last_mut() {
-                Some(last) if last.2 == data && last.0 + last.1 == pos => last.1 += len,
-                _ => out.push((pos, len, data)),
+            match self.out.last_mut() {
+                Some(last) if last.2 == data && last.0 + last.1 == self.pos => last.1 += len,
+                _ => self.out.push((self.pos, len, data)),
             }
-            pos += len;
+            self.pos += len;
         }
     }
-    if kind == Extents::Dirty {
-        out.retain(|e| e.2);
+
+    fn finish(mut self) -> Vec<Extent> {
+        if self.kind == Extents::Dirty {
+            self.out.retain(|e| e.2);
+        }
+        self.out
     }
-    Ok(out)
 }
 
 /// Adler-32 of everything written, for the `.chksum` sidecar.

@@ -1,6 +1,7 @@
 //! The libvirt calls of a backup that the `virt` crate has no safe wrappers for:
-//! checkpoints (list, look up, create or redefine, XML, delete), and starting and ending
-//! a pull-mode backup job. Every `unsafe` block of the libvirt path is here, each with its
+//! checkpoints (list, look up, create or redefine, XML, delete), starting, describing and
+//! ending a pull-mode backup job, and freezing the guest's filesystems (all of them or
+//! some mountpoints) through libvirt's guest agent calls. Every `unsafe` block of the libvirt path is here, each with its
 //! reason; everything else uses `virt`'s safe API.
 #![allow(unsafe_code)]
 
@@ -152,4 +153,31 @@ pub fn abort_job(dom: &Domain) -> Result<()> {
         return Err(LibvirtError::last("end backup job"));
     }
     Ok(())
+}
+
+/// The XML of the domain's running backup job (`virDomainBackupGetXMLDesc`); an error
+/// when it has none.
+pub fn backup_job_xml(dom: &Domain) -> Result<String> {
+    // SAFETY: live domain; the result is malloc'ed and owned by us.
+    unsafe { owned_string(sys::virDomainBackupGetXMLDesc(dom.as_ptr(), 0)) }
+        .ok_or_else(|| LibvirtError::last("backup job XML"))
+}
+
+/// Freezes the guest's filesystems through the guest agent (`virDomainFSFreeze`): all of
+/// them, or only those mounted on `mountpoints`. Returns how many were frozen.
+pub fn fs_freeze(dom: &Domain, mountpoints: &[String]) -> Result<u32> {
+    let owned: Vec<CString> = mountpoints.iter().map(|m| cstring(m)).collect();
+    let mut ptrs: Vec<*const c_char> = owned.iter().map(|m| m.as_ptr()).collect();
+    let list = if ptrs.is_empty() { std::ptr::null_mut() } else { ptrs.as_mut_ptr() };
+    // SAFETY: live domain; `list` is NULL or `ptrs.len()` NUL-terminated strings that
+    // outlive the call (libvirt only reads them).
+    let n = unsafe { sys::virDomainFSFreeze(dom.as_ptr(), list, ptrs.len() as u32, 0) };
+    u32::try_from(n).map_err(|_| LibvirtError::last("freeze the guest's filesystems"))
+}
+
+/// Thaws every filesystem [`fs_freeze`] froze (`virDomainFSThaw`).
+pub fn fs_thaw(dom: &Domain) -> Result<u32> {
+    // SAFETY: live domain; no mountpoint list (NULL, 0): thaw all.
+    let n = unsafe { sys::virDomainFSThaw(dom.as_ptr(), std::ptr::null_mut(), 0, 0) };
+    u32::try_from(n).map_err(|_| LibvirtError::last("thaw the guest's filesystems"))
 }

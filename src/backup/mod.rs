@@ -2,8 +2,9 @@
 //! domains, written in virtnbdbackup's format so either tool can continue the other's
 //! chain.
 //!
-//! The run itself is here: which level (`auto`), which disks, and the checks that refuse
-//! a run before anything is written. The parts: `folder` (the chain folder, its `.cpt`,
+//! The run itself is here: which level (`auto`), which disks, the checks that refuse a
+//! run before anything is written, and `-S` (a shut-off domain started paused for the
+//! run, with libvirt's autodestroy, and stopped again at its end). The parts: `folder` (the chain folder, its `.cpt`,
 //! its lock, file naming), [`domxml`] (domain, backup and checkpoint XML), `online` (a
 //! running domain, through libvirt's pull-mode backup job), `offline` (a shut-off one,
 //! through our own `qemu-nbd`), `save` (the disks' data files), with `disk` (one disk's
@@ -36,6 +37,7 @@ use std::time::Duration;
 use thiserror::Error;
 use tracing::{info, warn};
 use virt::connect::Connect;
+use virt::domain::Domain;
 
 use disk::DiskError;
 use domxml::DomDisk;
@@ -73,6 +75,29 @@ pub struct BackupOptions {
     pub raw_disks: bool,
     pub checkpoint_dir: Option<PathBuf>,
     pub scratch_dir: PathBuf,
+    /// `-q`: ask qemu's tools (`nbdinfo --map`, as upstream does) for the extents instead
+    /// of asking the NBD server directly; the same extents either way.
+    pub qemu_extents: bool,
+    pub job: JobOptions,
+}
+
+/// How the domain and its backup job are handled (upstream's `-S`, `--pause`, `-F`, `-s`,
+/// `-k`, `-f`).
+#[derive(Debug, Clone, Default)]
+pub struct JobOptions {
+    /// `-S`: a shut-off domain is started paused for the backup (so a full can make its
+    /// checkpoint) and stopped again after it.
+    pub start_domain: bool,
+    /// `--pause`: the running domain is paused while the backup job starts.
+    pub pause: bool,
+    /// `-F`: freeze only the filesystems on these mountpoints (default: all).
+    pub freeze: Vec<String>,
+    /// `-s`: only start the backup job and leave its NBD server running; save nothing.
+    pub start_only: bool,
+    /// `-k`: end the domain's backup job, and do nothing else.
+    pub kill_only: bool,
+    /// `-f`: the NBD server's unix socket (online) or its prefix (offline, `.<disk>`).
+    pub socket: Option<PathBuf>,
 }
 
 /// Why a backup failed.
@@ -130,6 +155,15 @@ pub enum BackupError {
          backup into another folder replaced it); start a new chain with a full"
     )]
     ReplacedCheckpoint { checkpoint: String, folder: PathBuf },
+    #[error(
+        "{domain}: has an active backup job (NBD server {endpoint}); check it with `virsh \
+         domjobinfo {domain}`, end it with `vmback backup -k -d {domain} -o ...`"
+    )]
+    ActiveJob { domain: String, endpoint: String },
+    #[error("{domain}: is shut off; -s starts a backup job, which needs a running domain (add -S)")]
+    StartOnlyOffline { domain: String },
+    #[error("-s with -S: the domain -S starts is stopped again when vmback exits, and its job with it")]
+    StartOnlyStarted,
 }
 
 /// For [`BackupError::UnknownCheckpoints`]: a full deletes vmback's checkpoints, not
@@ -168,6 +202,14 @@ pub enum Outcome {
     /// `--threshold`: less changed than asked; nothing written.
     BelowThreshold {
         bytes: u64,
+    },
+    /// `-s`: the job runs; its NBD server serves each disk at `(disk, NBD URI)`.
+    JobStarted {
+        endpoints: Vec<(String, String)>,
+    },
+    /// `-k`: whether there was a backup job to end.
+    JobEnded {
+        ended: bool,
     },
 }
 
@@ -212,9 +254,12 @@ fn run_into(opts: &BackupOptions, zip: Option<ZipOut>, progress: Progress<'_>) -
         .map_err(|source| BackupError::Connect { uri: opts.uri.clone(), source })?;
     let dom =
         conn.lookup_domain_by_name(&opts.domain).map_err(|_| BackupError::NoDomain(opts.domain.clone()))?;
+    if opts.job.kill_only {
+        return online::kill_job(&dom, &opts.domain);
+    }
+    let (active, _started) = start_domain(&dom, opts)?;
     let xml = dom.xml_desc(0).map_err(|e| LibvirtError::new("domain XML", e))?;
     let disks = select_disks(&xml, opts)?;
-    let active = dom.is_active().map_err(|e| LibvirtError::new("domain state", e))?;
     let mut folder = Folder::open(&opts.output, &opts.domain, opts.checkpoint_dir.as_deref())?;
     folder.zip = zip;
     // The current folder of a `-o -` run holds the chain's files and whatever else;
@@ -265,6 +310,37 @@ fn finish_zip(zip: &ZipOut, folder: &Folder, level: Level) -> Result<()> {
         }
     }
     Ok(zip.finish()?)
+}
+
+/// A domain `-S` started, stopped again on drop (also when the run fails).
+struct Started<'a>(&'a Domain, &'a str);
+
+impl Drop for Started<'_> {
+    fn drop(&mut self) {
+        info!("{}: stopping the domain again (it was shut off)", self.1);
+        if let Err(e) = self.0.destroy() {
+            warn!("{}: cannot stop the domain -S started: {e}", self.1);
+        }
+    }
+}
+
+/// Whether the domain runs, after `-S` started it paused if it was shut off (with
+/// autodestroy, so libvirt stops it even if vmback is killed); and `-s`'s checks.
+fn start_domain<'a>(dom: &'a Domain, opts: &'a BackupOptions) -> Result<(bool, Option<Started<'a>>)> {
+    let active = dom.is_active().map_err(|e| LibvirtError::new("domain state", e))?;
+    if active || !opts.job.start_domain {
+        if opts.job.start_only && !active {
+            return Err(BackupError::StartOnlyOffline { domain: opts.domain.clone() });
+        }
+        return Ok((active, None));
+    }
+    if opts.job.start_only {
+        return Err(BackupError::StartOnlyStarted);
+    }
+    info!("{}: shut off; starting it paused for the backup (-S)", opts.domain);
+    dom.create_with_flags(virt::sys::VIR_DOMAIN_START_PAUSED | virt::sys::VIR_DOMAIN_START_AUTODESTROY)
+        .map_err(|e| LibvirtError::new("start the domain paused (-S)", e))?;
+    Ok((true, Some(Started(dom, &opts.domain))))
 }
 
 /// Ends the backup job of `domain`, if it has one (for Ctrl-C: used from another thread
@@ -323,6 +399,8 @@ mod tests {
             raw_disks: false,
             checkpoint_dir: None,
             scratch_dir: PathBuf::from("/tmp"),
+            qemu_extents: false,
+            job: JobOptions::default(),
         }
     }
 

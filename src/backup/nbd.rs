@@ -51,6 +51,7 @@ unsafe extern "C" {
     fn nbd_block_status(h: *mut nbd_handle, count: u64, offset: u64, cb: ExtentCallback, flags: u32)
     -> c_int;
     fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int;
+    fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char;
 }
 
 /// `LIBNBD_SIZE_MAXIMUM`: the server's largest request.
@@ -106,6 +107,8 @@ fn cstring(op: &'static str, s: &str) -> Result<CString, NbdError> {
 /// One connection. See the module note.
 pub struct Nbd {
     h: *mut nbd_handle,
+    /// The meta context asked for at connect time.
+    context: String,
 }
 
 // SAFETY: libnbd handles may be used from any thread (libnbd locks each handle
@@ -127,7 +130,7 @@ impl Nbd {
         if h.is_null() {
             return Err(last_error("create"));
         }
-        let nbd = Nbd { h };
+        let nbd = Nbd { h, context: meta_context.to_owned() };
         let name = cstring("set export name", export)?;
         let ctx = cstring("add meta context", meta_context)?;
         // SAFETY: `h` is a live handle; the strings are NUL-terminated and outlive the calls
@@ -198,6 +201,27 @@ impl Nbd {
             }
         }
         Ok(())
+    }
+
+    /// The meta context this connection reads extents of (`base:allocation`, ...).
+    pub fn context(&self) -> &str {
+        &self.context
+    }
+
+    /// An NBD URI of the connected export, for tools that connect on their own
+    /// (`nbd+unix:///vda?socket=...`, `nbd://host:port/vda`).
+    pub fn uri(&self) -> Result<String, NbdError> {
+        // SAFETY: live handle; the result is NULL or a malloc'ed NUL-terminated string that
+        // the caller owns: copied, then freed once.
+        unsafe {
+            let p = nbd_get_uri(self.h);
+            if p.is_null() {
+                return Err(last_error("get uri"));
+            }
+            let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+            libc::free(p.cast());
+            Ok(s)
+        }
     }
 
     /// The export's size in bytes.

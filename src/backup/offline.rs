@@ -61,14 +61,25 @@ struct QemuNbd {
 }
 
 impl QemuNbd {
-    fn start(d: &DomDisk, bitmap: Option<&str>, scratch: &Path) -> Result<QemuNbd, QemuNbdError> {
+    /// `socket`: `-f`'s prefix (upstream's `<socketfile>.<disk>`), else one in `scratch`.
+    fn start(
+        d: &DomDisk,
+        bitmap: Option<&str>,
+        scratch: &Path,
+        socket: Option<&Path>,
+    ) -> Result<QemuNbd, QemuNbdError> {
         let image = d.source.clone().ok_or_else(|| QemuNbdError::NoSource { disk: d.target.clone() })?;
-        let socket = scratch.join(format!("vmback.{}.{}.sock", std::process::id(), d.target));
+        let socket = match socket {
+            Some(s) => PathBuf::from(format!("{}.{}", s.display(), d.target)),
+            None => scratch.join(format!("vmback.{}.{}.sock", std::process::id(), d.target)),
+        };
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new("qemu-nbd");
         // No --persistent: qemu-nbd exits when our one connection closes, also when vmback
         // is killed, so no server outlives the backup.
         cmd.arg("-r").arg(format!("--format={}", d.format));
+        // Two clients: ours, and `-q`'s nbdinfo, which connects while ours is open.
+        cmd.arg("--shared=2");
         cmd.args(["-x", &d.target]).arg("-k").arg(&socket);
         if let Some(b) = bitmap {
             cmd.arg(format!("--bitmap={b}"));
@@ -142,7 +153,7 @@ pub fn offline(
     let bitmap = parent.clone();
     let mut servers = disks
         .iter()
-        .map(|d| QemuNbd::start(d, bitmap.as_deref(), &opts.scratch_dir))
+        .map(|d| QemuNbd::start(d, bitmap.as_deref(), &opts.scratch_dir, opts.job.socket.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
     let ident = match level {
         Level::Copy => "copy".to_owned(),

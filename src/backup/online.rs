@@ -4,7 +4,14 @@
 //! A full or inc creates its checkpoint atomically with the job; a diff reads the changes
 //! since the last checkpoint without creating one; a copy has no checkpoint at all.
 //!
-//! Invariants: the job is always ended (also on error and on unwinding). Before an inc or
+//! Around the job's start the guest's filesystems are frozen through the guest agent
+//! (`-F`: some mountpoints), unless the domain is paused (`--pause` pauses it for that
+//! moment). A domain that has a backup job already is refused, unless the job is a dead
+//! vmback's (its socket `vmback.<pid>.sock` names a process that is gone): that one is
+//! ended. `-s` starts the job and leaves it running; `-k` only ends it.
+//!
+//! Invariants: the job is always ended (also on error and on unwinding), except the one
+//! `-s` is asked to leave running; another tool's job is never ended unasked. Before an inc or
 //! diff the domain's checkpoints are brought in step with the folder's chain, and every
 //! check that can refuse runs before anything is deleted: a checkpoint vmback did not make
 //! refuses the run, so does one of the chain's names that libvirt holds with another
@@ -14,8 +21,11 @@
 //! lost (a transient domain) redefined. `.cpt` and `checkpoints/` change only after every
 //! disk is saved.
 
-use tracing::{info, warn};
-use virt::domain::Domain;
+use std::path::{Path, PathBuf};
+
+use tracing::{debug, info, warn};
+use virt::domain::{Domain, DomainState};
+use virt::enumutil::Enum;
 
 use super::disk::Extents;
 use super::domxml::{self, DomDisk};
@@ -72,10 +82,7 @@ pub fn online(
     opts: &BackupOptions,
     progress: Progress<'_>,
 ) -> Result<Outcome> {
-    // A job left by a killed run blocks a new one: end it first (no job is fine).
-    if libvirt::abort_job(dom).is_ok() {
-        warn!("{}: ended a backup job an earlier run left running", opts.domain);
-    }
+    end_stale_job(dom, &opts.domain)?;
     let existing = libvirt::checkpoint_names(dom)?;
     if let Some(foreign) = existing.iter().find(|c| !c.starts_with(CPT_PREFIX))
         && level != Level::Copy
@@ -127,19 +134,26 @@ pub fn online(
         }
         Level::Auto => unreachable!("resolved by run()"),
     };
-    let socket = opts.scratch_dir.join(format!("vmback.{}.sock", std::process::id()));
+    let socket = socket_path(opts);
     let _ = std::fs::remove_file(&socket);
     let backup_xml = domxml::backup_xml(&socket, parent.as_deref(), disks, &opts.scratch_dir);
     let checkpoint_xml = new_cpt
         .as_ref()
         .filter(|_| !opts.print_only)
         .map(|c| domxml::checkpoint_xml(c, parent.as_deref(), disks));
-    let frozen = freeze(dom);
-    let begun = libvirt::backup_begin(dom, &backup_xml, checkpoint_xml.as_deref());
-    if frozen {
-        thaw(dom);
+    debug!("backup job XML: {backup_xml}");
+    if let Some(x) = &checkpoint_xml {
+        debug!("checkpoint XML: {x}");
     }
-    begun?;
+    begin_job(dom, &backup_xml, checkpoint_xml.as_deref(), opts)?;
+    if opts.job.start_only {
+        // -s: the job (and its NBD server) outlives vmback; nothing is saved.
+        let uri = |d: &DomDisk| format!("nbd+unix:///{}?socket={}", d.target, socket.display());
+        info!("{}: backup job started; end it with `vmback backup -k -d {0} -o ...`", opts.domain);
+        return Ok(Outcome::JobStarted {
+            endpoints: disks.iter().map(|d| (d.target.clone(), uri(d))).collect(),
+        });
+    }
     let job = Job(dom);
     let kind = if matches!(level, Level::Inc | Level::Diff) { Extents::Dirty } else { Extents::Allocation };
     let ident = match level {
@@ -190,20 +204,160 @@ fn delete_checkpoint(dom: &Domain, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Freezes the guest's filesystems through the qemu guest agent, when one answers.
-fn freeze(dom: &Domain) -> bool {
-    match dom.qemu_agent_command(r#"{"execute":"guest-fsfreeze-freeze"}"#, 5, 0) {
-        Ok(_) => true,
-        Err(_) => {
-            warn!("no guest agent answered: backing up without freezing the guest's filesystems");
+/// The NBD server's socket: `-f`, else one named after this run (`vmback.<pid>.sock`,
+/// which tells a dead run's job from a live one), or for `-s`, whose job outlives the
+/// run, after the domain (`vmback-<domain>.sock`).
+fn socket_path(opts: &BackupOptions) -> PathBuf {
+    match &opts.job.socket {
+        Some(s) => s.clone(),
+        None if opts.job.start_only => opts.scratch_dir.join(format!("vmback-{}.sock", opts.domain)),
+        None => opts.scratch_dir.join(format!("vmback.{}.sock", std::process::id())),
+    }
+}
+
+/// The PID in a socket name `vmback.<pid>.sock` (see [`socket_path`]).
+fn socket_pid(socket: &Path) -> Option<u32> {
+    let name = socket.file_name()?.to_str()?;
+    name.strip_prefix("vmback.")?.strip_suffix(".sock")?.parse().ok()
+}
+
+/// The PID in a scratch file name `vmback.<pid>.<disk>.scratch` ([`domxml::scratch_file`]).
+fn scratch_pid(scratch: &Path) -> Option<u32> {
+    let name = scratch.file_name()?.to_str()?;
+    name.strip_prefix("vmback.")?.split('.').next()?.parse().ok()
+}
+
+/// What a backup job's XML says: where its NBD server listens (its unix socket, or
+/// host:port), and the vmback run that started it, if one did: the PID in its unix
+/// socket's name, or for a TCP server (a remote hypervisor's), in its scratch files'. A
+/// `-s` job's socket names no PID; over TCP a `-s` job cannot be told from a killed run's.
+fn job_owner(job_xml: &str) -> (Option<String>, Option<u32>) {
+    let mut reader = quick_xml::Reader::from_str(job_xml);
+    let (mut endpoint, mut unix, mut scratch) = (None, false, None);
+    loop {
+        match reader.read_event() {
+            Ok(quick_xml::events::Event::Empty(e) | quick_xml::events::Event::Start(e)) => {
+                let attr = |k: &[u8]| {
+                    e.try_get_attribute(k)
+                        .ok()
+                        .flatten()
+                        .and_then(|a| a.unescape_value().ok())
+                        .map(|v| v.into_owned())
+                };
+                match e.name().as_ref() {
+                    b"server" => {
+                        unix = attr(b"socket").is_some();
+                        endpoint = attr(b"socket")
+                            .or_else(|| Some(format!("{}:{}", attr(b"name")?, attr(b"port")?)));
+                    }
+                    b"scratch" if scratch.is_none() => scratch = attr(b"file"),
+                    _ => {}
+                }
+            }
+            Ok(quick_xml::events::Event::Eof) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    let pid = match (&endpoint, unix) {
+        (Some(socket), true) => socket_pid(Path::new(socket)),
+        _ => scratch.as_deref().and_then(|s| scratch_pid(Path::new(s))),
+    };
+    (endpoint, pid)
+}
+
+/// A backup job the domain has already: a killed vmback's (see [`job_owner`]: a process
+/// that is gone) is ended, with a warning; any other one (another tool's, a `-s` job, a
+/// run still going) refuses the run, as upstream refuses it.
+fn end_stale_job(dom: &Domain, domain: &str) -> Result<()> {
+    let Ok(job_xml) = libvirt::backup_job_xml(dom) else { return Ok(()) };
+    let (endpoint, pid) = job_owner(&job_xml);
+    let endpoint = endpoint.unwrap_or_else(|| "unknown".into());
+    match pid {
+        Some(pid) if !Path::new(&format!("/proc/{pid}")).exists() => {
+            warn!("{domain}: ending the backup job of vmback PID {pid}, which is gone ({endpoint})");
+            Ok(libvirt::abort_job(dom)?)
+        }
+        _ => Err(BackupError::ActiveJob { domain: domain.to_owned(), endpoint }),
+    }
+}
+
+/// `-k`: ends the domain's backup job, if it has one.
+pub fn kill_job(dom: &Domain, domain: &str) -> Result<Outcome> {
+    let Ok(job_xml) = libvirt::backup_job_xml(dom) else {
+        info!("{domain}: has no backup job to end");
+        return Ok(Outcome::JobEnded { ended: false });
+    };
+    libvirt::abort_job(dom)?;
+    info!("{domain}: ended its backup job (NBD server {})", job_owner(&job_xml).0.unwrap_or_default());
+    Ok(Outcome::JobEnded { ended: true })
+}
+
+/// Starts the backup job: with `--pause` the running domain is paused around it; the
+/// guest's filesystems (`-F`: those on the given mountpoints) are frozen around it when
+/// the guest agent answers and the domain is not paused (as upstream: a paused guest
+/// cannot answer).
+fn begin_job(
+    dom: &Domain,
+    backup_xml: &str,
+    checkpoint_xml: Option<&str>,
+    opts: &BackupOptions,
+) -> Result<()> {
+    let paused = opts.job.pause && pause(dom, &opts.domain);
+    let frozen = if is_paused(dom) {
+        info!("{}: paused, so not freezing the guest's filesystems", opts.domain);
+        false
+    } else {
+        freeze(dom, &opts.job.freeze)
+    };
+    let begun = libvirt::backup_begin(dom, backup_xml, checkpoint_xml);
+    if frozen && let Err(e) = libvirt::fs_thaw(dom) {
+        warn!("{}", crate::error_chain(&e));
+    }
+    if paused {
+        match dom.resume() {
+            Ok(()) => info!("{}: resumed", opts.domain),
+            Err(e) => warn!("{}: cannot resume the domain --pause paused: {e}", opts.domain),
+        }
+    }
+    Ok(begun?)
+}
+
+fn is_paused(dom: &Domain) -> bool {
+    matches!(dom.state(), Ok((Enum::Known(DomainState::Paused), _)))
+}
+
+/// `--pause`: pauses the domain unless it is paused already; whether it did.
+fn pause(dom: &Domain, domain: &str) -> bool {
+    if is_paused(dom) {
+        info!("{domain}: paused already (--pause)");
+        return false;
+    }
+    match dom.suspend() {
+        Ok(()) => {
+            info!("{domain}: paused while the backup job starts (--pause)");
+            true
+        }
+        Err(e) => {
+            warn!("{domain}: cannot pause the domain: {e}");
             false
         }
     }
 }
 
-fn thaw(dom: &Domain) {
-    if let Err(e) = dom.qemu_agent_command(r#"{"execute":"guest-fsfreeze-thaw"}"#, 5, 0) {
-        warn!("thawing the guest's filesystems failed: {e}");
+/// Freezes the guest's filesystems (all, or those on `mountpoints`); whether it did.
+fn freeze(dom: &Domain, mountpoints: &[String]) -> bool {
+    match libvirt::fs_freeze(dom, mountpoints) {
+        Ok(n) => {
+            info!("froze {n} filesystem(s) of the guest");
+            true
+        }
+        Err(e) => {
+            warn!(
+                "no guest agent answered: backing up without freezing the guest's filesystems ({})",
+                e.source.message()
+            );
+            false
+        }
     }
 }
 
@@ -213,6 +367,31 @@ mod tests {
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_jobs_endpoint_and_its_runs_pid_are_read_from_its_xml() {
+        let scratch = "<disks><disk name='vda' backup='yes' type='file'>\
+                       <scratch file='/var/tmp/vmback.4343.vda.scratch'/></disk></disks>";
+        let unix = format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='/var/tmp/vmback.4242.sock'/>{scratch}</domainbackup>"
+        );
+        assert_eq!(job_owner(&unix), (Some("/var/tmp/vmback.4242.sock".into()), Some(4242)));
+        // -s or -f: the socket names no run, whatever the scratch files say.
+        let s = unix.replace("vmback.4242.sock", "vmback-vm1.sock");
+        assert_eq!(job_owner(&s), (Some("/var/tmp/vmback-vm1.sock".into()), None));
+        // TCP (a remote hypervisor): the scratch files name the run.
+        let tcp = format!(
+            "<domainbackup mode='pull'><server transport='tcp' name='10.0.0.2' port='10809'/>{scratch}</domainbackup>"
+        );
+        assert_eq!(job_owner(&tcp), (Some("10.0.0.2:10809".into()), Some(4343)));
+        let other = "<domainbackup mode='pull'><server transport='unix' socket='/var/tmp/virtnbdbackup.77'/>\
+                     <disks><disk name='vda'><scratch file='/var/tmp/backup.ABCDE.vda'/></disk></disks></domainbackup>";
+        assert_eq!(job_owner(other).1, None);
+        for name in ["/tmp/nbd.sock", "/x/vmback.x.sock"] {
+            assert_eq!(socket_pid(Path::new(name)), None, "{name}");
+        }
+        assert_eq!(scratch_pid(Path::new("/tmp/vmback.12.v.d.scratch")), Some(12));
     }
 
     #[test]

@@ -13,7 +13,9 @@ use std::time::Instant;
 
 use tracing::warn;
 
-use super::disk::{self, DiskError, Extent, Extents, query_extents, stream_into, write_raw, write_stream};
+use super::disk::{
+    self, DiskError, Extent, Extents, nbdinfo_extents, query_extents, stream_into, write_raw, write_stream,
+};
 use super::domxml::DomDisk;
 use super::folder::Folder;
 use super::host::Host;
@@ -78,7 +80,12 @@ pub fn save_disks(
         let err = |source: DiskError| BackupError::Disk { disk: d.target.clone(), source };
         let mut nbd = connect(d)?;
         let size = nbd.size().map_err(|e| err(e.into()))?;
-        let extents = query_extents(&mut nbd, size, plan.kind).map_err(err)?;
+        let extents = if opts.qemu_extents {
+            nbdinfo_extents(&nbd, size, plan.kind)
+        } else {
+            query_extents(&mut nbd, size, plan.kind)
+        };
+        let extents = extents.map_err(err)?;
         work.push((d, nbd, size, extents));
     }
     let bytes: u64 = work.iter().flat_map(|w| &w.3).filter(|e| e.2).map(|e| e.1).sum();

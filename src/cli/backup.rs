@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::ls::human;
 use super::{Result, cores, parse_bytes};
-use crate::backup::{BackupOptions, Level, Outcome, run};
+use crate::backup::{BackupOptions, JobOptions, Level, Outcome, run};
 
 #[derive(Args, Debug)]
 pub struct BackupArgs {
@@ -43,7 +43,7 @@ pub struct BackupArgs {
     #[arg(short = 'w', long = "worker")]
     pub worker: Option<usize>,
     /// Skip an inc/diff that would save fewer bytes than this.
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(short = 'T', long, value_parser = parse_bytes)]
     pub threshold: Option<u64>,
     /// Print how much a backup would save, and exit.
     #[arg(short = 'p', long = "printonly")]
@@ -52,7 +52,7 @@ pub struct BackupArgs {
     #[arg(short = 't', long = "type", default_value = "stream", value_parser = ["stream", "raw"])]
     pub output_type: String,
     /// Include raw-format disks (saved as raw images in full and copy backups).
-    #[arg(long)]
+    #[arg(short = 'r', long)]
     pub raw: bool,
     /// Where checkpoint XML files are kept [default: OUTPUT/checkpoints].
     #[arg(short = 'C', long = "checkpointdir")]
@@ -60,6 +60,71 @@ pub struct BackupArgs {
     /// Folder for the NBD socket and libvirt's scratch files.
     #[arg(long = "scratchdir", default_value = "/var/tmp")]
     pub scratch_dir: PathBuf,
+    #[command(flatten)]
+    pub job: JobArgs,
+    #[command(flatten)]
+    pub log: BackupLogArgs,
+    /// Ask qemu's tools for the extents to save (`nbdinfo --map`, as upstream's -q does)
+    /// instead of the NBD server directly; the backup is the same.
+    #[arg(short = 'q', long = "qemu")]
+    pub qemu: bool,
+    /// Accepted for upstream's scripts: vmback never turns dirty ranges that read as
+    /// zeros into holes (see the README), which is what this asks of upstream.
+    #[arg(long = "no-sparse-detection")]
+    pub no_sparse_detection: bool,
+}
+
+/// The domain and its backup job (upstream's names and meanings).
+#[derive(Args, Debug)]
+pub struct JobArgs {
+    /// Start a shut-off domain paused for the backup (so a full makes its checkpoint),
+    /// and stop it again after.
+    #[arg(short = 'S', long = "start-domain")]
+    pub start_domain: bool,
+    /// Pause the running domain while the backup job starts.
+    #[arg(long)]
+    pub pause: bool,
+    /// Freeze only the guest's filesystems on these mountpoints (comma-separated;
+    /// default: all), through the guest agent.
+    #[arg(short = 'F', long = "freeze-mountpoint", value_delimiter = ',')]
+    pub freeze_mountpoint: Vec<String>,
+    /// Only start the backup job and leave its NBD server running for other tools (see
+    /// --socketfile); save nothing. End it with -k.
+    #[arg(short = 's', long = "startonly", conflicts_with = "killonly")]
+    pub startonly: bool,
+    /// End the domain's backup job (one left by -s, another tool or a killed run), and
+    /// do nothing else.
+    #[arg(short = 'k', long = "killonly")]
+    pub killonly: bool,
+    /// The NBD server's unix socket; a shut-off domain's disks are served on PATH.DISK
+    /// [default: SCRATCHDIR/vmback.PID.sock; with -s SCRATCHDIR/vmback-DOMAIN.sock].
+    #[arg(short = 'f', long = "socketfile")]
+    pub socketfile: Option<PathBuf>,
+}
+
+/// How `vmback backup` reports (upstream's names; the log filter and file are the global
+/// --log-level and --log-file/--logfile).
+#[derive(Args, Debug)]
+pub struct BackupLogArgs {
+    /// No progress bars.
+    #[arg(short = 'n', long = "noprogress")]
+    pub noprogress: bool,
+    /// Log debug lines too (as --log-level debug; --log-level wins).
+    #[arg(short = 'v', long = "verbose")]
+    pub verbose: bool,
+    /// Send the log to syslog too (/dev/log).
+    #[arg(short = 'L', long = "syslog")]
+    pub syslog: bool,
+    /// No log on stderr (and no progress bars); --log-file and -L still get it.
+    #[arg(long)]
+    pub quiet: bool,
+    /// No colours in the log on a terminal.
+    #[arg(long)]
+    pub nocolor: bool,
+    /// Exit 2 when the backup succeeded but a warning was logged (e.g. no guest agent
+    /// answered, so the filesystems were not frozen).
+    #[arg(short = 'e', long = "strict")]
+    pub strict: bool,
 }
 
 impl From<&BackupArgs> for BackupOptions {
@@ -79,14 +144,24 @@ impl From<&BackupArgs> for BackupOptions {
             raw_disks: a.raw,
             checkpoint_dir: a.checkpoint_dir.clone(),
             scratch_dir: a.scratch_dir.clone(),
+            qemu_extents: a.qemu,
+            job: JobOptions {
+                start_domain: a.job.start_domain,
+                pause: a.job.pause,
+                freeze: a.job.freeze_mountpoint.clone(),
+                start_only: a.job.startonly,
+                kill_only: a.job.killonly,
+                socket: a.job.socketfile.clone(),
+            },
         }
     }
 }
 
-pub fn backup(opts: &BackupOptions) -> Result<ExitCode> {
+pub fn backup(a: &BackupArgs) -> Result<ExitCode> {
+    let opts = &BackupOptions::from(a);
     stop_on_signal(opts);
     let bars = MultiProgress::new();
-    let show = std::io::stderr().is_terminal();
+    let show = std::io::stderr().is_terminal() && !a.log.noprogress && !a.log.quiet;
     let by_disk: Mutex<HashMap<String, ProgressBar>> = Mutex::new(HashMap::new());
     let logged: Mutex<HashMap<String, u64>> = Mutex::new(HashMap::new());
     let progress = |disk: &str, n: u64| {
@@ -118,6 +193,14 @@ pub fn backup(opts: &BackupOptions) -> Result<ExitCode> {
         Outcome::BelowThreshold { bytes } => {
             outln!("{} changed, below the threshold: no backup taken", human(bytes))
         }
+        Outcome::JobStarted { endpoints } => {
+            for (disk, uri) in endpoints {
+                outln!("{disk}: {uri}");
+            }
+        }
+        Outcome::JobEnded { ended } => {
+            outln!("{}: {}", opts.domain, if ended { "backup job ended" } else { "no backup job" })
+        }
         Outcome::Saved { level, disks } => {
             for b in by_disk.lock().expect("no panics while held").values() {
                 b.finish();
@@ -146,6 +229,12 @@ pub fn backup(opts: &BackupOptions) -> Result<ExitCode> {
             );
         }
     }
+    let warnings = super::logging::warnings();
+    if a.log.strict && warnings > 0 {
+        info!("{warnings} warning(s) logged: exit code 2 (--strict)");
+        // 2: upstream's exit code for a backup that logged warnings under --strict.
+        return Ok(ExitCode::from(2));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -167,4 +256,39 @@ fn stop_on_signal(opts: &BackupOptions) {
             std::process::exit(130);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use crate::cli::{Cli, Command};
+
+    fn parse(args: &str) -> super::BackupArgs {
+        let cli = Cli::try_parse_from(format!("vmback backup -d vm -o /b {args}").split_whitespace())
+            .unwrap_or_else(|e| panic!("{args}: {e}"));
+        let Command::Backup(a) = cli.command else { panic!("not a backup") };
+        a
+    }
+
+    /// Upstream's short and long names of the options, as scripts spell them.
+    #[test]
+    fn upstreams_option_names_parse() {
+        let a = parse("-S --pause -F /mnt,/var -s -f /tmp/s.sock -n -v -L --quiet --nocolor -e -q -r -T 100");
+        assert!(a.job.start_domain && a.job.pause && a.job.startonly && a.raw && a.qemu);
+        assert_eq!(a.job.freeze_mountpoint, ["/mnt", "/var"]);
+        assert_eq!(a.job.socketfile.as_deref(), Some(std::path::Path::new("/tmp/s.sock")));
+        let l = &a.log;
+        assert!(l.noprogress && l.verbose && l.syslog && l.quiet && l.nocolor && l.strict);
+        assert_eq!(a.threshold, Some(100));
+        let a = parse(
+            "--start-domain --freeze-mountpoint /x --killonly --socketfile s --noprogress --verbose \
+             --syslog --strict --qemu --no-sparse-detection --raw --threshold 1K",
+        );
+        assert!(a.job.start_domain && a.job.killonly && a.no_sparse_detection && a.log.strict);
+        assert_eq!(a.threshold, Some(1024));
+        assert!(Cli::try_parse_from("vmback backup -d vm -o /b -s -k".split_whitespace()).is_err());
+        let cli = Cli::try_parse_from("vmback --logfile /l backup -d vm -o /b".split_whitespace()).unwrap();
+        assert_eq!(cli.log_file.as_deref(), Some(std::path::Path::new("/l")));
+    }
 }

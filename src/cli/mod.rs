@@ -22,15 +22,16 @@ macro_rules! outln {
 mod background;
 mod backup;
 mod helper;
+mod logging;
 mod ls;
 mod mount;
 mod restore;
 
 use backup::BackupArgs;
+pub use logging::init_logging;
 use mount::{MountArgs, UmountArgs};
 use restore::RestoreArgs;
 
-use crate::backup::BackupOptions;
 use crate::catalog::Catalog;
 
 /// Every command's result: the exit code, or an error that `main` prints with its causes.
@@ -48,8 +49,8 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
     /// Append the log to FILE instead of writing it to stderr (e.g. for a mount made by
-    /// mount(8), whose log otherwise ends with its start-up).
-    #[arg(long, global = true, value_name = "FILE")]
+    /// mount(8), whose log otherwise ends with its start-up); `--logfile` as upstream.
+    #[arg(long, global = true, value_name = "FILE", visible_alias = "logfile")]
     pub log_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -151,9 +152,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Backup(a) => {
-            let opts = BackupOptions::from(&a);
-            STDOUT_IS_DATA.store(opts.output == Path::new("-"), std::sync::atomic::Ordering::Relaxed);
-            return backup::backup(&opts);
+            STDOUT_IS_DATA.store(a.output == Path::new("-"), std::sync::atomic::Ordering::Relaxed);
+            return backup::backup(&a);
         }
         Command::Restore(a) => return restore::run(&a),
         Command::Dump { input } => return restore::dump(&input),

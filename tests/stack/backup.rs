@@ -11,6 +11,7 @@
 //! parallel with each other and with other test binaries.
 
 mod chain;
+mod options;
 pub mod support;
 
 use std::path::Path;
@@ -457,8 +458,12 @@ fn sigkill_mid_backup_leaves_nothing_complete_and_the_next_run_cleans_up() {
         set = root.path().join(format!("set{attempt}"));
     }
     assert_killed_cleanly(&dom, &set, "vda.full.data", "virtnbdbackup.0");
-    // The next full removes the partial file, ends the job and starts over.
-    steps.push(dom.backup(Tool::Vmback, "full", &set, &[]));
+    // The next full removes the partial file, ends the job and starts over, and says so.
+    let log = root.path().join("next.log");
+    steps.push(dom.backup(Tool::Vmback, "full", &set, &["--logfile", path_str(&log)]));
+    let said = std::fs::read_to_string(&log).expect("--logfile");
+    assert!(said.contains("vda.full.data.partial: removing what an earlier backup"), "{said}");
+    assert!(said.contains("ending the backup job of vmback PID"), "{said}");
     assert!(dom.no_job(), "the job is still running");
     assert_eq!(dom.checkpoints(), ["virtnbdbackup.0".to_owned()].into());
 
@@ -760,8 +765,9 @@ fn failed_incs_keep_every_bitmap_a_chain_needs() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("qemu-io");
-    // Held once a plain `qemu-img info` (which wants a shared lock) is refused.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    // Held once a plain `qemu-img info` (which wants a shared lock) is refused. 60 s: with
+    // the whole stack suite running on 2 cores, 10 s were once not enough.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::process::Command::new("qemu-img")
         .args(["info", path_str(&dom.image("vdb"))])
         .output()
@@ -769,6 +775,9 @@ fn failed_incs_keep_every_bitmap_a_chain_needs() {
         .status
         .success()
     {
+        if let Some(status) = holder.try_wait().expect("try_wait") {
+            panic!("qemu-io exited ({status}) instead of holding vdb");
+        }
         assert!(std::time::Instant::now() < deadline, "qemu-io did not open vdb");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -790,7 +799,9 @@ fn failed_incs_keep_every_bitmap_a_chain_needs() {
 }
 
 /// A second run into the folder of one still running fails at once, naming the first's
-/// PID, and leaves its `.partial` alone; the first completes.
+/// PID, and leaves its `.partial` alone; one into another folder is refused for the
+/// first's live backup job (vmback used to end it, failing the first run); the first
+/// completes.
 #[test]
 fn a_second_run_into_a_busy_folder_fails_and_spares_the_first_runs_partial() {
     if !stack() {
@@ -815,6 +826,9 @@ fn a_second_run_into_a_busy_folder_fails_and_spares_the_first_runs_partial() {
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         let second = support::vmback(&["backup", "-d", name, "-l", "copy", "-o", path_str(&set)]);
+        // Into another folder: the first run's job is live (its PID runs): refused, not ended.
+        let other = root.path().join(format!("other{attempt}"));
+        let third = support::vmback(&["backup", "-d", name, "-l", "copy", "-o", path_str(&other)]);
         let still_running = first.try_wait().expect("try_wait").is_none();
         let status = first.wait().expect("wait");
         assert!(status.success(), "the first run failed: {status}");
@@ -825,6 +839,12 @@ fn a_second_run_into_a_busy_folder_fails_and_spares_the_first_runs_partial() {
         assert_eq!(second.status.code(), Some(1), "{err}");
         assert!(
             err.contains(&format!("PID {}", first.id())) && err.contains("another vmback backup"),
+            "{err}"
+        );
+        let err = String::from_utf8_lossy(&third.stderr);
+        assert_eq!(third.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("active backup job") && err.contains(&format!("vmback.{}.sock", first.id())),
             "{err}"
         );
         assert!(file.exists() && !partial.exists(), "{:?}", names(&set));
