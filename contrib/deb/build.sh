@@ -70,6 +70,8 @@ shlibs=$(cd "$stage/src" && dpkg-shlibdeps -O -e"$root/usr/bin/vmback" 2>/dev/nu
 size_kib=$(du -sk "$root" | cut -f1)
 
 install -d "$root/DEBIAN"
+# Recommends: libnbd-bin gives nbdinfo (backup -q), openssh-client the remote hypervisors
+# (qemu+ssh, boot files and qemu-nbd over ssh).
 cat >"$root/DEBIAN/control" <<EOF
 Package: vmback
 Version: $version
@@ -77,7 +79,7 @@ Architecture: $arch
 Maintainer: vmback developers <vmback@localhost>
 Installed-Size: $size_kib
 Depends: $shlibs, fuse3, qemu-utils
-Recommends: virtnbdbackup
+Recommends: virtnbdbackup, libnbd-bin, openssh-client
 Section: admin
 Priority: optional
 Description: mount, back up and restore libvirt/KVM backups
