@@ -24,7 +24,8 @@ pub struct BackupArgs {
     /// Backup level: auto is full into an empty folder, else inc.
     #[arg(short = 'l', long = "level", value_enum, default_value = "copy")]
     pub level: Level,
-    /// Output folder (one chain per folder).
+    /// Output folder (one chain per folder), or `-`: a zip on standard output, the chain
+    /// kept in the current folder (as virtnbdbackup -o -).
     #[arg(short = 'o', long = "output")]
     pub output: PathBuf,
     /// lz4-compress the data (optionally with a level, as upstream's -z).
