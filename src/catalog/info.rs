@@ -35,9 +35,21 @@ pub struct PointInfo {
     pub set: String,
     /// The saved domain XML of this point, relative to the set folder.
     pub vmconfig: Option<String>,
+    /// The boot files saved with it (`<os>` element and file, relative to the set folder).
+    pub boot_files: Vec<BootFileInfo>,
     pub status: &'static str,
     pub reason: Option<String>,
     pub disks: Vec<DiskInfo>,
+}
+
+/// One boot file of the point.
+#[derive(Debug, Serialize)]
+pub struct BootFileInfo {
+    /// `loader`, `nvram`, `kernel` or `initrd`.
+    pub element: String,
+    /// Its path on the hypervisor, as the domain XML names it.
+    pub path: String,
+    pub file: String,
 }
 
 /// One disk of the point.
@@ -96,6 +108,15 @@ pub fn point_info(domain: &str, point: &RestorePoint) -> PointInfo {
         date: rfc3339(point.date),
         set: point.set_dir.display().to_string(),
         vmconfig: point.vmconfig.as_ref().map(|p| relative(&p.shown(), &point.set_dir)),
+        boot_files: point
+            .boot_files
+            .iter()
+            .map(|b| BootFileInfo {
+                element: b.named.element.clone(),
+                path: b.named.path.clone(),
+                file: relative(&b.file.shown(), &point.set_dir),
+            })
+            .collect(),
         status,
         reason,
         disks: point
@@ -216,7 +237,10 @@ mod tests {
         assert_eq!(diff["disks"][0]["streams"][3]["level"], "diff");
         // Keys always present, in a fixed order.
         let keys: Vec<&String> = inc2.as_object().expect("object").keys().collect();
-        assert_eq!(keys, ["domain", "point", "kind", "date", "set", "vmconfig", "status", "reason", "disks"]);
+        assert_eq!(
+            keys,
+            ["domain", "point", "kind", "date", "set", "vmconfig", "boot_files", "status", "reason", "disks"]
+        );
         assert_eq!(inc2["domain"], "sample-vm");
     }
 

@@ -23,7 +23,7 @@
 //! also when its files were indexed again (touched, their folder renamed, copied again):
 //! it is then the same [`Image`], which keeps reading the files it opened, and its overlay
 //! (a kept one stays locked by it) and cached frames carry over. An `info.json` is the
-//! same while its stream files (by layer id) and its vmconfig file are; a `vmconfig.xml`
+//! same while its stream files (by layer id), its vmconfig file and its boot files are; a `vmconfig.xml`
 //! while its file is (path, size, inode, mtime). Broken restore points are left out
 //! (`vmback ls` says why); damaged ones are shown.
 
@@ -253,10 +253,17 @@ impl Tree {
                 }
                 let all_ids: Vec<String> =
                     point.disks.iter().flat_map(|d| d.layers.iter().map(|l| l.id.to_string())).collect();
-                // Everything info.json says comes from the layers but the vmconfig file,
-                // which may show up after the data (rsync copies in name order).
+                // Everything info.json says comes from the layers but the vmconfig and
+                // boot files, which may show up after the data (rsync copies in name order).
                 let cfg_name = point.vmconfig.as_ref().map(|p| p.shown().display().to_string());
-                let info = b.ino(format!("n:{at}:{}:{}", all_ids.join(","), cfg_name.unwrap_or_default()));
+                let boot: Vec<String> =
+                    point.boot_files.iter().map(|f| f.file.shown().display().to_string()).collect();
+                let info = b.ino(format!(
+                    "n:{at}:{}:{}:{}",
+                    all_ids.join(","),
+                    cfg_name.unwrap_or_default(),
+                    boot.join(",")
+                ));
                 let of = Arc::new((domain.name.clone(), point.clone()));
                 b.drafts.push((info, dir, Draft::Done(NodeKind::Info(of, OnceLock::new())), point.date));
                 files.push((INFO_NAME.to_owned(), info));

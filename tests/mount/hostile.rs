@@ -231,6 +231,10 @@ fn hostile_boot_file_names_stay_in_their_folder() {
         std::fs::read(point.join("sda.raw")).expect("image") == good_image(),
         "the image, not a boot file"
     );
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(point.join("info.json")).expect("info")).expect("json");
+    let nvram = info["boot_files"].as_array().expect("boot_files").iter().find(|b| b["element"] == "nvram");
+    assert_eq!(nvram.expect("nvram in info.json")["file"], "vm_VARS.fd.virtnbdbackup.0", "{info}");
 }
 
 /// Domain names taken from the `.cpt` file name (no vmconfig), and a data file whose disk
