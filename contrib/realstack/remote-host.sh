@@ -14,10 +14,15 @@
 #   remote-host.sh link up|down     the veth link, from this side (fault tests: a cut
 #                                   network); `start` brings it up again
 #   remote-host.sh sshd up|down     the host's sshd (fault tests); `start` restarts it
-#   remote-host.sh client CMD...    run CMD here with the client certificates where
-#                                   libnbd run as root looks (/etc/pki/libnbd, a private
-#                                   overlay on /etc) and HOME holding the ssh key and
-#                                   known_hosts (paramiko reads only $HOME/.ssh)
+#   remote-host.sh client CMD...    run CMD here as a backup host set up for this one:
+#                                   the client certificates where libnbd run as root looks
+#                                   (/etc/pki/libnbd, a private overlay on /etc), root's
+#                                   ~/.ssh holding the client key and known_hosts (ssh
+#                                   reads the passwd home; a private overlay on it), and
+#                                   HOME holding them too (paramiko reads only $HOME/.ssh).
+#                                   REMOTE_CLIENT_PKI=DIR and REMOTE_CLIENT_SSH=DIR give
+#                                   other ones (fault tests: `env` names a wrong
+#                                   certificate and an ssh folder that knows no host key)
 #
 # The host (see shared/docs/real-stack.md, "A second host on this machine"):
 #  - network namespace vmback-hv1 joined by a veth pair: 10.203.0.1 here, 10.203.0.2 there
@@ -112,6 +117,8 @@ VMBACK_REMOTE_SSH_KEY=$ssh_dir/client_key
 VMBACK_REMOTE_KNOWN_HOSTS=$ssh_dir/known_hosts
 VMBACK_REMOTE_HOME=$home
 VMBACK_REMOTE_NBD_CLIENT_PKI=$pki/nbd-client
+VMBACK_REMOTE_WRONG_CLIENT_PKI=$pki/wrong-client
+VMBACK_REMOTE_UNKNOWN_HOST_SSH=$ssh_dir/unknown-host
 VMBACK_REMOTE_LIBVIRT_CLIENT_PKI=$pki/libvirt-client
 VMBACK_REMOTE_SERVER_PKI=$pki/qemu
 VMBACK_REMOTE_DOMAIN=$default_domain
@@ -160,6 +167,10 @@ make_keys() {
   echo "$addr $(cut -d' ' -f1,2 "$ssh_dir/host_key.pub")" >"$ssh_dir/known_hosts"
   install -m 600 "$ssh_dir/client_key" "$home/.ssh/id_ed25519"
   cp "$ssh_dir/known_hosts" "$home/.ssh/known_hosts"
+  # the same key, but a known_hosts without the host: ssh must refuse the host
+  mkdir -p "$ssh_dir/unknown-host"
+  install -m 600 "$ssh_dir/client_key" "$ssh_dir/unknown-host/id_ed25519"
+  : >"$ssh_dir/unknown-host/known_hosts"
   cat >"$ssh_dir/sshd_config" <<EOF
 ListenAddress $addr
 Port 22
@@ -237,6 +248,20 @@ EOF
   cp "$pki/client-key.pem" "$pki/libvirt-client/clientkey.pem"
   # libnbd's and qemu's client layout: ca-cert, client-cert, client-key
   cp "$pki/ca-cert.pem" "$pki/client-cert.pem" "$pki/client-key.pem" "$pki/nbd-client/"
+  # a wrong one: CA and client certificate of another authority, which the host's NBD
+  # servers do not trust (and whose CA does not sign their certificate)
+  local w=$pki/wrong-client
+  mkdir -p "$w"
+  if [ ! -s "$w/client-cert.pem" ]; then
+    certtool --generate-privkey --outfile "$w/ca-key.pem" 2>/dev/null
+    certtool --generate-self-signed --load-privkey "$w/ca-key.pem" --template "$t/ca.info" \
+      --outfile "$w/ca-cert.pem" 2>/dev/null
+    certtool --generate-privkey --outfile "$w/client-key.pem" 2>/dev/null
+    certtool --generate-certificate --load-privkey "$w/client-key.pem" \
+      --load-ca-certificate "$w/ca-cert.pem" --load-ca-privkey "$w/ca-key.pem" \
+      --template "$t/client.info" --outfile "$w/client-cert.pem" 2>/dev/null
+    rm -f "$w/ca-key.pem"
+  fi
 }
 
 # --- the host's private configuration -----------------------------------------------
@@ -450,17 +475,29 @@ truth() {
 }
 
 # client CMD...: libnbd (as root) takes its client certificates from /etc/pki/libnbd
-# only; give it one in a private overlay on /etc, so this machine's /etc is not touched
+# only, and ssh its key and known_hosts from root's passwd home: give them ours in private
+# overlays on /etc and that home, so this machine's own files are not touched
 client() {
+  local root_home
+  root_home=$(getent passwd root | cut -d: -f6)
   exec unshare --mount --propagation private bash -c '
     set -e
-    mkdir -p "$1/client-etc"
-    mount -t tmpfs tmpfs "$1/client-etc"
-    mkdir -p "$1/client-etc/upper/pki/libnbd" "$1/client-etc/work"
-    cp "$2"/* "$1/client-etc/upper/pki/libnbd/"
-    mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/client-etc/upper,workdir=$1/client-etc/work" /etc
-    shift 2
-    HOME=$0 exec "$@"' "$home" "$state" "$pki/nbd-client" "$@"
+    home=$0 st=$1 certs=$2 sshd=$3 rhome=$4
+    shift 4
+    t=$st/client-etc
+    mkdir -p "$t"
+    mount -t tmpfs tmpfs "$t"
+    mkdir -p "$t/upper/pki/libnbd" "$t/work" "$t/home-upper" "$t/home-work" "$t/ssh"
+    cp "$certs"/* "$t/upper/pki/libnbd/"
+    mount -t overlay overlay -o "lowerdir=/etc,upperdir=$t/upper,workdir=$t/work" /etc
+    cp "$sshd/id_ed25519" "$sshd/known_hosts" "$t/ssh/"
+    chmod 700 "$t/ssh"
+    chmod 600 "$t/ssh/id_ed25519"
+    mount -t overlay overlay -o "lowerdir=$rhome,upperdir=$t/home-upper,workdir=$t/home-work" "$rhome"
+    mkdir -p "$rhome/.ssh"
+    mount --bind "$t/ssh" "$rhome/.ssh"
+    HOME=$home exec "$@"' "$home" "$state" "${REMOTE_CLIENT_PKI:-$pki/nbd-client}" \
+    "${REMOTE_CLIENT_SSH:-$home/.ssh}" "$root_home" "$@"
 }
 
 cmd=${1:-}

@@ -24,20 +24,23 @@ mod libvirt;
 mod nbd;
 mod offline;
 mod online;
+pub mod remote;
 mod save;
+mod ssh;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use thiserror::Error;
 use tracing::{info, warn};
-use virt::connect::Connect;
 
 use disk::DiskError;
 use domxml::DomDisk;
 use folder::{CPT_PREFIX, Folder, FolderError};
 pub use libvirt::LibvirtError;
 use offline::QemuNbdError;
+use remote::RemoteOptions;
+use ssh::SshError;
 
 /// The backup level (`-l`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -67,6 +70,8 @@ pub struct BackupOptions {
     pub raw_disks: bool,
     pub checkpoint_dir: Option<PathBuf>,
     pub scratch_dir: PathBuf,
+    /// Used when `uri` names another host.
+    pub remote: RemoteOptions,
 }
 
 /// Why a backup failed.
@@ -77,7 +82,7 @@ pub enum BackupError {
          give a folder"
     )]
     Stdout,
-    #[error("cannot connect to libvirt at {uri} (is libvirtd running?)")]
+    #[error("cannot connect to libvirt at {uri} (is libvirtd running? for SASL: --user, --password)")]
     Connect {
         uri: String,
         #[source]
@@ -101,6 +106,8 @@ pub enum BackupError {
     Folder(#[from] FolderError),
     #[error(transparent)]
     QemuNbd(#[from] QemuNbdError),
+    #[error(transparent)]
+    Ssh(#[from] SshError),
     #[error("{folder}: holds a backup already; a {level} backup starts a new chain in an empty folder")]
     ChainExists { folder: PathBuf, level: &'static str },
     #[error("{folder}: no checkpoint list ({}); take a full backup into it first", cpt_file.display())]
@@ -187,10 +194,7 @@ pub fn run(opts: &BackupOptions, progress: Progress<'_>) -> Result<Outcome> {
     if opts.output == Path::new("-") {
         return Err(BackupError::Stdout);
     }
-    // libvirt prints every error to stderr by default; ours are reported with context.
-    virt::error::clear_error_callback();
-    let conn = Connect::open(Some(&opts.uri))
-        .map_err(|source| BackupError::Connect { uri: opts.uri.clone(), source })?;
+    let conn = remote::connect(&opts.uri, &opts.remote)?;
     let dom =
         conn.lookup_domain_by_name(&opts.domain).map_err(|_| BackupError::NoDomain(opts.domain.clone()))?;
     let xml = dom.xml_desc(0).map_err(|e| LibvirtError::new("domain XML", e))?;
@@ -215,21 +219,24 @@ pub fn run(opts: &BackupOptions, progress: Progress<'_>) -> Result<Outcome> {
             BackupError::UnknownCheckpoints { folder, cpt_file, domain: opts.domain.clone(), checkpoints }
         });
     }
+    // Before anything on the hypervisor changes: an ssh failure leaves it as it was.
+    let reach = remote::Reach::new(opts)?;
     if !opts.print_only {
         folder.clean_partials()?;
     }
     if active {
-        online::online(&dom, &xml, &disks, level, &mut folder, opts, progress)
+        let hv = online::Hypervisor { conn: &conn, dom: &dom, host: reach.host() };
+        online::online(&hv, &xml, &disks, level, &mut folder, opts, progress)
     } else {
-        offline::offline(&xml, &disks, level, &folder, opts, progress)
+        offline::offline(&reach, &xml, &disks, level, &folder, opts, progress)
     }
 }
 
-/// Ends the backup job of `domain`, if it has one (for Ctrl-C: used from another thread
-/// with a connection of its own).
-pub fn abort(uri: &str, domain: &str) {
-    if let Ok(conn) = Connect::open(Some(uri))
-        && let Ok(dom) = conn.lookup_domain_by_name(domain)
+/// Ends the backup job of `opts.domain`, if it has one (for Ctrl-C: used from another
+/// thread with a connection of its own, to the same URI with the same credentials).
+pub fn abort(opts: &BackupOptions) {
+    if let Ok(conn) = remote::connect(&opts.uri, &opts.remote)
+        && let Ok(dom) = conn.lookup_domain_by_name(&opts.domain)
         && dom.is_active().unwrap_or(false)
         && let Err(e) = libvirt::abort_job(&dom)
     {
@@ -281,6 +288,7 @@ mod tests {
             raw_disks: false,
             checkpoint_dir: None,
             scratch_dir: PathBuf::from("/tmp"),
+            remote: RemoteOptions::default(),
         }
     }
 

@@ -81,7 +81,7 @@ pub enum Command {
         json: bool,
     },
     /// Back up a libvirt domain in virtnbdbackup's format (full, inc, diff, copy).
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
     /// Rebuild disk images from a backup set: every disk at the newest restore point, or at
     /// --until POINT. `-a dump` (or `-o dump`) prints the stream metadata instead, `-a
     /// verify` (or `-o verify`) verifies the set.
@@ -143,7 +143,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 outln!("{}", ls::ls_text(&catalog, &source).trim_end());
             }
         }
-        Command::Backup(a) => return backup::backup(&BackupOptions::from(&a)),
+        Command::Backup(a) => return backup::backup(&BackupOptions::from(&*a)),
         Command::Restore(a) => return restore::run(&a),
         Command::Dump { input } => return restore::dump(&input),
         Command::Verify { source, json, threads } => {
