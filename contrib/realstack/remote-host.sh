@@ -14,6 +14,9 @@
 #   remote-host.sh link up|down     the veth link, from this side (fault tests: a cut
 #                                   network); `start` brings it up again
 #   remote-host.sh sshd up|down     the host's sshd (fault tests); `start` restarts it
+#   remote-host.sh rate MBIT|off    limit what the host sends us to MBIT Mbit/s (a token
+#                                   bucket on its veth end: a backup long enough to cut
+#                                   mid-way); `start` lifts it
 #   remote-host.sh client CMD...    run CMD here as a backup host set up for this one:
 #                                   the client certificates where libnbd run as root looks
 #                                   (/etc/pki/libnbd, a private overlay on /etc), root's
@@ -149,6 +152,16 @@ sshd_ctl() {
         for _ in $(seq 1 50); do alive "$p" || break; sleep 0.1; done
       fi ;;
     *) die "usage: sshd up|down" ;;
+  esac
+}
+
+rate_ctl() {
+  case "$1" in
+    off) on_host tc qdisc del dev "$if_there" root 2>/dev/null || true ;;
+    *[!0-9]* | "") die "usage: rate MBIT|off" ;;
+    # burst: 64 KiB, a few packets (a bigger one lets the first megabytes through at
+    # full speed); latency: how long a packet may queue before it is dropped
+    *) on_host tc qdisc replace dev "$if_there" root tbf rate "${1}mbit" burst 64kb latency 400ms ;;
   esac
 }
 
@@ -345,10 +358,11 @@ stop_host() {
 }
 
 start_host() {
-  # undo what fault tests may have left: a link cut, sshd stopped
+  # undo what fault tests may have left: a link cut, sshd stopped, a rate limit
   if anchor_pid >/dev/null; then
     ip link set "$if_here" up 2>/dev/null || true
     sshd_ctl up
+    rate_ctl off
   fi
   if answers; then
     echo "remote-host: already running" >&2
@@ -515,6 +529,7 @@ case "$cmd" in
   link)
     case "${1:-}" in up | down) ip link set "$if_here" "$1" ;; *) die "usage: link up|down" ;; esac ;;
   sshd) [ $# = 1 ] || die "usage: sshd up|down"; lock; sshd_ctl "$1" ;;
-  *) echo "usage: $0 start|stop|status|env|domain NAME|write NAME DISK CMD...|truth NAME DISK OUT|exec CMD...|client CMD...|link up|down|sshd up|down" >&2
+  rate) [ $# = 1 ] || die "usage: rate MBIT|off"; rate_ctl "$1" ;;
+  *) echo "usage: $0 start|stop|status|env|domain NAME|write NAME DISK CMD...|truth NAME DISK OUT|exec CMD...|client CMD...|link up|down|sshd up|down|rate MBIT|off" >&2
      exit 2 ;;
 esac

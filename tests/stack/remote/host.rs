@@ -75,18 +75,49 @@ impl Host {
         self.run(&["truth", name, disk, out.to_str().expect("UTF-8 path")]);
     }
 
-    /// A command run from this side as a client of the host: HOME holds the ssh key and
-    /// known_hosts (paramiko reads only $HOME/.ssh); with `tls`, inside the script's
-    /// `client` wrapper, which gives libnbd its client certificates.
-    pub fn client(&self, tls: bool, program: &str) -> Command {
-        let mut c = if tls {
-            let mut c = Command::new(&self.script);
-            c.args(["client", program]);
-            c
-        } else {
-            Command::new(program)
-        };
-        c.env("HOME", self.get("HOME"));
+    /// A command run from this side as a backup host of this one: inside the script's
+    /// `client` wrapper (root's ~/.ssh and HOME with the client key and known_hosts,
+    /// libnbd's client certificates), with `env` for the wrapper (REMOTE_CLIENT_PKI,
+    /// REMOTE_CLIENT_SSH: the fault tests' wrong ones).
+    pub fn client_with(&self, env: &[(&str, &str)], program: &str) -> Command {
+        let mut c = Command::new(&self.script);
+        c.args(["client", program]).envs(env.iter().copied());
         c
+    }
+
+    pub fn client(&self, program: &str) -> Command {
+        self.client_with(&[], program)
+    }
+
+    /// libvirt's own URI of the host over ssh, as a user writes it (the wrapper gives
+    /// root's ssh the key and known_hosts).
+    pub fn ssh_uri(&self) -> String {
+        format!("qemu+ssh://root@{}/system", self.get("ADDR"))
+    }
+
+    /// `virsh ARGS` on the host itself (its own libvirtd, not over the network).
+    pub fn virsh(&self, args: &[&str]) -> String {
+        let mut a = vec!["exec", "virsh", "-q", "-c", "qemu:///system"];
+        a.extend_from_slice(args);
+        String::from_utf8_lossy(&self.run(&a).stdout).into_owned()
+    }
+
+    /// Whether `dom` has a job (a backup job left running) on the host.
+    pub fn has_job(&self, dom: &str) -> bool {
+        let info = self.virsh(&["domjobinfo", dom]);
+        !info.lines().any(|l| l.starts_with("Job type:") && l.contains("None"))
+    }
+
+    /// The names of `dom`'s checkpoints on the host.
+    pub fn checkpoints(&self, dom: &str) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.virsh(&["checkpoint-list", "--name", dom]).lines().map(str::to_owned).collect();
+        v.sort();
+        v
+    }
+
+    /// `remote-host.sh link|sshd|rate ARG`: the fault switches.
+    pub fn set(&self, what: &str, arg: &str) {
+        self.run(&[what, arg]);
     }
 }
