@@ -5,8 +5,9 @@
 #   remote-host.sh stop             tear it down (keys, certificates and domains are kept)
 #   remote-host.sh status           exit 0 and print the env lines if it answers, else 1
 #   remote-host.sh env              print the env lines (KEY=VALUE, for tests and shells)
-#   remote-host.sh domain NAME      (re)create domain NAME from nothing: two new 64 MiB
-#                                   qcow2 disks vda/vdb, UEFI NVRAM, started paused
+#   remote-host.sh domain NAME [MIB]  (re)create domain NAME from nothing: two new qcow2
+#                                   disks vda/vdb of MIB MiB (default 64), UEFI NVRAM,
+#                                   started paused
 #   remote-host.sh write NAME DISK QEMU-IO-CMD...   run qemu-io commands on a live disk
 #                                   through HMP, then flush (as make-corpus.sh does)
 #   remote-host.sh truth NAME DISK OUT.raw   the disk's true contents, taken on the host
@@ -431,15 +432,16 @@ EOF
 }
 
 make_domain() {
-  local name=$1 t
+  local name=$1 mib=${2:-$disk_mib} t
   check_name "$name"
+  case "$mib" in "" | *[!0-9]*) die "bad disk size '$mib' (MiB)" ;; esac
   if virsh_host dominfo "$name" >/dev/null 2>&1; then
     virsh_host destroy "$name" >/dev/null 2>&1 || true
     virsh_host undefine --nvram --checkpoints-metadata "$name" >/dev/null
   fi
   rm -f "$host/disks/$name-vda.qcow2" "$host/disks/$name-vdb.qcow2" "$host/nvram/${name}_VARS.fd"
   for t in vda vdb; do
-    qemu-img create -q -f qcow2 -o compat=1.1 "$host/disks/$name-$t.qcow2" "${disk_mib}M"
+    qemu-img create -q -f qcow2 -o compat=1.1 "$host/disks/$name-$t.qcow2" "${mib}M"
   done
   t=qemu
   if on_host test -w /dev/kvm; then t=kvm; fi
@@ -521,7 +523,7 @@ case "$cmd" in
   stop) lock; stop_host; echo "remote-host: stopped" >&2 ;;
   status) if answers; then print_env; else echo "remote-host: not running or not answering on $ssh_uri" >&2; exit 1; fi ;;
   env) print_env ;;
-  domain) [ $# = 1 ] || die "usage: domain NAME"; lock; make_domain "$1" ;;
+  domain) [ $# = 1 ] || [ $# = 2 ] || die "usage: domain NAME [MIB]"; lock; make_domain "$@" ;;
   write) [ $# -ge 3 ] || die "usage: write NAME DISK QEMU-IO-CMD..."; write_disk "$@" ;;
   truth) [ $# = 3 ] || die "usage: truth NAME DISK OUT.raw"; truth "$@" ;;
   exec) [ $# -ge 1 ] || die "usage: exec CMD..."; on_host "$@" ;;
@@ -530,6 +532,6 @@ case "$cmd" in
     case "${1:-}" in up | down) ip link set "$if_here" "$1" ;; *) die "usage: link up|down" ;; esac ;;
   sshd) [ $# = 1 ] || die "usage: sshd up|down"; lock; sshd_ctl "$1" ;;
   rate) [ $# = 1 ] || die "usage: rate MBIT|off"; rate_ctl "$1" ;;
-  *) echo "usage: $0 start|stop|status|env|domain NAME|write NAME DISK CMD...|truth NAME DISK OUT|exec CMD...|client CMD...|link up|down|sshd up|down|rate MBIT|off" >&2
+  *) echo "usage: $0 start|stop|status|env|domain NAME [MIB]|write NAME DISK CMD...|truth NAME DISK OUT|exec CMD...|client CMD...|link up|down|sshd up|down|rate MBIT|off" >&2
      exit 2 ;;
 esac

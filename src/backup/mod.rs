@@ -7,7 +7,9 @@
 //! its lock, file naming), [`domxml`] (domain, backup and checkpoint XML), `online` (a
 //! running domain, through libvirt's pull-mode backup job), `offline` (a shut-off one,
 //! through our own `qemu-nbd`), `save` (the disks' data files), with `disk` (one disk's
-//! stream), `nbd` (libnbd) and `libvirt` (the calls `virt` lacks) below them.
+//! stream), `nbd` (libnbd) and `libvirt` (the calls `virt` lacks) below them. A URI that
+//! names another host makes the run remote ([`remote`]: credentials, NBD over TCP/TLS, and
+//! the hypervisor's files and commands over `ssh`).
 //!
 //! Invariants: the output folder is locked for the whole run, so only a dead run's
 //! `*.partial` files are removed; each data file is written as `.partial`, synced and

@@ -89,7 +89,7 @@ fn lost_links_stopped_sshd_wrong_certificates_and_unknown_host_keys_fail_clearly
     host.write(dom, "vdb", &["write -P 0xe6 4M 40M"]);
     host.set("rate", "40");
     let before = names(&set);
-    let n = before.iter().filter(|f| f.starts_with("vda.inc.")).count() + 1;
+    let n = before.iter().filter(|f| f.starts_with("vda.inc.") && f.ends_with(".data")).count() + 1;
     let partial = set.join(format!("vda.inc.virtnbdbackup.{n}.data.partial"));
     let child = host
         .client(env!("CARGO_BIN_EXE_vmback"))
