@@ -11,10 +11,14 @@
 #   - wall time of `vmback backup -l full` and Debian's `virtnbdbackup -l full` (1.9.15),
 #     the same options (-U, --ssh-user, -I, -P, --tls), each a fresh chain (a full
 #     deletes the other tool's checkpoints);
-#   - the MB/s of each against a plain `nbdcopy` of the same exports to null: a backup job
-#     started with `virsh backup-begin` (the same pull-mode TCP server), both disks copied
-#     at once (as both tools do), nbdcopy's defaults (multi-conn, 64 requests in flight).
-# MB/s is the disks' allocated bytes over wall time (the same bytes for all three). The
+#   - the MB/s of vmback against a plain `nbdcopy` of the same exports to null: a backup
+#     job started with `virsh backup-begin` (the same pull-mode TCP server), both disks
+#     copied at once (as vmback does), nbdcopy's defaults (multi-conn, 64 requests in
+#     flight), timed from its start to the end of both copies; vmback's transfer time is
+#     the one it prints (from its first extent query to the last file synced and
+#     renamed), and its whole run's time is shown too (with the libvirt and ssh
+#     connections, checkpoints, job start and end, qemu-img info over ssh).
+# MB/s is the disks' allocated bytes over that time (the same bytes for all). The
 # page cache is dropped before every timed run. Targets: vmback at most half of
 # virtnbdbackup's time, at least 0.9x nbdcopy's MB/s. vmback fsyncs each data file,
 # virtnbdbackup does not; nbdcopy writes nothing.
@@ -141,6 +145,10 @@ for mode in tcp tls; do
     say "$mode, run $rep: vmback full, virtnbdbackup full, nbdcopy"
     set=$work/sets/vmback-$mode-$rep
     T[vmback,$mode]+=" $(timed client "$vmback" backup -U "$uri" -d "$dom" -l full -P "$PORT" "${tls[@]}" -o "$set")"
+    # its summary line: "Full backup of DOM: ... data saved, ... zero, SECONDS s"
+    x=$(sed -n 's/^Full backup of .* zero, \([0-9.]*\) s$/\1/p' "$log" | tail -n 1)
+    [ -n "$x" ] || die "no summary line from vmback in $log"
+    T[xfer,$mode]+=" $x"
     if [ "$rep" = 1 ]; then check "$set"; fi
     rm -rf -- "$set"
     set=$work/sets/virtnbdbackup-$mode-$rep
@@ -158,11 +166,16 @@ mbs() { calc "$DATA / 1000000 / $1"; }
   echo "Median of $reps runs, page cache dropped before each; $(nproc) cores. vmback fsyncs its files,"
   echo "virtnbdbackup does not, nbdcopy writes to null."
   echo
-  echo "| NBD | vmback s | virtnbdbackup s | nbdcopy s | vmback / virtnbdbackup | vmback MB/s | nbdcopy MB/s | vmback / nbdcopy MB/s |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| NBD | vmback run s | virtnbdbackup run s | vmback / virtnbdbackup (goal <= 0.5) | vmback transfer s | nbdcopy s | vmback transfer MB/s | nbdcopy MB/s | vmback / nbdcopy MB/s (goal >= 0.9) | vmback run MB/s |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for mode in tcp tls; do
     # shellcheck disable=SC2086  # the lists are space-separated numbers
-    v=$(med ${T[vmback,$mode]}) u=$(med ${T[virtnbdbackup,$mode]}) c=$(med ${T[nbdcopy,$mode]})
-    echo "| $mode | $v | $u | $c | $(calc "$v / $u") | $(mbs "$v") | $(mbs "$c") | $(calc "$c / $v") |"
+    v=$(med ${T[vmback,$mode]}) u=$(med ${T[virtnbdbackup,$mode]}) c=$(med ${T[nbdcopy,$mode]}) x=$(med ${T[xfer,$mode]})
+    echo "| $mode | $v | $u | $(calc "$v / $u") | $x | $c | $(mbs "$x") | $(mbs "$c") | $(calc "$c / $x") | $(mbs "$v") |"
   done
+  echo
+  for mode in tcp tls; do
+    for k in vmback xfer virtnbdbackup nbdcopy; do echo "- $mode, $k, every run (s):${T[$k,$mode]}"; done
+  done
+  echo "- machine load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 } | tee "$out"

@@ -196,6 +196,12 @@ pub fn run(opts: &BackupOptions, progress: Progress<'_>) -> Result<Outcome> {
     if opts.output == Path::new("-") {
         return Err(BackupError::Stdout);
     }
+    // ssh to a remote hypervisor takes as long as libvirt's connection (a handshake
+    // each): both at once.
+    let reach = std::thread::spawn({
+        let opts = opts.clone();
+        move || remote::Reach::new(&opts)
+    });
     let conn = remote::connect(&opts.uri, &opts.remote)?;
     let dom =
         conn.lookup_domain_by_name(&opts.domain).map_err(|_| BackupError::NoDomain(opts.domain.clone()))?;
@@ -222,7 +228,7 @@ pub fn run(opts: &BackupOptions, progress: Progress<'_>) -> Result<Outcome> {
         });
     }
     // Before anything on the hypervisor changes: an ssh failure leaves it as it was.
-    let reach = remote::Reach::new(opts)?;
+    let reach = reach.join().expect("no panic in Reach::new")?;
     if !opts.print_only {
         folder.clean_partials()?;
     }

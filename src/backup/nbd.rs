@@ -130,6 +130,8 @@ fn cstring(op: &'static str, s: &str) -> Result<CString, NbdError> {
 /// One connection. See the module note.
 pub struct Nbd {
     h: *mut nbd_handle,
+    /// `host:port` of a TCP connection, for saying that the network was lost.
+    peer: Option<String>,
 }
 
 // SAFETY: libnbd handles may be used from any thread (libnbd locks each handle
@@ -145,7 +147,7 @@ impl Nbd {
         if h.is_null() {
             return Err(last_error("create"));
         }
-        let nbd = Nbd { h };
+        let mut nbd = Nbd { h, peer: None };
         let name = cstring("set export name", export)?;
         let ctx = cstring("add meta context", meta_context)?;
         // SAFETY: `h` is a live handle; the strings are NUL-terminated and outlive the calls
@@ -166,6 +168,9 @@ impl Nbd {
             }
         }
         nbd.dial(endpoint)?;
+        if let Endpoint::Tcp { host, port, .. } = endpoint {
+            nbd.peer = Some(format!("{host}:{port}"));
+        }
         // SAFETY: as above.
         unsafe {
             match nbd_can_meta_context(h, ctx.as_ptr()) {
@@ -277,7 +282,7 @@ impl Nbd {
         // SAFETY: live handle; `buf` is valid for writes of `buf.len()` bytes for the whole
         // (synchronous) call.
         let r = unsafe { nbd_pread(self.h, buf.as_mut_ptr().cast(), buf.len(), offset, 0) };
-        if r == -1 { Err(last_error("pread")) } else { Ok(()) }
+        if r == -1 { Err(self.lost(last_error("pread"))) } else { Ok(()) }
     }
 
     /// The extents of `[offset, offset + count)` in the negotiated meta context, as
@@ -311,7 +316,22 @@ impl Nbd {
         // `out` is alive and not otherwise borrowed; `free` is None so libnbd keeps no
         // pointer to `out` afterwards.
         let r = unsafe { nbd_block_status(self.h, count, offset, cb, 0) };
-        if r == -1 { Err(last_error("block status")) } else { Ok(out) }
+        if r == -1 { Err(self.lost(last_error("block status"))) } else { Ok(out) }
+    }
+}
+
+impl Nbd {
+    /// `e`, saying so when it is a TCP connection that timed out (see the module note).
+    fn lost(&self, mut e: NbdError) -> NbdError {
+        if let Some(peer) = &self.peer
+            && e.errno == libc::ETIMEDOUT
+        {
+            e.message = format!(
+                "{} ({peer} acknowledged nothing for {TCP_DEAD_AFTER:?}: the network to it was lost)",
+                e.message
+            );
+        }
+        e
     }
 }
 

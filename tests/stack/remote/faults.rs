@@ -114,7 +114,7 @@ fn lost_links_stopped_sshd_wrong_certificates_and_unknown_host_keys_fail_clearly
     host.set("link", "up");
     let out = run.join().expect("vmback thread");
     eprintln!("the cut run ended {:?} after the cut", cut.elapsed());
-    fails(out, "inc with the link cut", &["timed out"]);
+    fails(out, "inc with the link cut", &["timed out", "the network to it was lost"]);
     left_clean(&host, dom, &set, &before);
     host.set("rate", "off");
     let out = vmback_backup(&host, &[], &uri, dom, &set, &inc);
