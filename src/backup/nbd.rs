@@ -372,6 +372,7 @@ mod tests {
         pid: String,
         host: HashMap<String, String>,
         _dir: tempfile::TempDir,
+        _in_use: nix::fcntl::Flock<std::fs::File>,
     }
 
     fn script() -> PathBuf {
@@ -381,11 +382,20 @@ mod tests {
     impl Server {
         /// Serves on `port`; with `tls`, TLS only and client certificates verified.
         fn start(port: u16, tls: bool) -> Server {
-            let host: HashMap<String, String> = run(Command::new(script()).arg("start"))
-                .lines()
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect();
+            let env = |cmd: &str| -> HashMap<String, String> {
+                run(Command::new(script()).arg(cmd))
+                    .lines()
+                    .filter_map(|l| l.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect()
+            };
+            // the host in use, shared: the stack tests' fault test takes it alone (see
+            // tests/stack/remote/host.rs), before `start` undoes its faults
+            let lock = Path::new(&env("env")["VMBACK_REMOTE_STATE"]).join("use.lock");
+            let _ = std::fs::create_dir_all(lock.parent().expect("a folder"));
+            let file = std::fs::File::create(&lock).expect("use.lock");
+            let in_use = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockShared).expect("flock");
+            let host = env("start");
             // on /var/tmp: the host's mount namespace shares it (not the private /tmp of
             // a test runner, should it have one)
             let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
@@ -408,7 +418,7 @@ mod tests {
             }
             run(c.arg(&img));
             let pid = std::fs::read_to_string(&pidfile).expect("qemu-nbd pid file").trim().to_owned();
-            Server { pid, host, _dir: dir }
+            Server { pid, host, _dir: dir, _in_use: in_use }
         }
 
         /// The remote host's `VMBACK_REMOTE_<key>` (its address, certificate folders).

@@ -39,7 +39,7 @@ fn lost_links_stopped_sshd_wrong_certificates_and_unknown_host_keys_fail_clearly
     if skip() {
         return;
     }
-    let host = Host::start();
+    let host = Host::start_alone();
     let dom = "vmb-rt-fault";
     host.domain(dom);
     let work = tempdir(dom);

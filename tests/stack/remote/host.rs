@@ -5,13 +5,20 @@
 //! an NBD port of its own, so tests sharing the host never meet.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A started host: the script's `KEY=VALUE` lines (VMBACK_REMOTE_*).
+use nix::fcntl::{Flock, FlockArg};
+
+/// A started host: the script's `KEY=VALUE` lines (VMBACK_REMOTE_*), and the host in use:
+/// a shared lock on `use.lock` in its state folder for tests that only use it, an
+/// exclusive one for the fault tests, which cut its link and stop its sshd (test binaries
+/// and their threads all take it, so no backup of another test runs into a fault).
 pub struct Host {
     script: PathBuf,
     env: HashMap<String, String>,
+    _in_use: Flock<File>,
 }
 
 fn script() -> PathBuf {
@@ -31,20 +38,36 @@ pub fn check(out: Output, what: &str) -> Output {
 }
 
 impl Host {
-    /// Starts the host, or finds it running.
+    /// Starts the host, or finds it running; shared with other tests.
     pub fn start() -> Host {
+        Host::start_as(FlockArg::LockShared)
+    }
+
+    /// As [`Host::start`], with the host to this test alone (faults).
+    pub fn start_alone() -> Host {
+        Host::start_as(FlockArg::LockExclusive)
+    }
+
+    fn start_as(how: FlockArg) -> Host {
         let script = script();
-        let out = check(
-            Command::new(&script).arg("start").output().expect("run remote-host.sh"),
-            "remote-host.sh start",
-        );
-        let env = String::from_utf8(out.stdout)
-            .expect("env lines are UTF-8")
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Host { script, env }
+        let lines = |args: &[&str]| -> HashMap<String, String> {
+            let what = format!("remote-host.sh {}", args.join(" "));
+            let out = check(Command::new(&script).args(args).output().expect("run remote-host.sh"), &what);
+            String::from_utf8(out.stdout)
+                .expect("env lines are UTF-8")
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        };
+        // the lock first (`env` changes nothing): `start` undoes a fault test's cut link
+        let state = lines(&["env"]).remove("VMBACK_REMOTE_STATE").expect("VMBACK_REMOTE_STATE");
+        std::fs::create_dir_all(&state).expect("state folder");
+        let lock = Path::new(&state).join("use.lock");
+        let file = File::create(&lock).unwrap_or_else(|e| panic!("{}: {e}", lock.display()));
+        let in_use = Flock::lock(file, how).unwrap_or_else(|(_, e)| panic!("flock {}: {e}", lock.display()));
+        let env = lines(&["start"]);
+        Host { script, env, _in_use: in_use }
     }
 
     /// The value of `VMBACK_REMOTE_<key>`.
