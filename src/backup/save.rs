@@ -167,18 +167,27 @@ pub fn save_side_files(host: &dyn Host, out: &Path, xml: &str, disks: &[DomDisk]
     if let Err(e) = std::fs::write(&cfg, xml) {
         warn!("{}: {e}", cfg.display());
     }
-    for d in disks.iter().filter(|d| d.format.starts_with("qcow")) {
-        let Some(src) = &d.source else { continue };
-        match host.command("qemu-img").args(["info", "--output", "json", "--force-share", src]).output() {
-            Ok(o) if o.status.success() => {
-                let path = out.join(format!("{}.{ident}.qcow.json", d.target));
-                if let Err(e) = std::fs::write(&path, &o.stdout) {
-                    warn!("{}: {e}", path.display());
+    // All disks at once: on a remote hypervisor each is an ssh session, about 0.5 s.
+    std::thread::scope(|s| {
+        for d in disks.iter().filter(|d| d.format.starts_with("qcow")) {
+            let Some(src) = &d.source else { continue };
+            s.spawn(move || {
+                match host
+                    .command("qemu-img")
+                    .args(["info", "--output", "json", "--force-share", src])
+                    .output()
+                {
+                    Ok(o) if o.status.success() => {
+                        let path = out.join(format!("{}.{ident}.qcow.json", d.target));
+                        if let Err(e) = std::fs::write(&path, &o.stdout) {
+                            warn!("{}: {e}", path.display());
+                        }
+                    }
+                    _ => warn!("{}: qemu-img info on {} failed; no qcow.json saved", d.target, host.name()),
                 }
-            }
-            _ => warn!("{}: qemu-img info on {} failed; no qcow.json saved", d.target, host.name()),
+            });
         }
-    }
+    });
 }
 
 #[cfg(test)]
