@@ -5,8 +5,9 @@
 #   remote-host.sh stop             tear it down (keys, certificates and domains are kept)
 #   remote-host.sh status           exit 0 and print the env lines if it answers, else 1
 #   remote-host.sh env              print the env lines (KEY=VALUE, for tests and shells)
-#   remote-host.sh domain NAME      (re)create domain NAME from nothing: two new 64 MiB
-#                                   qcow2 disks vda/vdb, UEFI NVRAM, started paused
+#   remote-host.sh domain NAME [MIB]  (re)create domain NAME from nothing: two new qcow2
+#                                   disks vda/vdb of MIB MiB (default 64), UEFI NVRAM,
+#                                   started paused
 #   remote-host.sh write NAME DISK QEMU-IO-CMD...   run qemu-io commands on a live disk
 #                                   through HMP, then flush (as make-corpus.sh does)
 #   remote-host.sh truth NAME DISK OUT.raw   the disk's true contents, taken on the host
@@ -14,10 +15,18 @@
 #   remote-host.sh link up|down     the veth link, from this side (fault tests: a cut
 #                                   network); `start` brings it up again
 #   remote-host.sh sshd up|down     the host's sshd (fault tests); `start` restarts it
-#   remote-host.sh client CMD...    run CMD here with the client certificates where
-#                                   libnbd run as root looks (/etc/pki/libnbd, a private
-#                                   overlay on /etc) and HOME holding the ssh key and
-#                                   known_hosts (paramiko reads only $HOME/.ssh)
+#   remote-host.sh rate MBIT|off    limit what the host sends us to MBIT Mbit/s (a token
+#                                   bucket on its veth end: a backup long enough to cut
+#                                   mid-way); `start` lifts it
+#   remote-host.sh client CMD...    run CMD here as a backup host set up for this one:
+#                                   the client certificates where libnbd run as root looks
+#                                   (/etc/pki/libnbd, a private overlay on /etc), root's
+#                                   ~/.ssh holding the client key and known_hosts (ssh
+#                                   reads the passwd home; a private overlay on it), and
+#                                   HOME holding them too (paramiko reads only $HOME/.ssh).
+#                                   REMOTE_CLIENT_PKI=DIR and REMOTE_CLIENT_SSH=DIR give
+#                                   other ones (fault tests: `env` names a wrong
+#                                   certificate and an ssh folder that knows no host key)
 #
 # The host (see shared/docs/real-stack.md, "A second host on this machine"):
 #  - network namespace vmback-hv1 joined by a veth pair: 10.203.0.1 here, 10.203.0.2 there
@@ -112,6 +121,8 @@ VMBACK_REMOTE_SSH_KEY=$ssh_dir/client_key
 VMBACK_REMOTE_KNOWN_HOSTS=$ssh_dir/known_hosts
 VMBACK_REMOTE_HOME=$home
 VMBACK_REMOTE_NBD_CLIENT_PKI=$pki/nbd-client
+VMBACK_REMOTE_WRONG_CLIENT_PKI=$pki/wrong-client
+VMBACK_REMOTE_UNKNOWN_HOST_SSH=$ssh_dir/unknown-host
 VMBACK_REMOTE_LIBVIRT_CLIENT_PKI=$pki/libvirt-client
 VMBACK_REMOTE_SERVER_PKI=$pki/qemu
 VMBACK_REMOTE_DOMAIN=$default_domain
@@ -145,6 +156,16 @@ sshd_ctl() {
   esac
 }
 
+rate_ctl() {
+  case "$1" in
+    off) on_host tc qdisc del dev "$if_there" root 2>/dev/null || true ;;
+    *[!0-9]* | "") die "usage: rate MBIT|off" ;;
+    # burst: 64 KiB, a few packets (a bigger one lets the first megabytes through at
+    # full speed); latency: how long a packet may queue before it is dropped
+    *) on_host tc qdisc replace dev "$if_there" root tbf rate "${1}mbit" burst 64kb latency 400ms ;;
+  esac
+}
+
 lock() {
   mkdir -p "$state"
   exec 9>"$state/lock"
@@ -160,6 +181,10 @@ make_keys() {
   echo "$addr $(cut -d' ' -f1,2 "$ssh_dir/host_key.pub")" >"$ssh_dir/known_hosts"
   install -m 600 "$ssh_dir/client_key" "$home/.ssh/id_ed25519"
   cp "$ssh_dir/known_hosts" "$home/.ssh/known_hosts"
+  # the same key, but a known_hosts without the host: ssh must refuse the host
+  mkdir -p "$ssh_dir/unknown-host"
+  install -m 600 "$ssh_dir/client_key" "$ssh_dir/unknown-host/id_ed25519"
+  : >"$ssh_dir/unknown-host/known_hosts"
   cat >"$ssh_dir/sshd_config" <<EOF
 ListenAddress $addr
 Port 22
@@ -237,6 +262,20 @@ EOF
   cp "$pki/client-key.pem" "$pki/libvirt-client/clientkey.pem"
   # libnbd's and qemu's client layout: ca-cert, client-cert, client-key
   cp "$pki/ca-cert.pem" "$pki/client-cert.pem" "$pki/client-key.pem" "$pki/nbd-client/"
+  # a wrong one: CA and client certificate of another authority, which the host's NBD
+  # servers do not trust (and whose CA does not sign their certificate)
+  local w=$pki/wrong-client
+  mkdir -p "$w"
+  if [ ! -s "$w/client-cert.pem" ]; then
+    certtool --generate-privkey --outfile "$w/ca-key.pem" 2>/dev/null
+    certtool --generate-self-signed --load-privkey "$w/ca-key.pem" --template "$t/ca.info" \
+      --outfile "$w/ca-cert.pem" 2>/dev/null
+    certtool --generate-privkey --outfile "$w/client-key.pem" 2>/dev/null
+    certtool --generate-certificate --load-privkey "$w/client-key.pem" \
+      --load-ca-certificate "$w/ca-cert.pem" --load-ca-privkey "$w/ca-key.pem" \
+      --template "$t/client.info" --outfile "$w/client-cert.pem" 2>/dev/null
+    rm -f "$w/ca-key.pem"
+  fi
 }
 
 # --- the host's private configuration -----------------------------------------------
@@ -320,10 +359,11 @@ stop_host() {
 }
 
 start_host() {
-  # undo what fault tests may have left: a link cut, sshd stopped
+  # undo what fault tests may have left: a link cut, sshd stopped, a rate limit
   if anchor_pid >/dev/null; then
     ip link set "$if_here" up 2>/dev/null || true
     sshd_ctl up
+    rate_ctl off
   fi
   if answers; then
     echo "remote-host: already running" >&2
@@ -392,15 +432,16 @@ EOF
 }
 
 make_domain() {
-  local name=$1 t
+  local name=$1 mib=${2:-$disk_mib} t
   check_name "$name"
+  case "$mib" in "" | *[!0-9]*) die "bad disk size '$mib' (MiB)" ;; esac
   if virsh_host dominfo "$name" >/dev/null 2>&1; then
     virsh_host destroy "$name" >/dev/null 2>&1 || true
     virsh_host undefine --nvram --checkpoints-metadata "$name" >/dev/null
   fi
   rm -f "$host/disks/$name-vda.qcow2" "$host/disks/$name-vdb.qcow2" "$host/nvram/${name}_VARS.fd"
   for t in vda vdb; do
-    qemu-img create -q -f qcow2 -o compat=1.1 "$host/disks/$name-$t.qcow2" "${disk_mib}M"
+    qemu-img create -q -f qcow2 -o compat=1.1 "$host/disks/$name-$t.qcow2" "${mib}M"
   done
   t=qemu
   if on_host test -w /dev/kvm; then t=kvm; fi
@@ -450,17 +491,29 @@ truth() {
 }
 
 # client CMD...: libnbd (as root) takes its client certificates from /etc/pki/libnbd
-# only; give it one in a private overlay on /etc, so this machine's /etc is not touched
+# only, and ssh its key and known_hosts from root's passwd home: give them ours in private
+# overlays on /etc and that home, so this machine's own files are not touched
 client() {
+  local root_home
+  root_home=$(getent passwd root | cut -d: -f6)
   exec unshare --mount --propagation private bash -c '
     set -e
-    mkdir -p "$1/client-etc"
-    mount -t tmpfs tmpfs "$1/client-etc"
-    mkdir -p "$1/client-etc/upper/pki/libnbd" "$1/client-etc/work"
-    cp "$2"/* "$1/client-etc/upper/pki/libnbd/"
-    mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1/client-etc/upper,workdir=$1/client-etc/work" /etc
-    shift 2
-    HOME=$0 exec "$@"' "$home" "$state" "$pki/nbd-client" "$@"
+    home=$0 st=$1 certs=$2 sshd=$3 rhome=$4
+    shift 4
+    t=$st/client-etc
+    mkdir -p "$t"
+    mount -t tmpfs tmpfs "$t"
+    mkdir -p "$t/upper/pki/libnbd" "$t/work" "$t/home-upper" "$t/home-work" "$t/ssh"
+    cp "$certs"/* "$t/upper/pki/libnbd/"
+    mount -t overlay overlay -o "lowerdir=/etc,upperdir=$t/upper,workdir=$t/work" /etc
+    cp "$sshd/id_ed25519" "$sshd/known_hosts" "$t/ssh/"
+    chmod 700 "$t/ssh"
+    chmod 600 "$t/ssh/id_ed25519"
+    mount -t overlay overlay -o "lowerdir=$rhome,upperdir=$t/home-upper,workdir=$t/home-work" "$rhome"
+    mkdir -p "$rhome/.ssh"
+    mount --bind "$t/ssh" "$rhome/.ssh"
+    HOME=$home exec "$@"' "$home" "$state" "${REMOTE_CLIENT_PKI:-$pki/nbd-client}" \
+    "${REMOTE_CLIENT_SSH:-$home/.ssh}" "$root_home" "$@"
 }
 
 cmd=${1:-}
@@ -470,7 +523,7 @@ case "$cmd" in
   stop) lock; stop_host; echo "remote-host: stopped" >&2 ;;
   status) if answers; then print_env; else echo "remote-host: not running or not answering on $ssh_uri" >&2; exit 1; fi ;;
   env) print_env ;;
-  domain) [ $# = 1 ] || die "usage: domain NAME"; lock; make_domain "$1" ;;
+  domain) [ $# = 1 ] || [ $# = 2 ] || die "usage: domain NAME [MIB]"; lock; make_domain "$@" ;;
   write) [ $# -ge 3 ] || die "usage: write NAME DISK QEMU-IO-CMD..."; write_disk "$@" ;;
   truth) [ $# = 3 ] || die "usage: truth NAME DISK OUT.raw"; truth "$@" ;;
   exec) [ $# -ge 1 ] || die "usage: exec CMD..."; on_host "$@" ;;
@@ -478,6 +531,7 @@ case "$cmd" in
   link)
     case "${1:-}" in up | down) ip link set "$if_here" "$1" ;; *) die "usage: link up|down" ;; esac ;;
   sshd) [ $# = 1 ] || die "usage: sshd up|down"; lock; sshd_ctl "$1" ;;
-  *) echo "usage: $0 start|stop|status|env|domain NAME|write NAME DISK CMD...|truth NAME DISK OUT|exec CMD...|client CMD...|link up|down|sshd up|down" >&2
+  rate) [ $# = 1 ] || die "usage: rate MBIT|off"; rate_ctl "$1" ;;
+  *) echo "usage: $0 start|stop|status|env|domain NAME [MIB]|write NAME DISK CMD...|truth NAME DISK OUT|exec CMD...|client CMD...|link up|down|sshd up|down|rate MBIT|off" >&2
      exit 2 ;;
 esac

@@ -87,13 +87,30 @@ pub fn scratch_file(scratch: &Path, disk: &str) -> std::path::PathBuf {
     scratch.join(format!("vmback.{}.{disk}.scratch", std::process::id()))
 }
 
-/// `<domainbackup mode='pull'>`: an NBD server on `socket` serving `disks`, with the
+/// Where the backup job's NBD server listens.
+#[derive(Debug, Clone, Copy)]
+pub enum NbdServer<'a> {
+    /// A unix socket on this machine (a local hypervisor).
+    Unix(&'a Path),
+    /// TCP on the hypervisor's address `name` (a remote one), TLS with qemu's backup
+    /// certificates when `tls`.
+    Tcp { name: &'a str, port: u16, tls: bool },
+}
+
+/// `<domainbackup mode='pull'>`: an NBD server at `server` serving `disks`, with the
 /// changes since checkpoint `parent` (inc, diff) or everything (full, copy).
-pub fn backup_xml(socket: &Path, parent: Option<&str>, disks: &[DomDisk], scratch: &Path) -> String {
-    let mut x = format!(
-        "<domainbackup mode='pull'><server transport='unix' socket='{}'/>",
-        esc(&socket.to_string_lossy())
-    );
+pub fn backup_xml(server: NbdServer<'_>, parent: Option<&str>, disks: &[DomDisk], scratch: &Path) -> String {
+    let mut x = match server {
+        NbdServer::Unix(socket) => format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/>",
+            esc(&socket.to_string_lossy())
+        ),
+        NbdServer::Tcp { name, port, tls } => format!(
+            "<domainbackup mode='pull'><server transport='tcp' name='{}' port='{port}'{}/>",
+            esc(name),
+            if tls { " tls='yes'" } else { "" }
+        ),
+    };
     if let Some(p) = parent {
         x.push_str(&format!("<incremental>{}</incremental>", esc(p)));
     }
@@ -155,7 +172,12 @@ mod tests {
     #[test]
     fn backup_xml_names_socket_parent_and_scratch_files() {
         let disks = [dd("vda", "qcow2"), dd("v'b", "qcow2")];
-        let x = backup_xml(Path::new("/run/s.sock"), Some("virtnbdbackup.1"), &disks, Path::new("/tmp"));
+        let x = backup_xml(
+            NbdServer::Unix(Path::new("/run/s.sock")),
+            Some("virtnbdbackup.1"),
+            &disks,
+            Path::new("/tmp"),
+        );
         let pid = std::process::id();
         assert_eq!(
             x,
@@ -167,8 +189,22 @@ mod tests {
                  </disks></domainbackup>"
             )
         );
-        let full = backup_xml(Path::new("/s"), None, &disks[..1], Path::new("/tmp"));
+        let full = backup_xml(NbdServer::Unix(Path::new("/s")), None, &disks[..1], Path::new("/tmp"));
         assert!(!full.contains("<incremental>"), "{full}");
+        let tcp = NbdServer::Tcp { name: "10.0.0.2", port: 10809, tls: false };
+        let remote = backup_xml(tcp, None, &disks[..1], Path::new("/var/tmp"));
+        assert!(
+            remote.starts_with(
+                "<domainbackup mode='pull'><server transport='tcp' name='10.0.0.2' port='10809'/>"
+            ),
+            "{remote}"
+        );
+        let tls = NbdServer::Tcp { name: "hv&1", port: 10900, tls: true };
+        let remote = backup_xml(tls, None, &disks[..1], Path::new("/var/tmp"));
+        assert!(
+            remote.contains("<server transport='tcp' name='hv&amp;1' port='10900' tls='yes'/>"),
+            "{remote}"
+        );
     }
 
     #[test]

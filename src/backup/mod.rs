@@ -10,7 +10,8 @@
 //! through our own `qemu-nbd`), `save` (the disks' data files), with `disk` (one disk's
 //! stream), `nbd` (libnbd) and `libvirt` (the calls `virt` lacks) below them; `zipout`
 //! is `-o -`, the set as a zip on standard output with the chain kept in the current
-//! folder.
+//! folder. A URI that names another host makes the run remote ([`remote`]: credentials,
+//! NBD over TCP/TLS, and the hypervisor's files and commands over `ssh`).
 //!
 //! Invariants: the output folder is locked for the whole run, so only a dead run's
 //! `*.partial` files are removed; each data file is written as `.partial`, synced and
@@ -28,7 +29,9 @@ mod libvirt;
 mod nbd;
 mod offline;
 mod online;
+pub mod remote;
 mod save;
+mod ssh;
 mod zipout;
 
 use std::path::{Path, PathBuf};
@@ -36,7 +39,6 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tracing::{info, warn};
-use virt::connect::Connect;
 use virt::domain::Domain;
 
 use disk::DiskError;
@@ -44,6 +46,8 @@ use domxml::DomDisk;
 use folder::{CPT_PREFIX, Folder, FolderError};
 pub use libvirt::LibvirtError;
 use offline::QemuNbdError;
+use remote::RemoteOptions;
+use ssh::SshError;
 use zipout::ZipOut;
 pub use zipout::ZipOutError;
 
@@ -79,6 +83,8 @@ pub struct BackupOptions {
     /// of asking the NBD server directly; the same extents either way.
     pub qemu_extents: bool,
     pub job: JobOptions,
+    /// Used when `uri` names another host.
+    pub remote: RemoteOptions,
 }
 
 /// How the domain and its backup job are handled (upstream's `-S`, `--pause`, `-F`, `-s`,
@@ -107,7 +113,7 @@ pub enum BackupError {
     StdoutRaw(&'static str),
     #[error(transparent)]
     Zip(#[from] ZipOutError),
-    #[error("cannot connect to libvirt at {uri} (is libvirtd running?)")]
+    #[error("cannot connect to libvirt at {uri} (is libvirtd running? for SASL: --user, --password)")]
     Connect {
         uri: String,
         #[source]
@@ -131,6 +137,8 @@ pub enum BackupError {
     Folder(#[from] FolderError),
     #[error(transparent)]
     QemuNbd(#[from] QemuNbdError),
+    #[error(transparent)]
+    Ssh(#[from] SshError),
     #[error("{folder}: holds a backup already; a {level} backup starts a new chain in an empty folder")]
     ChainExists { folder: PathBuf, level: &'static str },
     #[error("{folder}: no checkpoint list ({}); take a full backup into it first", cpt_file.display())]
@@ -248,10 +256,13 @@ pub fn run(opts: &BackupOptions, progress: Progress<'_>) -> Result<Outcome> {
 
 /// Runs one backup into `opts.output`, or into `zip` with the chain's files kept there.
 fn run_into(opts: &BackupOptions, zip: Option<ZipOut>, progress: Progress<'_>) -> Result<Outcome> {
-    // libvirt prints every error to stderr by default; ours are reported with context.
-    virt::error::clear_error_callback();
-    let conn = Connect::open(Some(&opts.uri))
-        .map_err(|source| BackupError::Connect { uri: opts.uri.clone(), source })?;
+    // ssh to a remote hypervisor takes as long as libvirt's connection (a handshake
+    // each): both at once.
+    let reach = std::thread::spawn({
+        let opts = opts.clone();
+        move || remote::Reach::new(&opts)
+    });
+    let conn = remote::connect(&opts.uri, &opts.remote)?;
     let dom =
         conn.lookup_domain_by_name(&opts.domain).map_err(|_| BackupError::NoDomain(opts.domain.clone()))?;
     if opts.job.kill_only {
@@ -283,13 +294,25 @@ fn run_into(opts: &BackupOptions, zip: Option<ZipOut>, progress: Progress<'_>) -
             BackupError::UnknownCheckpoints { folder, cpt_file, domain: opts.domain.clone(), checkpoints }
         });
     }
+    // Before anything on the hypervisor changes: an ssh failure leaves it as it was.
+    let reach = reach.join().expect("no panic in Reach::new")?;
     if !opts.print_only && !to_zip {
         folder.clean_partials()?;
     }
     let outcome = if active {
-        online::online(&dom, &xml, &disks, level, &mut folder, opts, progress)
+        let hv = online::Hypervisor { conn: &conn, dom: &dom, host: reach.host() };
+        online::online(&hv, &xml, &disks, level, &mut folder, opts, progress)
     } else {
-        offline::offline(&xml, &disks, level, &folder, opts, progress, dom.autostart().unwrap_or(false))
+        offline::offline(
+            &reach,
+            &xml,
+            &disks,
+            level,
+            &folder,
+            opts,
+            progress,
+            dom.autostart().unwrap_or(false),
+        )
     }?;
     if let (Some(zip), Outcome::Saved { level, .. }) = (&folder.zip, &outcome) {
         finish_zip(zip, &folder, *level)?;
@@ -343,11 +366,11 @@ fn start_domain<'a>(dom: &'a Domain, opts: &'a BackupOptions) -> Result<(bool, O
     Ok((true, Some(Started(dom, &opts.domain))))
 }
 
-/// Ends the backup job of `domain`, if it has one (for Ctrl-C: used from another thread
-/// with a connection of its own).
-pub fn abort(uri: &str, domain: &str) {
-    if let Ok(conn) = Connect::open(Some(uri))
-        && let Ok(dom) = conn.lookup_domain_by_name(domain)
+/// Ends the backup job of `opts.domain`, if it has one (for Ctrl-C: used from another
+/// thread with a connection of its own, to the same URI with the same credentials).
+pub fn abort(opts: &BackupOptions) {
+    if let Ok(conn) = remote::connect(&opts.uri, &opts.remote)
+        && let Ok(dom) = conn.lookup_domain_by_name(&opts.domain)
         && dom.is_active().unwrap_or(false)
         && let Err(e) = libvirt::abort_job(&dom)
     {
@@ -401,6 +424,7 @@ mod tests {
             scratch_dir: PathBuf::from("/tmp"),
             qemu_extents: false,
             job: JobOptions::default(),
+            remote: RemoteOptions::default(),
         }
     }
 

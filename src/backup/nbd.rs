@@ -2,10 +2,16 @@
 //! export over a unix socket or TCP (optionally TLS), query extents (`base:allocation` or
 //! a dirty bitmap) and read. Only the calls vmback uses are bound.
 //!
-//! TLS ([`Endpoint::Tcp`] with certificates) is required, never merely allowed: a backup
-//! asked to use TLS must not fall back to plain text. The certificate folder holds
+//! TLS ([`Endpoint::Tcp`] with [`Tls::Required`]) is required, never merely allowed: a
+//! backup asked to use TLS must not fall back to plain text. The certificate folder holds
 //! `ca-cert.pem`, `client-cert.pem` and `client-key.pem` (qemu's and libnbd's x509
-//! layout); libnbd checks the server's certificate against the host name it dialled.
+//! layout), by default libnbd's own (`$HOME/.pki/libnbd`, `/etc/pki/libnbd` for root, as
+//! virtnbdbackup's libnbd uses); libnbd checks the server's certificate against the host
+//! name it dialled.
+//!
+//! A TCP connection must notice a lost network instead of waiting for a reply forever:
+//! once connected, its socket gets keepalive probes and a TCP user timeout
+//! ([`TCP_DEAD_AFTER`]), so a read on a cut link fails with ETIMEDOUT.
 //!
 //! A [`Nbd`] owns one `nbd_handle`. libnbd handles are thread-safe, but vmback gives each
 //! disk worker its own connection, so requests of different disks never wait on each
@@ -44,6 +50,7 @@ unsafe extern "C" {
     fn nbd_connect_tcp(h: *mut nbd_handle, hostname: *const c_char, port: *const c_char) -> c_int;
     fn nbd_set_tls(h: *mut nbd_handle, tls: c_int) -> c_int;
     fn nbd_set_tls_certificates(h: *mut nbd_handle, dir: *const c_char) -> c_int;
+    fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int;
     fn nbd_can_meta_context(h: *mut nbd_handle, name: *const c_char) -> c_int;
     fn nbd_get_size(h: *mut nbd_handle) -> i64;
     fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;
@@ -59,15 +66,32 @@ const SIZE_MAXIMUM: c_int = 2;
 /// `LIBNBD_TLS_REQUIRE`: fail unless the server agrees to TLS (see the module note).
 const TLS_REQUIRE: c_int = 2;
 
+/// A TCP connection whose peer acknowledged nothing for this long is given up (TCP user
+/// timeout; keepalive probes make an idle connection count too). A live hypervisor acks
+/// within milliseconds even under load; 30 s rides out a switch or link flap, and a
+/// backup on a cut network fails within a minute instead of never.
+pub const TCP_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+/// Idle seconds before the first keepalive probe, and between probes: a third of the
+/// user timeout, so about three probes go out before it gives up.
+const KEEPALIVE_SECS: c_int = 10;
+
+/// TLS on a TCP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls<'a> {
+    /// Plain NBD.
+    Off,
+    /// TLS or nothing; client certificates from `certificates`, else libnbd's default
+    /// folders (see the module note).
+    Required { certificates: Option<&'a Path> },
+}
+
 /// Where an NBD server listens.
 #[derive(Debug, Clone, Copy)]
 pub enum Endpoint<'a> {
     /// A unix socket (a local backup job's NBD server, or a local qemu-nbd).
     Unix(&'a Path),
-    /// TCP: a backup job on a remote hypervisor (`--nbd-ip`, `--nbd-port`); with `tls`,
-    /// TLS required and the client certificates taken from that folder (`--tls-cert`).
-    #[cfg_attr(not(test), expect(dead_code, reason = "the remote backup (issue 18) builds it; tested here"))]
-    Tcp { host: &'a str, port: u16, tls: Option<&'a Path> },
+    /// TCP: the NBD server of a remote hypervisor (`--nbd-ip`, `--nbd-port`, `--tls`).
+    Tcp { host: &'a str, port: u16, tls: Tls<'a> },
 }
 
 /// An NBD failure, with libnbd's message.
@@ -109,6 +133,8 @@ pub struct Nbd {
     h: *mut nbd_handle,
     /// The meta context asked for at connect time.
     context: String,
+    /// `host:port` of a TCP connection, for saying that the network was lost.
+    peer: Option<String>,
 }
 
 // SAFETY: libnbd handles may be used from any thread (libnbd locks each handle
@@ -116,21 +142,15 @@ pub struct Nbd {
 unsafe impl Send for Nbd {}
 
 impl Nbd {
-    /// Connects to `export` on the unix socket `socket`, asking for `meta_context`
-    /// (`base:allocation`, `qemu:dirty-bitmap:...`).
-    pub fn connect_unix(socket: &Path, export: &str, meta_context: &str) -> Result<Nbd, NbdError> {
-        Nbd::connect(Endpoint::Unix(socket), export, meta_context)
-    }
-
-    /// Connects to `export` at `endpoint`, asking for `meta_context` (as
-    /// [`Nbd::connect_unix`]).
+    /// Connects to `export` at `endpoint`, asking for `meta_context` (`base:allocation`,
+    /// `qemu:dirty-bitmap:...`).
     pub fn connect(endpoint: Endpoint<'_>, export: &str, meta_context: &str) -> Result<Nbd, NbdError> {
         // SAFETY: nbd_create has no preconditions; NULL means failure.
         let h = unsafe { nbd_create() };
         if h.is_null() {
             return Err(last_error("create"));
         }
-        let nbd = Nbd { h, context: meta_context.to_owned() };
+        let mut nbd = Nbd { h, context: meta_context.to_owned(), peer: None };
         let name = cstring("set export name", export)?;
         let ctx = cstring("add meta context", meta_context)?;
         // SAFETY: `h` is a live handle; the strings are NUL-terminated and outlive the calls
@@ -151,6 +171,9 @@ impl Nbd {
             }
         }
         nbd.dial(endpoint)?;
+        if let Endpoint::Tcp { host, port, .. } = endpoint {
+            nbd.peer = Some(format!("{host}:{port}"));
+        }
         // SAFETY: as above.
         unsafe {
             match nbd_can_meta_context(h, ctx.as_ptr()) {
@@ -179,25 +202,65 @@ impl Nbd {
                 }
             }
             Endpoint::Tcp { host, port, tls } => {
-                if let Some(dir) = tls {
-                    let dir = cstring("set tls certificates", &dir.to_string_lossy())?;
-                    // SAFETY: live handle, not connected yet; libnbd copies the string.
-                    unsafe {
-                        if nbd_set_tls(self.h, TLS_REQUIRE) == -1 {
-                            return Err(last_error("set tls"));
-                        }
-                        if nbd_set_tls_certificates(self.h, dir.as_ptr()) == -1 {
+                if let Tls::Required { certificates } = tls {
+                    // SAFETY: live handle, not connected yet.
+                    if unsafe { nbd_set_tls(self.h, TLS_REQUIRE) } == -1 {
+                        return Err(last_error("set tls"));
+                    }
+                    if let Some(dir) = certificates {
+                        let dir = cstring("set tls certificates", &dir.to_string_lossy())?;
+                        // SAFETY: live handle, not connected yet; libnbd copies the string.
+                        if unsafe { nbd_set_tls_certificates(self.h, dir.as_ptr()) } == -1 {
                             return Err(last_error("set tls certificates"));
                         }
                     }
                 }
                 let c_host = cstring("connect", host)?;
                 let c_port = cstring("connect", &port.to_string())?;
+                let place = format!("{host}:{port}{}", if tls == Tls::Off { "" } else { " (TLS)" });
                 // SAFETY: live handle; NUL-terminated strings that outlive the call.
                 if unsafe { nbd_connect_tcp(self.h, c_host.as_ptr(), c_port.as_ptr()) } == -1 {
-                    let tls = if tls.is_some() { " (TLS)" } else { "" };
-                    return Err(at(last_error("connect"), &format_args!("{host}:{port}{tls}")));
+                    return Err(at(last_error("connect"), &place));
                 }
+                self.notice_lost_network().map_err(|e| at(e, &place))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keepalive and the TCP user timeout on the connected socket (see the module note).
+    fn notice_lost_network(&self) -> Result<(), NbdError> {
+        // SAFETY: live, connected handle; the fd stays libnbd's (not closed here).
+        let fd = unsafe { nbd_aio_get_fd(self.h) };
+        if fd < 0 {
+            return Err(last_error("get socket"));
+        }
+        let timeout_ms = TCP_DEAD_AFTER.as_millis() as c_int;
+        let opts = [
+            (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_SECS),
+            (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_SECS),
+            (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, timeout_ms),
+        ];
+        for (level, name, value) in opts {
+            // SAFETY: `fd` is an open TCP socket; `value` is a c_int that outlives the call
+            // and its size is passed.
+            let r = unsafe {
+                libc::setsockopt(
+                    fd,
+                    level,
+                    name,
+                    (&value as *const c_int).cast(),
+                    std::mem::size_of::<c_int>() as libc::socklen_t,
+                )
+            };
+            if r == -1 {
+                let e = std::io::Error::last_os_error();
+                return Err(NbdError {
+                    op: "set socket options",
+                    message: e.to_string(),
+                    errno: e.raw_os_error().unwrap_or(libc::EIO),
+                });
             }
         }
         Ok(())
@@ -243,7 +306,7 @@ impl Nbd {
         // SAFETY: live handle; `buf` is valid for writes of `buf.len()` bytes for the whole
         // (synchronous) call.
         let r = unsafe { nbd_pread(self.h, buf.as_mut_ptr().cast(), buf.len(), offset, 0) };
-        if r == -1 { Err(last_error("pread")) } else { Ok(()) }
+        if r == -1 { Err(self.lost(last_error("pread"))) } else { Ok(()) }
     }
 
     /// The extents of `[offset, offset + count)` in the negotiated meta context, as
@@ -277,7 +340,22 @@ impl Nbd {
         // `out` is alive and not otherwise borrowed; `free` is None so libnbd keeps no
         // pointer to `out` afterwards.
         let r = unsafe { nbd_block_status(self.h, count, offset, cb, 0) };
-        if r == -1 { Err(last_error("block status")) } else { Ok(out) }
+        if r == -1 { Err(self.lost(last_error("block status"))) } else { Ok(out) }
+    }
+}
+
+impl Nbd {
+    /// `e`, saying so when it is a TCP connection that timed out (see the module note).
+    fn lost(&self, mut e: NbdError) -> NbdError {
+        if let Some(peer) = &self.peer
+            && e.errno == libc::ETIMEDOUT
+        {
+            e.message = format!(
+                "{} ({peer} acknowledged nothing for {TCP_DEAD_AFTER:?}: the network to it was lost)",
+                e.message
+            );
+        }
+        e
     }
 }
 
@@ -301,7 +379,7 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::process::Command;
 
-    use super::{Endpoint, Nbd};
+    use super::{Endpoint, Nbd, Tls};
 
     /// One MiB into the 4 MiB image, 64 KiB of 0x5a: one allocated extent to find and read.
     const DATA_AT: u64 = 1 << 20;
@@ -318,6 +396,7 @@ mod tests {
         pid: String,
         host: HashMap<String, String>,
         _dir: tempfile::TempDir,
+        _in_use: nix::fcntl::Flock<std::fs::File>,
     }
 
     fn script() -> PathBuf {
@@ -327,11 +406,20 @@ mod tests {
     impl Server {
         /// Serves on `port`; with `tls`, TLS only and client certificates verified.
         fn start(port: u16, tls: bool) -> Server {
-            let host: HashMap<String, String> = run(Command::new(script()).arg("start"))
-                .lines()
-                .filter_map(|l| l.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect();
+            let env = |cmd: &str| -> HashMap<String, String> {
+                run(Command::new(script()).arg(cmd))
+                    .lines()
+                    .filter_map(|l| l.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect()
+            };
+            // the host in use, shared: the stack tests' fault test takes it alone (see
+            // tests/stack/remote/host.rs), before `start` undoes its faults
+            let lock = Path::new(&env("env")["VMBACK_REMOTE_STATE"]).join("use.lock");
+            let _ = std::fs::create_dir_all(lock.parent().expect("a folder"));
+            let file = std::fs::File::create(&lock).expect("use.lock");
+            let in_use = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockShared).expect("flock");
+            let host = env("start");
             // on /var/tmp: the host's mount namespace shares it (not the private /tmp of
             // a test runner, should it have one)
             let dir = tempfile::tempdir_in("/var/tmp").expect("tempdir");
@@ -354,7 +442,7 @@ mod tests {
             }
             run(c.arg(&img));
             let pid = std::fs::read_to_string(&pidfile).expect("qemu-nbd pid file").trim().to_owned();
-            Server { pid, host, _dir: dir }
+            Server { pid, host, _dir: dir, _in_use: in_use }
         }
 
         /// The remote host's `VMBACK_REMOTE_<key>` (its address, certificate folders).
@@ -378,7 +466,7 @@ mod tests {
     }
 
     /// Connects, finds the data extent through base:allocation and reads it back.
-    fn reads_the_image(host: &str, port: u16, tls: Option<&Path>) {
+    fn reads_the_image(host: &str, port: u16, tls: Tls<'_>) {
         let mut nbd =
             Nbd::connect(Endpoint::Tcp { host, port, tls }, "disk", "base:allocation").expect("connect");
         assert_eq!(nbd.size().expect("size"), 4 << 20);
@@ -411,7 +499,7 @@ mod tests {
             return;
         }
         let server = Server::start(TCP_PORT, false);
-        reads_the_image(server.get("ADDR"), TCP_PORT, None);
+        reads_the_image(server.get("ADDR"), TCP_PORT, Tls::Off);
     }
 
     #[test]
@@ -421,19 +509,27 @@ mod tests {
         }
         let server = Server::start(TLS_PORT, true);
         let host = server.get("ADDR");
-        reads_the_image(host, TLS_PORT, Some(Path::new(server.get("NBD_CLIENT_PKI"))));
+        reads_the_image(
+            host,
+            TLS_PORT,
+            Tls::Required { certificates: Some(Path::new(server.get("NBD_CLIENT_PKI"))) },
+        );
 
         // plain text to a TLS-only server: refused
-        let e = Nbd::connect(Endpoint::Tcp { host, port: TLS_PORT, tls: None }, "disk", "base:allocation")
-            .err()
-            .expect("plain connect to a TLS server must fail");
+        let e =
+            Nbd::connect(Endpoint::Tcp { host, port: TLS_PORT, tls: Tls::Off }, "disk", "base:allocation")
+                .err()
+                .expect("plain connect to a TLS server must fail");
         assert!(e.message.starts_with(&format!("{host}:{TLS_PORT}: ")), "{e}");
         // a folder without our client certificate (the server's own: no client-cert.pem)
         let wrong = Path::new(server.get("SERVER_PKI"));
-        let e =
-            Nbd::connect(Endpoint::Tcp { host, port: TLS_PORT, tls: Some(wrong) }, "disk", "base:allocation")
-                .err()
-                .expect("TLS without a client certificate must fail");
+        let e = Nbd::connect(
+            Endpoint::Tcp { host, port: TLS_PORT, tls: Tls::Required { certificates: Some(wrong) } },
+            "disk",
+            "base:allocation",
+        )
+        .err()
+        .expect("TLS without a client certificate must fail");
         assert!(e.message.starts_with(&format!("{host}:{TLS_PORT} (TLS): ")), "{e}");
         eprintln!("as expected: {e}");
     }

@@ -8,8 +8,14 @@
 //! connection closes and is killed on drop, so none outlives the run. Its stderr is kept
 //! and named in the error when it fails (another process holding the image, a missing or
 //! inconsistent bitmap).
+//!
+//! On a remote hypervisor the qemu-nbd runs there, started over ssh as virtnbdbackup
+//! does: listening on TCP, `--nbd-port` + the disk's index (bound to `--nbd-ip` when
+//! given), TLS with the certificates in `--tls-cert` there when `--tls`. It is tied to
+//! the ssh session that started it ([`REMOTE_QEMU_NBD`]): it exits when our connection
+//! closes, and is killed when the session ends, so it never outlives the run either.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -19,10 +25,23 @@ use thiserror::Error;
 use super::disk::Extents;
 use super::domxml::DomDisk;
 use super::folder::{CPT_PREFIX, Folder};
-use super::host::LocalHost;
-use super::nbd::Nbd;
+use super::nbd::{Endpoint, Nbd, Tls};
+use super::remote::{Reach, UriHost};
 use super::save::{Plan, save_disks, save_side_files};
+use super::ssh::SshHost;
 use super::{BackupError, BackupOptions, Level, Outcome, Progress};
+
+/// Run on the hypervisor with qemu-nbd's arguments: starts it in the background
+/// (`--fork` returns once it listens, or fails with its message on stderr), says `up`,
+/// then waits for our end of the session to close its stdin and stops the server if it
+/// still runs (it exits by itself when our one connection closes).
+const REMOTE_QEMU_NBD: &str = r#"f=$(mktemp) || exit 1
+qemu-nbd --fork --pid-file="$f" "$@" </dev/null >/dev/null || { rm -f "$f"; exit 1; }
+p=$(cat "$f"); rm -f "$f"
+echo up
+cat >/dev/null
+kill "$p" 2>/dev/null
+exit 0"#;
 
 /// How long to wait for our own qemu-nbd to listen: it opens the image first, which
 /// takes well under a second even for large images; 20 s allows for a loaded machine.
@@ -50,25 +69,33 @@ pub enum QemuNbdError {
     Exited { disk: String, image: String, status: ExitStatus, stderr: String },
     #[error("{disk}: qemu-nbd did not listen on {} within {QEMU_NBD_START:?}", socket.display())]
     NoSocket { disk: String, socket: PathBuf },
+    #[error("{disk}: the hypervisor is not reached over ssh; cannot start qemu-nbd there")]
+    NoSsh { disk: String },
+}
+
+/// Where a qemu-nbd listens.
+enum Listen {
+    Unix(PathBuf),
+    Tcp { host: String, port: u16, tls: bool },
 }
 
 /// A qemu-nbd serving one disk of a shut-off domain, stopped on drop.
 struct QemuNbd {
     child: Child,
-    socket: PathBuf,
+    listen: Listen,
     disk: String,
     image: String,
 }
 
 impl QemuNbd {
-    /// `socket`: `-f`'s prefix (upstream's `<socketfile>.<disk>`), else one in `scratch`.
+    /// On this machine, on a unix socket: `socket`, `-f`'s prefix (upstream's `<socketfile>.<disk>`), else one in `scratch`.
     fn start(
         d: &DomDisk,
         bitmap: Option<&str>,
         scratch: &Path,
         socket: Option<&Path>,
     ) -> Result<QemuNbd, QemuNbdError> {
-        let image = d.source.clone().ok_or_else(|| QemuNbdError::NoSource { disk: d.target.clone() })?;
+        let image = source(d)?;
         let socket = match socket {
             Some(s) => PathBuf::from(format!("{}.{}", s.display(), d.target)),
             None => scratch.join(format!("vmback.{}.{}.sock", std::process::id(), d.target)),
@@ -86,35 +113,97 @@ impl QemuNbd {
         }
         cmd.arg(&image).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let child = cmd.spawn().map_err(|source| QemuNbdError::Spawn { disk: d.target.clone(), source })?;
-        let mut q = QemuNbd { child, socket, disk: d.target.clone(), image };
+        let mut q = QemuNbd { child, listen: Listen::Unix(socket.clone()), disk: d.target.clone(), image };
         let deadline = Instant::now() + QEMU_NBD_START;
         // qemu-nbd may make its socket before it opens the image: it listens only once
         // the socket exists and the process still runs.
         loop {
             q.check()?;
-            if q.socket.exists() {
+            if socket.exists() {
                 return Ok(q);
             }
             if Instant::now() > deadline {
-                return Err(QemuNbdError::NoSocket { disk: q.disk.clone(), socket: q.socket.clone() });
+                return Err(QemuNbdError::NoSocket { disk: q.disk.clone(), socket });
             }
             std::thread::sleep(QEMU_NBD_POLL);
         }
     }
 
+    /// On the remote hypervisor `host`, on TCP `port` (see the module note); connects to
+    /// it at `address`.
+    fn start_remote(
+        host: &SshHost,
+        d: &DomDisk,
+        bitmap: Option<&str>,
+        address: &str,
+        port: u16,
+        opts: &BackupOptions,
+    ) -> Result<QemuNbd, QemuNbdError> {
+        let image = source(d)?;
+        let mut argv: Vec<String> =
+            vec!["-r".into(), format!("--format={}", d.format), "-x".into(), d.target.clone()];
+        argv.extend(["-p".into(), port.to_string()]);
+        if let Some(ip) = &opts.remote.nbd_ip {
+            argv.extend(["-b".into(), ip.clone()]);
+        }
+        if let Some(b) = bitmap {
+            argv.push(format!("--bitmap={b}"));
+        }
+        if opts.remote.tls {
+            // as virtnbdbackup: the server's certificates, clients not verified
+            let creds = format!(
+                "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=false",
+                opts.remote.tls_cert.display()
+            );
+            argv.extend(["--object".into(), creds, "--tls-creds".into(), "tls0".into()]);
+        }
+        argv.push(image.clone());
+        let mut child = host
+            .spawn_tied(REMOTE_QEMU_NBD, &argv)
+            .map_err(|source| QemuNbdError::Spawn { disk: d.target.clone(), source })?;
+        let listen = Listen::Tcp { host: address.to_owned(), port, tls: opts.remote.tls };
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        let mut q = QemuNbd { child, listen, disk: d.target.clone(), image };
+        if line.trim() == "up" {
+            return Ok(q);
+        }
+        // It failed: the session ends, with qemu-nbd's (or ssh's) message on stderr.
+        match q.child.wait() {
+            Ok(status) => Err(q.exited(status)),
+            Err(source) => Err(QemuNbdError::Spawn { disk: q.disk.clone(), source }),
+        }
+    }
+
     /// An error with qemu-nbd's own words once it has exited.
     fn check(&mut self) -> Result<(), QemuNbdError> {
-        let Ok(Some(status)) = self.child.try_wait() else { return Ok(()) };
+        match self.child.try_wait() {
+            Ok(Some(status)) => Err(self.exited(status)),
+            _ => Ok(()),
+        }
+    }
+
+    fn exited(&mut self, status: ExitStatus) -> QemuNbdError {
         let mut stderr = String::new();
         if let Some(mut e) = self.child.stderr.take() {
             let _ = e.read_to_string(&mut stderr);
         }
-        Err(QemuNbdError::Exited { disk: self.disk.clone(), image: self.image.clone(), status, stderr })
+        QemuNbdError::Exited { disk: self.disk.clone(), image: self.image.clone(), status, stderr }
     }
 
     /// Connects to it; when that fails because qemu-nbd exited, says why it did.
     fn connect(&mut self, context: &str) -> Result<Nbd, BackupError> {
-        Nbd::connect_unix(&self.socket, &self.disk, context).map_err(|e| {
+        let endpoint = match &self.listen {
+            Listen::Unix(socket) => Endpoint::Unix(socket),
+            Listen::Tcp { host, port, tls } => Endpoint::Tcp {
+                host,
+                port: *port,
+                tls: if *tls { Tls::Required { certificates: None } } else { Tls::Off },
+            },
+        };
+        Nbd::connect(endpoint, &self.disk, context).map_err(|e| {
             // The connection is refused when qemu-nbd gave up on the image after making
             // its socket: give it a moment to exit and say why.
             let deadline = Instant::now() + QEMU_NBD_EXIT;
@@ -133,14 +222,27 @@ impl QemuNbd {
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
+        // Remote: killing our ssh session closes the remote script's stdin, which stops
+        // the server there.
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.socket);
+        if let Listen::Unix(socket) = &self.listen {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }
 
+fn source(d: &DomDisk) -> Result<String, QemuNbdError> {
+    d.source.clone().ok_or_else(|| QemuNbdError::NoSource { disk: d.target.clone() })
+}
+
 /// Backs up the shut-off domain (`level` is copy, inc or diff).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the run's parts, each used once; a struct would only rename them"
+)]
 pub fn offline(
+    reach: &Reach,
     xml: &str,
     disks: &[DomDisk],
     level: Level,
@@ -151,9 +253,20 @@ pub fn offline(
 ) -> Result<Outcome, BackupError> {
     let parent = folder.checkpoints.last().cloned().filter(|_| level != Level::Copy);
     let bitmap = parent.clone();
+    let remote = UriHost::parse(&opts.uri);
+    let host = reach.host();
     let mut servers = disks
         .iter()
-        .map(|d| QemuNbd::start(d, bitmap.as_deref(), &opts.scratch_dir, opts.job.socket.as_deref()))
+        .enumerate()
+        .map(|(i, d)| match &remote {
+            None => QemuNbd::start(d, bitmap.as_deref(), &opts.scratch_dir, opts.job.socket.as_deref()),
+            Some(r) => {
+                let ssh = reach.ssh().ok_or_else(|| QemuNbdError::NoSsh { disk: d.target.clone() })?;
+                // one port per disk from --nbd-port on, as virtnbdbackup
+                let port = opts.remote.nbd_port.saturating_add(i as u16);
+                QemuNbd::start_remote(ssh, d, bitmap.as_deref(), r.nbd_address(&opts.remote), port, opts)
+            }
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let ident = match level {
         Level::Copy => "copy".to_owned(),
@@ -178,7 +291,7 @@ pub fn offline(
     })?;
     drop(servers);
     if let Outcome::Saved { .. } = outcome {
-        save_side_files(&LocalHost, folder, xml, disks, &ident, autostart)?;
+        save_side_files(host, folder, xml, disks, &ident, autostart)?;
     }
     Ok(outcome)
 }

@@ -20,31 +20,79 @@
 //! or failed run's, newer than the chain's last) deleted, and the chain's ones libvirt
 //! lost (a transient domain) redefined. `.cpt` and `checkpoints/` change only after every
 //! disk is saved.
+//!
+//! On a remote hypervisor (a URI naming a host) the job's NBD server listens on TCP at
+//! the NBD address and port (TLS with `--tls`, qemu's backup certificates there), and the
+//! scratch files are on that host, in `--scratchdir` there, as virtnbdbackup has them.
+//! When the network is lost mid-backup, the reads fail (see `nbd::TCP_DEAD_AFTER`) and
+//! the job is ended over a new connection as soon as the host answers again, for up to
+//! [`JOB_END_RETRY`]; after that the next run ends it.
+
+use std::time::{Duration, Instant};
 
 use std::path::{Path, PathBuf};
 
 use tracing::{debug, info, warn};
+use virt::connect::Connect;
 use virt::domain::{Domain, DomainState};
 use virt::enumutil::Enum;
 
 use super::disk::Extents;
-use super::domxml::{self, DomDisk};
+use super::domxml::{self, DomDisk, NbdServer};
 use super::folder::{CPT_PREFIX, Folder, cpt_number, next_checkpoint};
-use super::host::LocalHost;
+use super::host::Host;
 use super::libvirt;
-use super::nbd::Nbd;
+use super::nbd::{Endpoint, Nbd, Tls};
+use super::remote::{self, UriHost};
 use super::save::{Plan, save_disks, save_side_files};
 use super::{BackupError, BackupOptions, Level, Outcome, Progress};
 
 type Result<T, E = BackupError> = std::result::Result<T, E>;
 
+/// How long a job whose connection was lost is retried to be ended: two minutes cover a
+/// link flap or a restarting sshd; a host that stays away longer gets its job ended by
+/// the next run (as after a kill).
+const JOB_END_RETRY: Duration = Duration::from_secs(120);
+/// Between two tries: connecting to a host that is away fails within this anyway
+/// (no route) or takes ssh's connect timeout.
+const JOB_END_PAUSE: Duration = Duration::from_secs(2);
+
 /// A job that is always ended: on success, on error, and on unwinding.
-struct Job<'a>(&'a Domain);
+struct Job<'a> {
+    conn: &'a Connect,
+    dom: &'a Domain,
+    opts: &'a BackupOptions,
+}
 
 impl Drop for Job<'_> {
     fn drop(&mut self) {
-        if let Err(e) = libvirt::abort_job(self.0) {
+        let Err(e) = libvirt::abort_job(self.dom) else { return };
+        if self.conn.is_alive().unwrap_or(false) {
             warn!("{}", crate::error_chain(&e));
+            return;
+        }
+        // The connection is gone (a lost network): end the job over a new one.
+        warn!("{}: the connection to libvirt was lost; ending the backup job over a new one", self.opts.uri);
+        let deadline = Instant::now() + JOB_END_RETRY;
+        loop {
+            if let Ok(conn) = remote::connect(&self.opts.uri, &self.opts.remote)
+                && let Ok(dom) = conn.lookup_domain_by_name(&self.opts.domain)
+            {
+                match libvirt::abort_job(&dom) {
+                    Ok(()) => info!("{}: backup job ended", self.opts.domain),
+                    Err(e) => warn!("{}", crate::error_chain(&e)),
+                }
+                return;
+            }
+            if Instant::now() > deadline {
+                warn!(
+                    "{}: could not reach {} within {JOB_END_RETRY:?} to end the backup job; the \
+                     next run ends it (or `virsh -c {} domjobabort {}`)",
+                    self.opts.domain, self.opts.uri, self.opts.uri, self.opts.domain
+                );
+                return;
+            }
+            std::thread::sleep(JOB_END_PAUSE);
         }
     }
 }
@@ -72,9 +120,16 @@ fn reconcile(chain: &[String], ours: &[String]) -> Reconcile {
     }
 }
 
+/// The hypervisor of a run: its libvirt connection, the domain, its files and commands.
+pub struct Hypervisor<'a> {
+    pub conn: &'a Connect,
+    pub dom: &'a Domain,
+    pub host: &'a dyn Host,
+}
+
 /// Backs up the running domain.
 pub fn online(
-    dom: &Domain,
+    hv: &Hypervisor<'_>,
     xml: &str,
     disks: &[DomDisk],
     level: Level,
@@ -82,6 +137,7 @@ pub fn online(
     opts: &BackupOptions,
     progress: Progress<'_>,
 ) -> Result<Outcome> {
+    let (conn, dom, host) = (hv.conn, hv.dom, hv.host);
     end_stale_job(dom, &opts.domain)?;
     let existing = libvirt::checkpoint_names(dom)?;
     if let Some(foreign) = existing.iter().find(|c| !c.starts_with(CPT_PREFIX))
@@ -134,9 +190,20 @@ pub fn online(
         }
         Level::Auto => unreachable!("resolved by run()"),
     };
+    let remote = UriHost::parse(&opts.uri);
     let socket = socket_path(opts);
-    let _ = std::fs::remove_file(&socket);
-    let backup_xml = domxml::backup_xml(&socket, parent.as_deref(), disks, &opts.scratch_dir);
+    let (server, endpoint) = match &remote {
+        None => {
+            let _ = std::fs::remove_file(&socket);
+            (NbdServer::Unix(&socket), Endpoint::Unix(&socket))
+        }
+        Some(r) => {
+            let (name, port) = (r.nbd_address(&opts.remote), opts.remote.nbd_port);
+            let tls = if opts.remote.tls { Tls::Required { certificates: None } } else { Tls::Off };
+            (NbdServer::Tcp { name, port, tls: opts.remote.tls }, Endpoint::Tcp { host: name, port, tls })
+        }
+    };
+    let backup_xml = domxml::backup_xml(server, parent.as_deref(), disks, &opts.scratch_dir);
     let checkpoint_xml = new_cpt
         .as_ref()
         .filter(|_| !opts.print_only)
@@ -148,13 +215,19 @@ pub fn online(
     begin_job(dom, &backup_xml, checkpoint_xml.as_deref(), opts)?;
     if opts.job.start_only {
         // -s: the job (and its NBD server) outlives vmback; nothing is saved.
-        let uri = |d: &DomDisk| format!("nbd+unix:///{}?socket={}", d.target, socket.display());
+        let uri = |d: &DomDisk| match endpoint {
+            Endpoint::Unix(s) => format!("nbd+unix:///{}?socket={}", d.target, s.display()),
+            Endpoint::Tcp { host, port, tls } => {
+                let scheme = if matches!(tls, Tls::Off) { "nbd" } else { "nbds" };
+                format!("{scheme}://{host}:{port}/{}", d.target)
+            }
+        };
         info!("{}: backup job started; end it with `vmback backup -k -d {0} -o ...`", opts.domain);
         return Ok(Outcome::JobStarted {
             endpoints: disks.iter().map(|d| (d.target.clone(), uri(d))).collect(),
         });
     }
-    let job = Job(dom);
+    let job = Job { conn, dom, opts };
     let kind = if matches!(level, Level::Inc | Level::Diff) { Extents::Dirty } else { Extents::Allocation };
     let ident = match level {
         Level::Copy => "copy".to_owned(),
@@ -174,14 +247,14 @@ pub fn online(
             Extents::Allocation => "base:allocation".to_owned(),
             Extents::Dirty => format!("qemu:dirty-bitmap:backup-{}", d.target),
         };
-        Nbd::connect_unix(&socket, &d.target, &context)
+        Nbd::connect(endpoint, &d.target, &context)
             .map_err(|e| BackupError::Disk { disk: d.target.clone(), source: e.into() })
     })?;
     if let Outcome::Saved { .. } = outcome {
         if let Some(c) = &new_cpt {
             folder.add_checkpoint(c, &libvirt::checkpoint_xml(dom, c)?)?;
         }
-        save_side_files(&LocalHost, folder, xml, disks, &ident, dom.autostart().unwrap_or(false))?;
+        save_side_files(host, folder, xml, disks, &ident, dom.autostart().unwrap_or(false))?;
     } else if let Some(c) = &new_cpt
         && checkpoint_xml.is_some()
     {
@@ -191,7 +264,9 @@ pub fn online(
         return Ok(outcome);
     }
     drop(job);
-    let _ = std::fs::remove_file(&socket);
+    if remote.is_none() {
+        let _ = std::fs::remove_file(&socket);
+    }
     Ok(outcome)
 }
 

@@ -219,19 +219,44 @@ pub fn save_side_files(
         Ok(()) => written.push(cfg),
         Err(e) => warn!("{}: {e}", cfg.display()),
     }
-    for d in disks.iter().filter(|d| d.format.starts_with("qcow")) {
-        let Some(src) = &d.source else { continue };
-        match host.command("qemu-img").args(["info", "--output", "json", "--force-share", src]).output() {
-            Ok(o) if o.status.success() => {
-                let path = out.join(format!("{}.{ident}.qcow.json", d.target));
-                match std::fs::write(&path, &o.stdout) {
-                    Ok(()) => written.push(path),
-                    Err(e) => warn!("{}: {e}", path.display()),
-                }
-            }
-            _ => warn!("{}: qemu-img info on {} failed; no qcow.json saved", d.target, host.name()),
-        }
-    }
+    // All disks at once: on a remote hypervisor each is an ssh session, about 0.5 s.
+    let qcow: Vec<PathBuf> = std::thread::scope(|s| {
+        let jobs: Vec<_> = disks
+            .iter()
+            .filter(|d| d.format.starts_with("qcow"))
+            .filter_map(|d| Some((d, d.source.as_ref()?)))
+            .map(|(d, src)| {
+                s.spawn(move || {
+                    match host
+                        .command("qemu-img")
+                        .args(["info", "--output", "json", "--force-share", src])
+                        .output()
+                    {
+                        Ok(o) if o.status.success() => {
+                            let path = out.join(format!("{}.{ident}.qcow.json", d.target));
+                            match std::fs::write(&path, &o.stdout) {
+                                Ok(()) => Some(path),
+                                Err(e) => {
+                                    warn!("{}: {e}", path.display());
+                                    None
+                                }
+                            }
+                        }
+                        _ => {
+                            warn!(
+                                "{}: qemu-img info on {} failed; no qcow.json saved",
+                                d.target,
+                                host.name()
+                            );
+                            None
+                        }
+                    }
+                })
+            })
+            .collect();
+        jobs.into_iter().filter_map(|j| j.join().ok().flatten()).collect()
+    });
+    written.extend(qcow);
     written.extend(super::bootfiles::save(host, out, xml, ident, autostart).into_iter().map(|n| out.join(n)));
     if let Some(zip) = &folder.zip {
         for path in written {

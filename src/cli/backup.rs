@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::ls::human;
 use super::{Result, cores, parse_bytes};
+use crate::backup::remote::{NBD_PORT, RemoteOptions};
 use crate::backup::{BackupOptions, JobOptions, Level, Outcome, run};
 
 #[derive(Args, Debug)]
@@ -58,11 +59,14 @@ pub struct BackupArgs {
     /// Where checkpoint XML files are kept [default: OUTPUT/checkpoints].
     #[arg(short = 'C', long = "checkpointdir")]
     pub checkpoint_dir: Option<PathBuf>,
-    /// Folder for the NBD socket and libvirt's scratch files.
+    /// Folder for the NBD socket and libvirt's scratch files (on the hypervisor for a
+    /// remote one).
     #[arg(long = "scratchdir", default_value = "/var/tmp")]
     pub scratch_dir: PathBuf,
     #[command(flatten)]
     pub job: JobArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     #[command(flatten)]
     pub log: BackupLogArgs,
     /// Ask qemu's tools for the extents to save (`nbdinfo --map`, as upstream's -q does)
@@ -128,6 +132,60 @@ pub struct BackupLogArgs {
     pub strict: bool,
 }
 
+/// virtnbdbackup's remote options: used when `-U` names another host
+/// (`qemu+ssh://user@host/system`, `qemu+tcp://host/system`, `qemu+tls://host/system`).
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Remote hypervisor")]
+pub struct RemoteArgs {
+    /// User for ssh to the hypervisor (boot files, qemu-img info, an offline disk's
+    /// qemu-nbd) [default: the URI's user, else ssh's].
+    #[arg(long = "ssh-user")]
+    pub ssh_user: Option<String>,
+    /// sshd's port there [default: the URI's port with an ssh transport, else ssh's].
+    #[arg(long = "ssh-port")]
+    pub ssh_port: Option<u16>,
+    /// Private key for ssh (as ssh -i) [default: the URI's keyfile=, else ssh's].
+    #[arg(long = "ssh-private-key")]
+    pub ssh_private_key: Option<PathBuf>,
+    /// User to authenticate against libvirtd (SASL).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Password to authenticate against libvirtd (SASL).
+    #[arg(long)]
+    pub password: Option<String>,
+    /// Address the NBD server listens on there and vmback connects to [default: the
+    /// URI's host].
+    #[arg(short = 'I', long = "nbd-ip")]
+    pub nbd_ip: Option<String>,
+    /// NBD port there (an offline backup uses one per disk from here on); unique per
+    /// backup running at the same time.
+    #[arg(short = 'P', long = "nbd-port", default_value_t = NBD_PORT)]
+    pub nbd_port: u16,
+    /// NBD over TLS (libnbd's client certificates here: /etc/pki/libnbd for root,
+    /// ~/.pki/libnbd otherwise; qemu's backup certificates there).
+    #[arg(long)]
+    pub tls: bool,
+    /// Certificate folder on the hypervisor for an offline backup's qemu-nbd with --tls.
+    #[arg(long = "tls-cert", default_value = "/etc/pki/qemu/")]
+    pub tls_cert: PathBuf,
+}
+
+impl From<&RemoteArgs> for RemoteOptions {
+    fn from(a: &RemoteArgs) -> RemoteOptions {
+        RemoteOptions {
+            ssh_user: a.ssh_user.clone(),
+            ssh_port: a.ssh_port,
+            ssh_private_key: a.ssh_private_key.clone(),
+            user: a.user.clone(),
+            password: a.password.clone(),
+            nbd_ip: a.nbd_ip.clone(),
+            nbd_port: a.nbd_port,
+            tls: a.tls,
+            tls_cert: a.tls_cert.clone(),
+        }
+    }
+}
+
 impl From<&BackupArgs> for BackupOptions {
     fn from(a: &BackupArgs) -> BackupOptions {
         BackupOptions {
@@ -154,6 +212,7 @@ impl From<&BackupArgs> for BackupOptions {
                 kill_only: a.job.killonly,
                 socket: a.job.socketfile.clone(),
             },
+            remote: (&a.remote).into(),
         }
     }
 }
@@ -249,11 +308,11 @@ fn stop_on_signal(opts: &BackupOptions) {
     if set.thread_block().is_err() {
         return;
     }
-    let (uri, domain) = (opts.uri.clone(), opts.domain.clone());
+    let opts = opts.clone();
     std::thread::spawn(move || {
         if let Ok(sig) = set.wait() {
             warn!("{sig}: stopping the backup");
-            crate::backup::abort(&uri, &domain);
+            crate::backup::abort(&opts);
             std::process::exit(130);
         }
     });
@@ -269,7 +328,7 @@ mod tests {
         let cli = Cli::try_parse_from(format!("vmback backup -d vm -o /b {args}").split_whitespace())
             .unwrap_or_else(|e| panic!("{args}: {e}"));
         let Command::Backup(a) = cli.command else { panic!("not a backup") };
-        a
+        *a
     }
 
     /// Upstream's short and long names of the options, as scripts spell them.

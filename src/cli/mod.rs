@@ -82,7 +82,7 @@ pub enum Command {
         json: bool,
     },
     /// Back up a libvirt domain in virtnbdbackup's format (full, inc, diff, copy).
-    Backup(BackupArgs),
+    Backup(Box<BackupArgs>),
     /// Rebuild disk images from a backup set: every disk at the newest restore point, or at
     /// --until POINT. `-a dump` (or `-o dump`) prints the stream metadata instead, `-a
     /// verify` (or `-o verify`) verifies the set.

@@ -5,13 +5,20 @@
 //! an NBD port of its own, so tests sharing the host never meet.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// A started host: the script's `KEY=VALUE` lines (VMBACK_REMOTE_*).
+use nix::fcntl::{Flock, FlockArg};
+
+/// A started host: the script's `KEY=VALUE` lines (VMBACK_REMOTE_*), and the host in use:
+/// a shared lock on `use.lock` in its state folder for tests that only use it, an
+/// exclusive one for the fault tests, which cut its link and stop its sshd (test binaries
+/// and their threads all take it, so no backup of another test runs into a fault).
 pub struct Host {
     script: PathBuf,
     env: HashMap<String, String>,
+    _in_use: Flock<File>,
 }
 
 fn script() -> PathBuf {
@@ -31,20 +38,36 @@ pub fn check(out: Output, what: &str) -> Output {
 }
 
 impl Host {
-    /// Starts the host, or finds it running.
+    /// Starts the host, or finds it running; shared with other tests.
     pub fn start() -> Host {
+        Host::start_as(FlockArg::LockShared)
+    }
+
+    /// As [`Host::start`], with the host to this test alone (faults).
+    pub fn start_alone() -> Host {
+        Host::start_as(FlockArg::LockExclusive)
+    }
+
+    fn start_as(how: FlockArg) -> Host {
         let script = script();
-        let out = check(
-            Command::new(&script).arg("start").output().expect("run remote-host.sh"),
-            "remote-host.sh start",
-        );
-        let env = String::from_utf8(out.stdout)
-            .expect("env lines are UTF-8")
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        Host { script, env }
+        let lines = |args: &[&str]| -> HashMap<String, String> {
+            let what = format!("remote-host.sh {}", args.join(" "));
+            let out = check(Command::new(&script).args(args).output().expect("run remote-host.sh"), &what);
+            String::from_utf8(out.stdout)
+                .expect("env lines are UTF-8")
+                .lines()
+                .filter_map(|l| l.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        };
+        // the lock first (`env` changes nothing): `start` undoes a fault test's cut link
+        let state = lines(&["env"]).remove("VMBACK_REMOTE_STATE").expect("VMBACK_REMOTE_STATE");
+        std::fs::create_dir_all(&state).expect("state folder");
+        let lock = Path::new(&state).join("use.lock");
+        let file = File::create(&lock).unwrap_or_else(|e| panic!("{}: {e}", lock.display()));
+        let in_use = Flock::lock(file, how).unwrap_or_else(|(_, e)| panic!("flock {}: {e}", lock.display()));
+        let env = lines(&["start"]);
+        Host { script, env, _in_use: in_use }
     }
 
     /// The value of `VMBACK_REMOTE_<key>`.
@@ -75,18 +98,49 @@ impl Host {
         self.run(&["truth", name, disk, out.to_str().expect("UTF-8 path")]);
     }
 
-    /// A command run from this side as a client of the host: HOME holds the ssh key and
-    /// known_hosts (paramiko reads only $HOME/.ssh); with `tls`, inside the script's
-    /// `client` wrapper, which gives libnbd its client certificates.
-    pub fn client(&self, tls: bool, program: &str) -> Command {
-        let mut c = if tls {
-            let mut c = Command::new(&self.script);
-            c.args(["client", program]);
-            c
-        } else {
-            Command::new(program)
-        };
-        c.env("HOME", self.get("HOME"));
+    /// A command run from this side as a backup host of this one: inside the script's
+    /// `client` wrapper (root's ~/.ssh and HOME with the client key and known_hosts,
+    /// libnbd's client certificates), with `env` for the wrapper (REMOTE_CLIENT_PKI,
+    /// REMOTE_CLIENT_SSH: the fault tests' wrong ones).
+    pub fn client_with(&self, env: &[(&str, &str)], program: &str) -> Command {
+        let mut c = Command::new(&self.script);
+        c.args(["client", program]).envs(env.iter().copied());
         c
+    }
+
+    pub fn client(&self, program: &str) -> Command {
+        self.client_with(&[], program)
+    }
+
+    /// libvirt's own URI of the host over ssh, as a user writes it (the wrapper gives
+    /// root's ssh the key and known_hosts).
+    pub fn ssh_uri(&self) -> String {
+        format!("qemu+ssh://root@{}/system", self.get("ADDR"))
+    }
+
+    /// `virsh ARGS` on the host itself (its own libvirtd, not over the network).
+    pub fn virsh(&self, args: &[&str]) -> String {
+        let mut a = vec!["exec", "virsh", "-q", "-c", "qemu:///system"];
+        a.extend_from_slice(args);
+        String::from_utf8_lossy(&self.run(&a).stdout).into_owned()
+    }
+
+    /// Whether `dom` has a job (a backup job left running) on the host.
+    pub fn has_job(&self, dom: &str) -> bool {
+        let info = self.virsh(&["domjobinfo", dom]);
+        !info.lines().any(|l| l.starts_with("Job type:") && l.contains("None"))
+    }
+
+    /// The names of `dom`'s checkpoints on the host.
+    pub fn checkpoints(&self, dom: &str) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.virsh(&["checkpoint-list", "--name", dom]).lines().map(str::to_owned).collect();
+        v.sort();
+        v
+    }
+
+    /// `remote-host.sh link|sshd|rate ARG`: the fault switches.
+    pub fn set(&self, what: &str, arg: &str) {
+        self.run(&[what, arg]);
     }
 }
