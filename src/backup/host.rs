@@ -3,7 +3,8 @@
 //!
 //! [`LocalHost`] is this machine. A remote URI (`qemu+ssh://`, `qemu+tcp://`,
 //! `qemu+tls://`) gets a host reached over ssh; both answer through the same two calls,
-//! so the backup's steps do not know which one they talk to.
+//! so the backup's steps do not know which one they talk to. A restore writes the
+//! restored VM's small files (boot files, domain XML) there through the third.
 //!
 //! Invariants: a file is read whole into memory only up to the caller's bound (boot files
 //! are small; a bigger one is refused, not truncated); a command's arguments are passed as
@@ -27,9 +28,18 @@ pub enum HostError {
     },
     #[error("{host}: {} is larger than {max} bytes; not copied", path.display())]
     TooLarge { host: String, path: PathBuf, max: u64 },
+    #[error("{host}: cannot write {}", path.display())]
+    Write {
+        host: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{host}: {} exists already; remove it or choose another output folder", path.display())]
+    Exists { host: String, path: PathBuf },
 }
 
-/// Where the domain's files are and its commands run.
+/// Where the domain's files are and its commands run (or, for a restore, will be).
 pub trait Host: Send + Sync {
     /// For messages: `localhost`, `root@10.0.0.2`.
     fn name(&self) -> String;
@@ -38,6 +48,16 @@ pub trait Host: Send + Sync {
     fn command(&self, program: &str) -> Command;
     /// The whole file at `path` on the host, refused when larger than `max` bytes.
     fn read(&self, path: &Path, max: u64) -> Result<Vec<u8>, HostError>;
+    /// Writes a new file `path` on the host holding `data`: through `path.partial`,
+    /// synced, renamed when whole; never over an existing file ([`HostError::Exists`]).
+    fn write_new(&self, path: &Path, data: &[u8]) -> Result<(), HostError>;
+}
+
+/// `NAME.partial` beside `NAME`: where a file is written until it is whole.
+pub fn partial(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    path.with_file_name(name)
 }
 
 /// This machine.
@@ -64,6 +84,21 @@ impl Host for LocalHost {
         }
         Ok(data)
     }
+
+    fn write_new(&self, path: &Path, data: &[u8]) -> Result<(), HostError> {
+        use std::io::Write;
+        if path.exists() {
+            return Err(HostError::Exists { host: self.name(), path: path.to_owned() });
+        }
+        let partial = partial(path);
+        let err = |p: &Path| {
+            let (host, path) = (self.name(), p.to_owned());
+            move |source| HostError::Write { host, path, source }
+        };
+        let mut f = std::fs::File::create(&partial).map_err(err(&partial))?;
+        f.write_all(data).and_then(|()| f.sync_all()).map_err(err(&partial))?;
+        std::fs::rename(&partial, path).map_err(err(path))
+    }
 }
 
 #[cfg(test)]
@@ -80,6 +115,16 @@ mod tests {
         assert!(matches!(err, HostError::TooLarge { max: 99, .. }), "{err}");
         let err = LocalHost.read(&dir.path().join("none"), 10).unwrap_err();
         assert!(err.to_string().contains("none"), "{err}");
+    }
+
+    #[test]
+    fn new_files_are_never_written_over_old_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let to = dir.path().join("vm1_VARS.fd");
+        LocalHost.write_new(&to, b"one").unwrap();
+        assert!(matches!(LocalHost.write_new(&to, b"two"), Err(HostError::Exists { .. })));
+        assert_eq!(std::fs::read(&to).unwrap(), b"one");
+        assert!(!dir.path().join("vm1_VARS.fd.partial").exists());
     }
 
     #[test]

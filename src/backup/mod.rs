@@ -26,12 +26,12 @@ pub mod domxml;
 mod folder;
 pub mod host;
 mod libvirt;
-mod nbd;
-mod offline;
+pub mod nbd;
+pub mod offline;
 mod online;
 pub mod remote;
 mod save;
-mod ssh;
+pub mod ssh;
 mod zipout;
 
 use std::path::{Path, PathBuf};

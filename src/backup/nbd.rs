@@ -1,6 +1,7 @@
 //! A small safe binding of the libnbd C library (Debian `libnbd-dev`): connect to an NBD
 //! export over a unix socket or TCP (optionally TLS), query extents (`base:allocation` or
-//! a dirty bitmap) and read. Only the calls vmback uses are bound.
+//! a dirty bitmap), read, and write (a remote restore writes its images through a
+//! qemu-nbd on the target host). Only the calls vmback uses are bound.
 //!
 //! TLS ([`Endpoint::Tcp`] with [`Tls::Required`]) is required, never merely allowed: a
 //! backup asked to use TLS must not fall back to plain text. The certificate folder holds
@@ -55,6 +56,8 @@ unsafe extern "C" {
     fn nbd_get_size(h: *mut nbd_handle) -> i64;
     fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64;
     fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int;
+    fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usize, offset: u64, flags: u32) -> c_int;
+    fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int;
     fn nbd_block_status(h: *mut nbd_handle, count: u64, offset: u64, cb: ExtentCallback, flags: u32)
     -> c_int;
     fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int;
@@ -307,6 +310,25 @@ impl Nbd {
         // (synchronous) call.
         let r = unsafe { nbd_pread(self.h, buf.as_mut_ptr().cast(), buf.len(), offset, 0) };
         if r == -1 { Err(self.lost(last_error("pread"))) } else { Ok(()) }
+    }
+
+    /// Writes `buf` at `offset` (at most the server's maximum request).
+    pub fn pwrite(&mut self, buf: &[u8], offset: u64) -> Result<(), NbdError> {
+        // SAFETY: live handle; `buf` is valid for reads of `buf.len()` bytes for the whole
+        // (synchronous) call, and libnbd does not keep the pointer after it returns.
+        let r = unsafe { nbd_pwrite(self.h, buf.as_ptr().cast(), buf.len(), offset, 0) };
+        if r == -1 {
+            Err(self.lost(at(last_error("pwrite"), &format_args!("offset {offset}"))))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Makes every write so far durable on the server (NBD_CMD_FLUSH).
+    pub fn flush(&mut self) -> Result<(), NbdError> {
+        // SAFETY: live handle; a synchronous call with no buffers.
+        let r = unsafe { nbd_flush(self.h, 0) };
+        if r == -1 { Err(self.lost(last_error("flush"))) } else { Ok(()) }
     }
 
     /// The extents of `[offset, offset + count)` in the negotiated meta context, as

@@ -26,7 +26,7 @@ use super::disk::Extents;
 use super::domxml::DomDisk;
 use super::folder::{CPT_PREFIX, Folder};
 use super::nbd::{Endpoint, Nbd, Tls};
-use super::remote::{Reach, UriHost};
+use super::remote::{Reach, RemoteOptions, UriHost};
 use super::save::{Plan, save_disks, save_side_files};
 use super::ssh::SshHost;
 use super::{BackupError, BackupOptions, Level, Outcome, Progress};
@@ -79,8 +79,27 @@ enum Listen {
     Tcp { host: String, port: u16, tls: bool },
 }
 
-/// A qemu-nbd serving one disk of a shut-off domain, stopped on drop.
-struct QemuNbd {
+/// qemu-nbd's arguments to listen on TCP `port` (bound to `--nbd-ip` when given), with
+/// TLS when `--tls`: as virtnbdbackup, the server's certificates in `--tls-cert` there,
+/// clients not verified.
+fn tcp_args(port: u16, remote: &RemoteOptions) -> Vec<String> {
+    let mut argv = vec!["-p".to_owned(), port.to_string()];
+    if let Some(ip) = &remote.nbd_ip {
+        argv.extend(["-b".into(), ip.clone()]);
+    }
+    if remote.tls {
+        let creds = format!(
+            "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=false",
+            remote.tls_cert.display()
+        );
+        argv.extend(["--object".into(), creds, "--tls-creds".into(), "tls0".into()]);
+    }
+    argv
+}
+
+/// A qemu-nbd serving one disk of a shut-off domain (or a remote restore's target),
+/// stopped on drop.
+pub struct QemuNbd {
     child: Child,
     listen: Listen,
     disk: String,
@@ -142,31 +161,56 @@ impl QemuNbd {
         let image = source(d)?;
         let mut argv: Vec<String> =
             vec!["-r".into(), format!("--format={}", d.format), "-x".into(), d.target.clone()];
-        argv.extend(["-p".into(), port.to_string()]);
-        if let Some(ip) = &opts.remote.nbd_ip {
-            argv.extend(["-b".into(), ip.clone()]);
-        }
+        argv.extend(tcp_args(port, &opts.remote));
         if let Some(b) = bitmap {
             argv.push(format!("--bitmap={b}"));
         }
-        if opts.remote.tls {
-            // as virtnbdbackup: the server's certificates, clients not verified
-            let creds = format!(
-                "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=false",
-                opts.remote.tls_cert.display()
-            );
-            argv.extend(["--object".into(), creds, "--tls-creds".into(), "tls0".into()]);
-        }
         argv.push(image.clone());
+        Self::spawn_remote(host, argv, &d.target, image, address, port, opts.remote.tls)
+    }
+
+    /// A writable qemu-nbd on the remote host `host` serving `image` (format `format`) as
+    /// export `export` to up to `clients` connections at once, on TCP as
+    /// [`QemuNbd::start_remote`]: the target of a remote restore.
+    pub fn start_writable_remote(
+        host: &SshHost,
+        image: &str,
+        format: &str,
+        export: &str,
+        clients: usize,
+        address: &str,
+        remote: &RemoteOptions,
+    ) -> Result<QemuNbd, QemuNbdError> {
+        let mut argv: Vec<String> = vec![
+            format!("--format={format}"),
+            "-x".into(),
+            export.to_owned(),
+            format!("--shared={}", clients.max(1)),
+        ];
+        argv.extend(tcp_args(remote.nbd_port, remote));
+        argv.push(image.to_owned());
+        Self::spawn_remote(host, argv, export, image.to_owned(), address, remote.nbd_port, remote.tls)
+    }
+
+    /// Runs qemu-nbd `argv` there through [`REMOTE_QEMU_NBD`] and waits until it listens.
+    fn spawn_remote(
+        host: &SshHost,
+        argv: Vec<String>,
+        disk: &str,
+        image: String,
+        address: &str,
+        port: u16,
+        tls: bool,
+    ) -> Result<QemuNbd, QemuNbdError> {
         let mut child = host
             .spawn_tied(REMOTE_QEMU_NBD, &argv)
-            .map_err(|source| QemuNbdError::Spawn { disk: d.target.clone(), source })?;
-        let listen = Listen::Tcp { host: address.to_owned(), port, tls: opts.remote.tls };
+            .map_err(|source| QemuNbdError::Spawn { disk: disk.to_owned(), source })?;
+        let listen = Listen::Tcp { host: address.to_owned(), port, tls };
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
             let _ = BufReader::new(out).read_line(&mut line);
         }
-        let mut q = QemuNbd { child, listen, disk: d.target.clone(), image };
+        let mut q = QemuNbd { child, listen, disk: disk.to_owned(), image };
         if line.trim() == "up" {
             return Ok(q);
         }
@@ -194,7 +238,7 @@ impl QemuNbd {
     }
 
     /// Connects to it; when that fails because qemu-nbd exited, says why it did.
-    fn connect(&mut self, context: &str) -> Result<Nbd, BackupError> {
+    pub fn connect(&mut self, context: &str) -> Result<Nbd, BackupError> {
         let endpoint = match &self.listen {
             Listen::Unix(socket) => Endpoint::Unix(socket),
             Listen::Tcp { host, port, tls } => Endpoint::Tcp {

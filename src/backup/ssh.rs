@@ -21,7 +21,14 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 
 use thiserror::Error;
 
-use super::host::{Host, HostError};
+use super::host::{Host, HostError, partial};
+
+/// Run there with a path as `$1`: writes stdin to `$1.partial`, syncs it and renames it
+/// to `$1`; exits [`EXISTS`] without writing when `$1` exists.
+const WRITE_NEW: &str = r#"[ -e "$1" ] && exit 17
+cat >"$2" && sync -- "$2" && mv -f -- "$2" "$1""#;
+/// [`WRITE_NEW`]'s exit status when the file exists (EEXIST's number, for the reader).
+const EXISTS: i32 = 17;
 
 /// How long ssh may take to open its TCP connection (`ConnectTimeout`); the same order
 /// as the NBD connection's dead-peer timeout.
@@ -234,6 +241,32 @@ impl Host for SshHost {
             return Err(err(std::io::Error::other(format!("{status}: {}", stderr.trim()))));
         }
         Ok(data)
+    }
+
+    fn write_new(&self, path: &Path, data: &[u8]) -> Result<(), HostError> {
+        use std::io::Write;
+        let err = |source| HostError::Write { host: self.name(), path: path.to_owned(), source };
+        let mut child = self
+            .command("sh")
+            .args(["-c", WRITE_NEW, "vmback"])
+            .arg(path)
+            .arg(partial(path))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(err)?;
+        // A failed write (the script exited at once) shows in its status and stderr.
+        let wrote = child.stdin.take().expect("piped").write_all(data);
+        let out = child.wait_with_output().map_err(err)?;
+        match out.status.code() {
+            Some(0) => wrote.map_err(err),
+            Some(EXISTS) => Err(HostError::Exists { host: self.name(), path: path.to_owned() }),
+            _ => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                Err(err(std::io::Error::other(format!("{}: {}", out.status, stderr.trim()))))
+            }
+        }
     }
 }
 

@@ -86,7 +86,7 @@ pub enum Command {
     /// Rebuild disk images from a backup set: every disk at the newest restore point, or at
     /// --until POINT. `-a dump` (or `-o dump`) prints the stream metadata instead, `-a
     /// verify` (or `-o verify`) verifies the set.
-    Restore(RestoreArgs),
+    Restore(Box<RestoreArgs>),
     /// Print the metadata of every stream file of a backup set as JSON.
     Dump {
         #[arg(short = 'i', long = "input")]

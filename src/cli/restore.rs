@@ -29,9 +29,12 @@ use crate::cache::ReadCache;
 use tracing::{info, warn};
 
 use crate::backup::domxml::{DomDisk, disks};
+use crate::backup::host::{Host, LocalHost};
+use crate::backup::remote::RemoteOptions;
 use crate::catalog::{BootFile, Catalog, Status};
 use crate::chain::{ImageReader, Layer, StreamIndex};
-use crate::restore::rebuild::{define, image_name, qcow2_options, restore_boot_files, write_new};
+use crate::restore::rebuild::{define, image_name, qcow2_options, restore_boot_files};
+use crate::restore::remote::RemoteTarget;
 use crate::restore::vmconfig::{Adjust, RestoredDisk, adjust};
 use crate::restore::{Format, RestoreOptions, Sparse, restore_image, verify::verify as verify_catalog};
 use crate::source::SourcePath;
@@ -111,6 +114,9 @@ pub struct RestoreArgs {
     /// Write qcow2 with compressed clusters (qemu-img's compression).
     #[arg(long)]
     pub compress: bool,
+    /// With a -U naming another host, the images, boot files and XML are written there.
+    #[command(flatten)]
+    pub remote: super::backup::RemoteArgs,
 }
 
 impl RestoreArgs {
@@ -159,6 +165,8 @@ pub struct Machine {
     pub config_file: String,
     pub uri: String,
     pub raw: bool,
+    /// How the host of a remote `uri` is reached (restored onto).
+    pub remote: RemoteOptions,
 }
 
 impl From<&RestoreArgs> for Machine {
@@ -171,6 +179,7 @@ impl From<&RestoreArgs> for Machine {
             config_file: a.config_file.clone(),
             uri: a.uri.clone(),
             raw: a.raw,
+            remote: RemoteOptions::from(&a.remote),
         }
     }
 }
@@ -186,21 +195,10 @@ pub fn run(a: &RestoreArgs) -> Result<ExitCode> {
                 warn!("--sequence: -c and -D are ignored, as virtnbdrestore ignores them");
             }
             let (what, opts, vm) = (What::from(a), RestoreOptions::from(a), Machine::from(a));
-            if vm.define && remote_uri(&vm.uri) {
-                // The images are written here: a VM defined there would name files it
-                // does not have.
-                return Err(format!("-U {}: restoring to a remote host is not supported yet", vm.uri).into());
-            }
             restore(&a.input, output, &what, &opts, &vm, progress)
         }
         (Action::Restore, None) => Err("restore needs an output: -o FOLDER (or a block device)".into()),
     }
-}
-
-/// A libvirt URI naming another host (`qemu+ssh://user@host/system`), not this one
-/// (`qemu:///system`, `qemu+unix:///system`).
-fn remote_uri(uri: &str) -> bool {
-    uri.split_once("://").is_some_and(|(_, rest)| !rest.starts_with('/'))
 }
 
 /// Cache for decoded frames during a restore: a few 32 MiB frames per worker, so two
@@ -238,7 +236,8 @@ struct Extras {
 }
 
 /// Restores the images `what` names into `output`, with progress bars when `progress`,
-/// and then what `vm` asks for of the VM.
+/// and then what `vm` asks for of the VM. When `vm.uri` names another host, `output` is
+/// a folder there and everything is written there (`restore::remote`).
 pub fn restore(
     input: &Path,
     output: &Path,
@@ -252,16 +251,28 @@ pub fn restore(
     } else {
         (from_sequence(input, &what.sequence, what.format)?, Extras::default())
     };
-    let device = std::fs::metadata(output)
-        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
+    let remote = RemoteTarget::connect(&vm.uri, &vm.remote)?;
+    let host: &dyn Host = remote.as_ref().map_or(&LocalHost, |r| r.host());
+    let device = remote.is_none()
+        && std::fs::metadata(output)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()));
     if device && jobs.len() != 1 {
         return Err(format!("{}: a block device takes one disk; choose it with -d", output.display()).into());
     }
-    if !device {
-        std::fs::create_dir_all(output).map_err(|e| format!("{}: {e}", output.display()))?;
-    }
-    // The domain XML names files by absolute paths.
-    let output = &std::path::absolute(output).map_err(|e| format!("{}: {e}", output.display()))?;
+    let output = match &remote {
+        Some(r) => {
+            r.make_dir(output)?;
+            output.to_owned()
+        }
+        None => {
+            if !device {
+                std::fs::create_dir_all(output).map_err(|e| format!("{}: {e}", output.display()))?;
+            }
+            // The domain XML names files by absolute paths.
+            std::path::absolute(output).map_err(|e| format!("{}: {e}", output.display()))?
+        }
+    };
+    let output = &output;
     let cache = Arc::new(ReadCache::new(RESTORE_CACHE));
     let bars = MultiProgress::new();
     let mut failed = 0;
@@ -283,13 +294,19 @@ pub fn restore(
         );
         bar.set_prefix(job.disk.clone());
         let opts = RestoreOptions { format: job.format, qcow2_options: job.qcow2_options, ..opts.clone() };
-        match restore_image(&reader, &target, &opts, &|n| bar.inc(n)) {
+        let done = |n| bar.inc(n);
+        let result = match &remote {
+            Some(r) => r.restore_image(&reader, &target, &opts, &done).map_err(|e| crate::error_chain(&e)),
+            None => restore_image(&reader, &target, &opts, &done).map_err(|e| crate::error_chain(&e)),
+        };
+        match result {
             Ok(r) => {
                 bar.finish();
                 let secs = r.elapsed.as_secs_f64().max(1e-6);
                 outln!(
-                    "{}: {} ({} virtual, {} written, {} zeros left as holes) in {secs:.1} s, {}/s",
+                    "{}: {}{} ({} virtual, {} written, {} zeros left as holes) in {secs:.1} s, {}/s",
                     job.disk,
+                    remote.as_ref().map_or_else(String::new, |_| format!("{}:", host.name())),
                     r.target.display(),
                     human(r.size),
                     human(r.stats.written),
@@ -301,7 +318,7 @@ pub fn restore(
             }
             Err(e) => {
                 bar.abandon();
-                eprintln!("{}: restore failed: {}", job.disk, crate::error_chain(&e));
+                eprintln!("{}: restore failed: {e}", job.disk);
                 failed += 1;
             }
         }
@@ -309,7 +326,7 @@ pub fn restore(
     if device {
         return Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
-    let boot = restore_boot_files(&extras.boot_files, output)?;
+    let boot = restore_boot_files(host, &extras.boot_files, output)?;
     if let Some(cfg) = &extras.vmconfig {
         let xml = cfg.source.read_whole(&cfg.path, crate::catalog::MAX_CONFIG)?;
         let xml = String::from_utf8(xml).map_err(|_| format!("{}: not UTF-8", cfg.shown().display()))?;
@@ -330,13 +347,13 @@ pub fn restore(
         } else {
             None
         };
-        write_new(&to, adjusted.as_ref().map_or(xml.as_bytes(), |a| a.xml.as_bytes()))?;
-        outln!("domain XML: {}", to.display());
+        host.write_new(&to, adjusted.as_ref().map_or(xml.as_bytes(), |a| a.xml.as_bytes()))?;
+        outln!("domain XML: {}:{}", host.name(), to.display());
         if let Some(a) = adjusted.filter(|_| vm.define) {
             if failed > 0 {
                 return Err(format!("{failed} disks failed; domain {} not defined", a.name).into());
             }
-            define(&vm.uri, &a.name, &a.xml, extras.autostart)?;
+            define(&vm.uri, &vm.remote, &a.name, &a.xml, extras.autostart)?;
             outln!("defined domain {} ({})", a.name, vm.uri);
         }
     } else if vm.adjust {
@@ -510,7 +527,7 @@ mod tests {
     fn restore_args(args: &[&str]) -> RestoreArgs {
         let cli = Cli::try_parse_from(["vmback", "restore"].iter().chain(args)).expect("parses");
         let Command::Restore(a) = cli.command else { panic!("not a restore: {:?}", cli.command) };
-        a
+        *a
     }
 
     /// virtnbdrestore's short flags work as its scripts write them.
@@ -554,8 +571,28 @@ mod tests {
         let vm = Machine::from(&a);
         assert!(!vm.adjust && !vm.define, "--sequence disables -c and -D");
         assert_eq!(Machine::from(&restore_args(&["-i", "in", "-o", "out"])).config_file, "vmconfig.xml");
-        assert!(!remote_uri("qemu:///system") && !remote_uri("qemu+unix:///system"));
-        assert!(remote_uri("qemu+ssh://root@10.0.0.2/system") && remote_uri("qemu+tcp://h/system"));
+        // a remote restore takes virtnbdbackup's remote options, as a backup does
+        let a = restore_args(&[
+            "-i",
+            "in",
+            "-o",
+            "/out",
+            "-U",
+            "qemu+ssh://root@hv1/system",
+            "--ssh-user",
+            "admin",
+            "-I",
+            "10.0.0.2",
+            "-P",
+            "10850",
+            "--tls",
+        ]);
+        let r = Machine::from(&a).remote;
+        assert_eq!(
+            (r.ssh_user.as_deref(), r.nbd_ip.as_deref(), r.nbd_port),
+            (Some("admin"), Some("10.0.0.2"), 10850)
+        );
+        assert!(r.tls);
     }
 
     /// `-a` chooses the action; with the default action, an output named `dump` or

@@ -1,5 +1,6 @@
 //! Copies an image out of any [`ImageView`] (the chain reader, in `vmback restore`) into
-//! a file or block device, in parallel and sparse.
+//! a [`Sink`]: a file or block device here, or an image on another host over NBD
+//! (`restore::remote`), in parallel and sparse.
 //!
 //! The image's runs say where data is; only those ranges are read. They are cut
 //! into chunks that worker threads take in turn and write with `pwrite` at their own
@@ -57,12 +58,34 @@ fn nonzero_runs(chunk: &[u8]) -> Vec<std::ops::Range<usize>> {
     runs
 }
 
+/// Where a copy writes.
+pub trait Sink: Sync {
+    /// Writes `data` at `offset`. `worker` is the calling worker's number (below the
+    /// copy's thread count), so a sink can give each worker a connection of its own.
+    fn write_at(&self, worker: usize, data: &[u8], offset: u64) -> Result<(), RestoreError>;
+}
+
+/// A file or block device on this machine, named for errors.
+pub struct FileSink<'a> {
+    pub file: &'a File,
+    pub path: &'a std::path::Path,
+}
+
+impl Sink for FileSink<'_> {
+    fn write_at(&self, _worker: usize, data: &[u8], offset: u64) -> Result<(), RestoreError> {
+        self.file.write_all_at(data, offset).map_err(|source| RestoreError::Write {
+            path: self.path.to_owned(),
+            offset,
+            source,
+        })
+    }
+}
+
 /// Copies the whole image into `out` at the same offsets. `done(bytes)` is called as
 /// ranges complete (for progress). Stops at the first error and returns it.
 pub fn copy_image(
     image: &dyn ImageView,
-    out: &File,
-    out_name: &std::path::Path,
+    out: &dyn Sink,
     sparse: Sparse,
     threads: usize,
     done: &(dyn Fn(u64) + Sync),
@@ -87,8 +110,10 @@ pub fn copy_image(
     let skipped = AtomicU64::new(0);
     let first_error: Mutex<Option<RestoreError>> = Mutex::new(None);
     std::thread::scope(|s| {
-        for _ in 0..threads.max(1) {
-            s.spawn(|| {
+        for worker in 0..threads.max(1) {
+            let (next, stop, written, skipped, first_error, units) =
+                (&next, &stop, &written, &skipped, &first_error, &units);
+            s.spawn(move || {
                 let mut buf = vec![0u8; CHUNK as usize];
                 while !stop.load(Ordering::Relaxed) {
                     let Some(&(start, end, data)) = units.get(next.fetch_add(1, Ordering::Relaxed)) else {
@@ -110,9 +135,7 @@ pub fn copy_image(
                         let mut n = 0;
                         for r in runs {
                             let at = start + r.start as u64;
-                            out.write_all_at(&chunk[r.clone()], at).map_err(|source| {
-                                RestoreError::Write { path: out_name.to_owned(), offset: at, source }
-                            })?;
+                            out.write_at(worker, &chunk[r.clone()], at)?;
                             n += r.len() as u64;
                         }
                         written.fetch_add(n, Ordering::Relaxed);

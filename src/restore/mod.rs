@@ -13,6 +13,7 @@
 
 pub mod copy;
 pub mod rebuild;
+pub mod remote;
 pub mod verify;
 pub mod vmconfig;
 
@@ -26,7 +27,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::chain::{ImageReader, ReadError};
-pub use copy::{CopyStats, Sparse, copy_image};
+pub use copy::{CopyStats, FileSink, Sink, Sparse, copy_image};
 
 /// Why a restore failed.
 #[derive(Debug, Error)]
@@ -126,7 +127,8 @@ pub fn restore_image(
         if have < size {
             return Err(RestoreError::DeviceTooSmall { path: target.to_owned(), have, need: size });
         }
-        let stats = copy_image(reader, &dev, target, opts.sparse, opts.threads, done)?;
+        let stats =
+            copy_image(reader, &FileSink { file: &dev, path: target }, opts.sparse, opts.threads, done)?;
         dev.sync_all().map_err(io(target))?;
         stats
     } else {
@@ -139,7 +141,8 @@ pub fn restore_image(
         let raw = partial_name(target, opts.format == Format::Qcow2);
         let file = File::create(&raw).map_err(io(&raw))?;
         file.set_len(size).map_err(io(&raw))?;
-        let stats = copy_image(reader, &file, &raw, opts.sparse, opts.threads, done)?;
+        let stats =
+            copy_image(reader, &FileSink { file: &file, path: &raw }, opts.sparse, opts.threads, done)?;
         match opts.format {
             Format::Raw => {
                 if opts.preallocate {

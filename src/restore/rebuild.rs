@@ -6,8 +6,8 @@
 //!   `--sequence` names it after the target, as upstream does. vmback can also write
 //!   another format than the disk's (`--format`): the name then says so, its image
 //!   extension (`.qcow2`, `.qcow`, `.raw`, `.img`) replaced or `.raw`/`.qcow2` added.
-//! - Boot files (`catalog::boot`) are written into the output folder under their own
-//!   names, and each one missing at its original path is put back there (upstream's rule:
+//! - Boot files (`catalog::boot`) are written into the output folder (on the host
+//!   restored onto: this one, or a remote one over ssh) under their own names, and each one missing at its original path is put back there (upstream's rule:
 //!   on every restore, never over an existing file, and here only to a plain absolute
 //!   path, into a folder that exists); one that cannot be is a warning.
 //! - A qcow2 image is created with the original's `compat`, `cluster_size`,
@@ -25,6 +25,8 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use super::Format;
+use crate::backup::host::{Host, HostError};
+use crate::backup::remote::RemoteOptions;
 use crate::catalog::BootFile;
 use crate::catalog::boot::MAX_BOOT_FILE;
 use crate::catalog::naming::safe_component;
@@ -38,20 +40,10 @@ pub enum RebuildError {
         #[source]
         source: crate::source::SourceError,
     },
-    #[error("{}: cannot write", path.display())]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}: exists already; remove it or choose another output folder")]
-    Exists(PathBuf),
-    #[error("{uri}: cannot connect to libvirt to define the domain")]
-    Connect {
-        uri: String,
-        #[source]
-        source: virt::error::Error,
-    },
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("cannot connect to libvirt to define the domain")]
+    Connect(#[source] Box<crate::backup::BackupError>),
     #[error("{uri}: defining domain {name} failed")]
     Define {
         uri: String,
@@ -109,10 +101,15 @@ pub fn qcow2_options(json: &[u8]) -> Vec<String> {
     out
 }
 
-/// Writes the point's boot files into `output` (under their names) and puts back each
-/// one missing at its original path. Returns `(element, path in output)` for each one
-/// written there. A boot file already in `output` is an error, as an image is.
-pub fn restore_boot_files(boot: &[BootFile], output: &Path) -> Result<Vec<(String, PathBuf)>, RebuildError> {
+/// Writes the point's boot files into `output` on `host` (under their names) and puts
+/// back each one missing at its original path there. Returns `(element, path in output)`
+/// for each one written there. A boot file already in `output` is an error, as an image
+/// is.
+pub fn restore_boot_files(
+    host: &dyn Host,
+    boot: &[BootFile],
+    output: &Path,
+) -> Result<Vec<(String, PathBuf)>, RebuildError> {
     let mut written = Vec::new();
     for b in boot {
         let data = b
@@ -121,19 +118,20 @@ pub fn restore_boot_files(boot: &[BootFile], output: &Path) -> Result<Vec<(Strin
             .read_whole(&b.file.path, MAX_BOOT_FILE)
             .map_err(|source| RebuildError::ReadBoot { path: b.file.shown(), source })?;
         let to = output.join(&b.named.name);
-        write_new(&to, &data)?;
-        info!("{} {}: {}", b.named.element, b.file.shown().display(), to.display());
+        host.write_new(&to, &data)?;
+        info!("{} {}: {}:{}", b.named.element, b.file.shown().display(), host.name(), to.display());
         written.push((b.named.element.clone(), to));
         let original = Path::new(&b.named.path);
         if !plain_absolute(original) {
             warn!("{}: {} is no plain absolute path; not put back", b.named.element, original.display());
-        } else if original.exists() {
-            info!("{}: {} exists; left as it is", b.named.element, original.display());
-        } else {
-            match write_new(original, &data) {
-                Ok(()) => info!("{}: put back at {}", b.named.element, original.display()),
-                Err(e) => warn!("{}: not put back: {}", b.named.element, crate::error_chain(&e)),
+            continue;
+        }
+        match host.write_new(original, &data) {
+            Ok(()) => info!("{}: put back at {}:{}", b.named.element, host.name(), original.display()),
+            Err(HostError::Exists { .. }) => {
+                info!("{}: {} exists; left as it is", b.named.element, original.display())
             }
+            Err(e) => warn!("{}: not put back: {}", b.named.element, crate::error_chain(&e)),
         }
     }
     Ok(written)
@@ -146,30 +144,17 @@ fn plain_absolute(p: &Path) -> bool {
     p.is_absolute() && p.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
 }
 
-/// Writes a new file `to` through `to.partial`, synced, never over an existing file.
-pub fn write_new(to: &Path, data: &[u8]) -> Result<(), RebuildError> {
-    use std::io::Write;
-    if to.exists() {
-        return Err(RebuildError::Exists(to.to_owned()));
-    }
-    let mut name = to.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    let partial = to.with_file_name(name);
-    let err = |p: &Path| {
-        let path = p.to_owned();
-        move |source| RebuildError::Write { path, source }
-    };
-    let mut f = std::fs::File::create(&partial).map_err(err(&partial))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(err(&partial))?;
-    std::fs::rename(&partial, to).map_err(err(to))
-}
-
 /// Defines the domain `xml` (named `name`) in libvirt at `uri`, marked to start with the
-/// host when `autostart` (upstream's `autostart.*` file was in the set).
-pub fn define(uri: &str, name: &str, xml: &str, autostart: bool) -> Result<(), RebuildError> {
-    virt::error::clear_error_callback();
-    let conn = virt::connect::Connect::open(Some(uri))
-        .map_err(|source| RebuildError::Connect { uri: uri.to_owned(), source })?;
+/// host when `autostart` (upstream's `autostart.*` file was in the set); `remote` gives
+/// the SASL credentials (`--user`, `--password`), as for a backup.
+pub fn define(
+    uri: &str,
+    remote: &RemoteOptions,
+    name: &str,
+    xml: &str,
+    autostart: bool,
+) -> Result<(), RebuildError> {
+    let conn = crate::backup::remote::connect(uri, remote).map_err(|e| RebuildError::Connect(Box::new(e)))?;
     let dom = conn.define_domain_xml(xml).map_err(|source| RebuildError::Define {
         uri: uri.to_owned(),
         name: name.to_owned(),
@@ -223,15 +208,5 @@ mod tests {
         for p in ["nvram/vm1_VARS.fd", "/var/lib/../../etc/x", "../x"] {
             assert!(!plain_absolute(Path::new(p)), "{p}");
         }
-    }
-
-    #[test]
-    fn new_files_are_never_written_over_old_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let to = dir.path().join("vm1_VARS.fd");
-        write_new(&to, b"one").unwrap();
-        assert!(matches!(write_new(&to, b"two"), Err(RebuildError::Exists(_))));
-        assert_eq!(std::fs::read(&to).unwrap(), b"one");
-        assert!(!dir.path().join("vm1_VARS.fd.partial").exists());
     }
 }

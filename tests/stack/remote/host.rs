@@ -125,6 +125,13 @@ impl Host {
         String::from_utf8_lossy(&self.run(&a).stdout).into_owned()
     }
 
+    /// `CMD...` on the host itself (its namespaces), which must succeed.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut a = vec!["exec"];
+        a.extend_from_slice(args);
+        self.run(&a)
+    }
+
     /// Whether `dom` has a job (a backup job left running) on the host.
     pub fn has_job(&self, dom: &str) -> bool {
         let info = self.virsh(&["domjobinfo", dom]);
