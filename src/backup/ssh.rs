@@ -337,6 +337,30 @@ mod tests {
         assert_eq!(bare.name(), "hv1");
     }
 
+    /// The script a remote write runs there, run by a local sh: writes through the
+    /// `.partial`, and never over an existing file.
+    #[test]
+    fn remote_writes_make_new_files_only() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let to = dir.path().join("vm1_VARS.fd");
+        let write = |data: &[u8]| {
+            let mut c = Command::new("sh")
+                .args(["-c", WRITE_NEW, "t"])
+                .arg(&to)
+                .arg(partial(&to))
+                .stdin(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let _ = c.stdin.take().unwrap().write_all(data);
+            c.wait().unwrap().code()
+        };
+        assert_eq!(write(b"one"), Some(0));
+        assert_eq!(write(b"two"), Some(EXISTS));
+        assert_eq!(std::fs::read(&to).unwrap(), b"one");
+        assert!(!partial(&to).exists());
+    }
+
     #[test]
     fn hints_name_the_fix() {
         assert!(hint("Host key verification failed.").contains("known_hosts"));

@@ -65,6 +65,12 @@ fn remote_restore(name: &str, ports: [u16; 2], tls: bool) {
     let nvram = out.join(format!("{name}_VARS.fd"));
     assert!(xml.contains(&format!("{}</nvram>", nvram.display())), "NVRAM not at {}: {xml}", nvram.display());
     host.exec(&["test", "-s", nvram.to_str().expect("UTF-8 path")]);
+    host.exec(&[
+        "grep",
+        "-q",
+        &format!("<name>{restored}</name>"),
+        out.join("vmconfig.xml").to_str().expect("UTF-8"),
+    ]);
     for disk in DISKS {
         let image = out.join(format!("{name}-{disk}.qcow2"));
         let image = image.to_str().expect("UTF-8 path");
