@@ -25,6 +25,7 @@ use thiserror::Error;
 use super::disk::Extents;
 use super::domxml::DomDisk;
 use super::folder::{CPT_PREFIX, Folder};
+use super::host::Host;
 use super::nbd::{Endpoint, Nbd, Tls};
 use super::remote::{Reach, RemoteOptions, UriHost};
 use super::save::{Plan, save_disks, save_side_files};
@@ -210,6 +211,8 @@ impl QemuNbd {
         if let Some(out) = child.stdout.take() {
             let _ = BufReader::new(out).read_line(&mut line);
         }
+        // named with the host in messages: the path is one there
+        let image = format!("{}:{image}", host.name());
         let mut q = QemuNbd { child, listen, disk: disk.to_owned(), image };
         if line.trim() == "up" {
             return Ok(q);

@@ -148,9 +148,9 @@ impl SshHost {
         self.dir.path().join("control")
     }
 
-    /// `program args...` on the host, its stdin a pipe kept open by the returned child:
-    /// the remote side is killed when that pipe closes (dropped here, or vmback exits).
-    /// `script` is a POSIX sh script run there with `program args...` as its `"$@"`.
+    /// The POSIX sh `script` run on the host with `argv` as its `"$@"`, its stdin a pipe
+    /// held by the returned child (stdout and stderr piped too): the script learns from
+    /// EOF on its stdin that vmback is done (the child killed, or vmback gone).
     pub fn spawn_tied(&self, script: &str, argv: &[String]) -> std::io::Result<Child> {
         let mut c = self.command("sh");
         c.args(["-c", script, "vmback"]).args(argv);

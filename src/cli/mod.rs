@@ -84,8 +84,9 @@ pub enum Command {
     /// Back up a libvirt domain in virtnbdbackup's format (full, inc, diff, copy).
     Backup(Box<BackupArgs>),
     /// Rebuild disk images from a backup set: every disk at the newest restore point, or at
-    /// --until POINT. `-a dump` (or `-o dump`) prints the stream metadata instead, `-a
-    /// verify` (or `-o verify`) verifies the set.
+    /// --until POINT, with its boot files; `-c`/`-D` rebuild (and define) the VM, here or
+    /// on a remote host (`-U`). `-a dump` (or `-o dump`) prints the stream metadata
+    /// instead, `-a verify` (or `-o verify`) verifies the set.
     Restore(Box<RestoreArgs>),
     /// Print the metadata of every stream file of a backup set as JSON.
     Dump {

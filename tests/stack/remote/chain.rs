@@ -77,11 +77,24 @@ fn chain(name: &str, ports: [u16; 2], tls: bool) {
     both("copy", &cv, &cu);
     let t3 = same_truths(&host, doms, w, "truth3");
 
-    // virtnbdbackup saved the boot files (loader and NVRAM) over ssh with each backup
+    // both tools saved the boot files (loader and NVRAM) over ssh with each backup, under
+    // the same names; the loader is the same file on the host
     for n in 0..2 {
-        for f in [format!("OVMF_CODE_4M.fd.virtnbdbackup.{n}"), format!("{u}_VARS.fd.virtnbdbackup.{n}")] {
-            assert!(su.join(&f).metadata().is_ok_and(|m| m.len() > 0), "{f} missing or empty in {su:?}");
+        for (set, dom) in [(&sv, &v), (&su, &u)] {
+            for f in
+                [format!("OVMF_CODE_4M.fd.virtnbdbackup.{n}"), format!("{dom}_VARS.fd.virtnbdbackup.{n}")]
+            {
+                assert!(
+                    set.join(&f).metadata().is_ok_and(|m| m.len() > 0),
+                    "{f} missing or empty in {set:?}"
+                );
+            }
         }
+        let loader = format!("OVMF_CODE_4M.fd.virtnbdbackup.{n}");
+        assert!(
+            std::fs::read(sv.join(&loader)).unwrap() == std::fs::read(su.join(&loader)).unwrap(),
+            "{loader}"
+        );
     }
     // each chain has its own checkpoints on the remote host, and no job is left
     for d in doms {
@@ -132,8 +145,10 @@ fn offline_copy(name: &str, ports: [u16; 2], tls: bool) {
     vmback_ok(&host, &v, "copy", &sv, ports[0], tls);
     virtnbdbackup(&host, &u, "copy", &su, ports[1], tls);
     let truth = same_truths(&host, doms, w, "truth");
-    for f in ["OVMF_CODE_4M.fd".to_owned(), format!("{u}_VARS.fd")] {
-        assert!(su.join(&f).metadata().is_ok_and(|m| m.len() > 0), "{f} missing or empty in {su:?}");
+    for (set, dom) in [(&sv, &v), (&su, &u)] {
+        for f in ["OVMF_CODE_4M.fd".to_owned(), format!("{dom}_VARS.fd")] {
+            assert!(set.join(&f).metadata().is_ok_and(|m| m.len() > 0), "{f} missing or empty in {set:?}");
+        }
     }
     // the qemu-nbd servers there ended with the backups (the host shares our process
     // table: a network namespace, not a PID one); they stop a moment after we close
