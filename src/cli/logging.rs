@@ -62,11 +62,21 @@ fn filter_spec(cli: &Cli, verbose: bool) -> Result<String, String> {
     Ok(spec)
 }
 
+/// The log file: the global `--log-file` (`--logfile`), or virtnbdrestore's `-L` of a
+/// restore.
+fn log_file(cli: &Cli) -> Option<&Path> {
+    match &cli.command {
+        Command::Restore(a) => cli.log_file.as_deref().or(a.restore_log.as_deref()),
+        _ => cli.log_file.as_deref(),
+    }
+}
+
 /// Sets up logging for `cli` (see the module note). A bad filter or a log file that
 /// cannot be opened is an error.
 pub fn init_logging(cli: &Cli) -> Result<(), String> {
     let (verbose, quiet, syslog, nocolor) = match &cli.command {
         Command::Backup(a) => (a.log.verbose, a.log.quiet, a.log.syslog, a.log.nocolor),
+        Command::Restore(a) => (a.verbose, false, false, false),
         _ => (false, false, false, false),
     };
     let spec = filter_spec(cli, verbose)?;
@@ -75,7 +85,7 @@ pub fn init_logging(cli: &Cli) -> Result<(), String> {
     // mount is up: a failed write must drop the line, not report (and panic) on the same
     // stderr.
     let fmt = || tracing_subscriber::fmt::layer().with_target(false).log_internal_errors(false);
-    let file = match cli.log_file.as_deref() {
+    let file = match log_file(cli) {
         Some(path) => Some(open_log(path)?),
         None => None,
     };
@@ -111,4 +121,24 @@ fn open_log(path: &Path) -> Result<std::fs::File, String> {
         .append(true)
         .open(path)
         .map_err(|e| format!("--log-file {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn cli(args: &str) -> Cli {
+        Cli::try_parse_from(args.split_whitespace()).unwrap_or_else(|e| panic!("{args}: {e}"))
+    }
+
+    #[test]
+    fn a_restores_log_file_is_virtnbdrestores_l_or_the_global_one() {
+        let l = |args: &str| log_file(&cli(args)).map(Path::to_owned);
+        assert_eq!(l("vmback restore -i in -o out -L /r.log -v -f /s -n"), Some("/r.log".into()));
+        assert_eq!(l("vmback --logfile /g.log restore -i in -o out -L /r.log"), Some("/g.log".into()));
+        assert_eq!(l("vmback restore -i in -o out"), None);
+        assert_eq!(l("vmback --log-file /g.log ls /b"), Some("/g.log".into()));
+    }
 }

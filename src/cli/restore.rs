@@ -88,6 +88,16 @@ pub struct RestoreArgs {
     /// No progress bars (there are none anyway when stderr is not a terminal).
     #[arg(short = 'n', long = "noprogress")]
     pub no_progress: bool,
+    /// Log debug lines too (as --log-level debug; --log-level wins).
+    #[arg(short = 'v', long = "verbose")]
+    pub verbose: bool,
+    /// virtnbdrestore's -L: the log into FILE (as the global --log-file/--logfile).
+    #[arg(short = 'L', value_name = "FILE")]
+    pub restore_log: Option<PathBuf>,
+    /// Accepted for virtnbdrestore's scripts: its local qemu-nbd socket. vmback writes
+    /// local images directly and serves no NBD socket, so there is nothing to name.
+    #[arg(short = 'f', long = "socketfile", value_name = "PATH")]
+    pub socketfile: Option<PathBuf>,
     /// Restore raw-format disks too, copied as they are (and keep them in the adjusted
     /// domain XML); without it they are left out, as virtnbdrestore leaves them.
     #[arg(short = 'r', long)]
