@@ -81,7 +81,10 @@ fn check_read_in_place(zips: &Path, truths: &[Truth]) {
                 &point,
                 "-d",
                 d,
+                "--format",
+                "raw",
             ]);
+            // named after the disk's file (<disk>.qcow2 here), as virtnbdrestore names it
             assert_same(&out.path().join(format!("{d}.raw")), t, &format!("vmback restore --until {point}"));
         }
     }
