@@ -758,29 +758,51 @@ fn failed_incs_keep_every_bitmap_a_chain_needs() {
     for d in ["vda", "vdb"] {
         assert_eq!(bitmaps(d), all, "{d}");
     }
-    // Another process holds vdb (qemu-io has it open for writing).
-    let mut holder = std::process::Command::new("qemu-io")
-        .args(["-f", "qcow2", path_str(&dom.image("vdb"))])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("qemu-io");
-    // Held once a plain `qemu-img info` (which wants a shared lock) is refused. 60 s: with
-    // the whole stack suite running on 2 cores, 10 s were once not enough.
+    // Another process holds vdb (qemu-io has it open for writing). Held once a plain
+    // `qemu-img info` (which wants a shared lock) is refused. A qemu-io that cannot get
+    // the write lock itself (the shut-off domain's qemu may still be letting go of the
+    // image) is started again. 60 s: with the whole stack suite running on 2 cores, 10 s
+    // were once not enough.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::process::Command::new("qemu-img")
-        .args(["info", path_str(&dom.image("vdb"))])
-        .output()
-        .expect("qemu-img")
-        .status
-        .success()
-    {
-        if let Some(status) = holder.try_wait().expect("try_wait") {
-            panic!("qemu-io exited ({status}) instead of holding vdb");
+    let held = || {
+        !std::process::Command::new("qemu-img")
+            .args(["info", path_str(&dom.image("vdb"))])
+            .output()
+            .expect("qemu-img")
+            .status
+            .success()
+    };
+    let mut holder = loop {
+        // free first, so that a refused `qemu-img info` means our qemu-io holds it
+        while held() {
+            assert!(std::time::Instant::now() < deadline, "vdb stays locked by another process");
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        assert!(std::time::Instant::now() < deadline, "qemu-io did not open vdb");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+        let mut holder = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", path_str(&dom.image("vdb"))])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("qemu-io");
+        while !held() && holder.try_wait().expect("try_wait").is_none() {
+            assert!(std::time::Instant::now() < deadline, "qemu-io did not open vdb");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        match holder.try_wait().expect("try_wait") {
+            None => break holder,
+            Some(status) => {
+                let mut why = String::new();
+                std::io::Read::read_to_string(&mut holder.stderr.take().expect("stderr"), &mut why)
+                    .expect("qemu-io's stderr");
+                assert!(
+                    why.contains("lock") && std::time::Instant::now() < deadline,
+                    "qemu-io exited ({status}) instead of holding vdb: {why}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    };
     let before = support::snapshot(&b);
     let err = support::vmback_fails(&["backup", "-d", name, "-l", "inc", "-o", path_str(&b)]);
     assert!(err.contains("qemu-nbd") && err.contains("vdb.qcow2") && err.contains("lock"), "{err}");
