@@ -386,7 +386,17 @@ start_host() {
     done
     echo "remote-host: started in $((SECONDS - t0)) s" >&2
   fi
-  virsh_host dominfo "$default_domain" >/dev/null 2>&1 || make_domain "$default_domain"
+  if [ -e "$host/etc-libvirt/qemu/$default_domain.xml" ]; then
+    # defined before: a libvirtd that has just started may list it a moment after it
+    # answers, and making it again would wipe its disks
+    local listed_by=$((SECONDS + wait_s))
+    until virsh_host dominfo "$default_domain" >/dev/null 2>&1; do
+      [ "$SECONDS" -lt "$listed_by" ] || die "$default_domain is defined but libvirtd does not list it"
+      sleep 0.3
+    done
+  else
+    make_domain "$default_domain"
+  fi
   [ "$(virsh_host domstate "$default_domain")" != "shut off" ] ||
     virsh_host start --paused "$default_domain" >/dev/null
   print_env | tee "$state/env"
