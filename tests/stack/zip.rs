@@ -269,3 +269,43 @@ fn the_real_corpus_zipped_mounts_to_its_truths() {
     }
     eprintln!("{} images of {} zipped sets equal their truth", rows.len(), sets.len());
 }
+
+/// `-o -` of a shut-off domain: the copy through our own qemu-nbd goes into the zip as it
+/// does from a running one; virtnbdrestore restores it unzipped, vmback reads it in place.
+#[test]
+fn a_shut_off_domains_copy_to_stdout_is_a_zip_either_tool_restores() {
+    if !stack() {
+        return;
+    }
+    let name = "vmback-t-zipoff";
+    let mut dom = Dom::new(name, vec![disk("vda", 64 * MIB), disk("vdb", 48 * MIB)], true);
+    let root = tempdir(name);
+    let (work, zips, unzipped) =
+        (root.path().join("work"), root.path().join("zips"), root.path().join("unzipped"));
+    for d in [&work, &zips, &unzipped] {
+        std::fs::create_dir(d).expect("mkdir");
+    }
+    write_round(&dom, 1);
+    let truth = dom.truth();
+    dom.shut_off();
+    let zip = zips.join("copy.zip");
+    to_zip(env!("CARGO_BIN_EXE_vmback"), &["backup", "-d", name, "-l", "copy", "-o", "-"], &work, &zip, true);
+    // a copy makes no checkpoint and no chain: nothing is kept in the working folder
+    assert!(dom.checkpoints().is_empty());
+    assert!(!work.join(format!("{name}.cpt")).exists() && !work.join("-").exists());
+    crate::backup::support::run_ok("python3", &["-m", "zipfile", "-e", path_str(&zip), path_str(&unzipped)]);
+    for f in ["vda.copy.data", "vdb.copy.data", "vmconfig.copy.xml"] {
+        assert!(unzipped.join(f).exists(), "{f} not in the zip: {:?}", names(&unzipped));
+    }
+    check_virtnbdrestore(&unzipped, &[], &truth, "a shut-off domain's copy from the zip");
+    let ls = ls_json(&zips);
+    let point = ls["domains"][0]["points"][0]["name"].as_str().expect("a point").to_owned();
+    let m = mount(&zips);
+    for (d, t) in &truth {
+        assert_same(
+            &m.dir.path().join(name).join(&point).join(format!("{d}.raw")),
+            t,
+            "the copy's zip mounted",
+        );
+    }
+}
