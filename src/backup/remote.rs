@@ -161,7 +161,12 @@ pub fn connect(uri: &str, o: &RemoteOptions) -> Result<Connect, BackupError> {
     );
     let r = Connect::open_auth(Some(uri), &mut auth, 0);
     *CREDENTIALS.lock().unwrap_or_else(|e| e.into_inner()) = (None, None);
-    r.map_err(|source| BackupError::Connect { uri: uri.to_owned(), source })
+    let conn = r.map_err(|source| BackupError::Connect { uri: uri.to_owned(), source })?;
+    // which libvirtd answered (a lookup that fails on a URI that connects is then
+    // told apart from one that reached another daemon); never the credentials
+    let answered = conn.uri().unwrap_or_else(|e| format!("unknown: {e}"));
+    tracing::debug!("connected to libvirt at {uri} (libvirtd's URI: {answered})");
+    Ok(conn)
 }
 
 /// How the hypervisor's files and commands are reached.
