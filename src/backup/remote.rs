@@ -137,6 +137,9 @@ static CREDENTIALS: Mutex<(Option<String>, Option<String>)> = Mutex::new((None, 
 
 fn give_credentials(creds: &mut [ConnectCredential]) {
     let held = CREDENTIALS.lock().unwrap_or_else(|e| e.into_inner());
+    // what libvirtd's mechanism asks for (types only, never an answer)
+    let asked: Vec<ConnectCredentialType> = creds.iter().map(|c| c.typed).collect();
+    tracing::debug!("libvirt asks for credentials {asked:?}");
     for c in creds.iter_mut() {
         c.result = match c.typed {
             ConnectCredentialType::AuthName | ConnectCredentialType::UserName => held.0.clone(),
