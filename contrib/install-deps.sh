@@ -8,7 +8,8 @@ pkgs=(fuse3 libfuse3-dev pkg-config e2fsprogs util-linux fdisk gdisk
       libvirt-daemon-system libvirt-clients libvirt-dev qemu-system-x86 qemu-utils
       virtnbdbackup libnbd-bin libnbd-dev nbdkit python3-libnbd time g++
       man-db bash-completion systemd dmsetup dpkg-dev
-      openssh-server openssh-client ovmf gnutls-bin iproute2)
+      openssh-server openssh-client ovmf gnutls-bin iproute2
+      sasl2-bin libsasl2-modules)
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -44,7 +44,12 @@
 #    client certificate for this side, laid out for libvirt (pkipath=) and for libnbd;
 #  - URIs (see `env`): qemu+ssh:// (through an ssh wrapper with its own ssh_config: key,
 #    known_hosts, StrictHostKeyChecking yes), qemu+libssh:// and qemu+libssh2:// (key and
-#    known_hosts in the URI), qemu+tcp:// (no auth) and qemu+tls:// (client certificate).
+#    known_hosts in the URI), qemu+tcp:// and qemu+tls:// (client certificate);
+#  - SASL on the TCP listener (auth_tcp = "sasl", DIGEST-MD5: libvirtd refuses a plain-TCP
+#    mechanism without a security layer, so not PLAIN or SCRAM), one user in a sasldb in
+#    the host's private /etc/libvirt, password made once; TCP_URI carries an auth file
+#    (?authfile=) with them, SASL_URI is the same listener without (the --user/--password
+#    test gives them itself).
 # Tests sharing the host use domain names and NBD ports of their own (see `domain`).
 # Everything lives under one state folder, $VMBACK_REMOTE_STATE (default
 # /var/tmp/vmback-remote); keys and certificates are made once and reused. Every
@@ -75,6 +80,8 @@ run=$state/run
 host=$state/host
 home=$state/client-home
 log=$state/log
+sasl=$state/sasl
+sasl_user=vmback
 
 die() { echo "remote-host: $*" >&2; exit 1; }
 
@@ -96,7 +103,8 @@ pid_in() {
 anchor_pid() { pid_in "$run/anchor.pid"; }
 
 ssh_uri="qemu+ssh://root@$addr/system?command=$ssh_dir/ssh"
-tcp_uri="qemu+tcp://$addr/system"
+sasl_uri="qemu+tcp://$addr/system"
+tcp_uri="$sasl_uri?authfile=$sasl/auth.conf"
 tls_uri="qemu+tls://$addr/system?pkipath=$pki/libvirt-client"
 # libvirt's built-in ssh clients take the key and known_hosts from the URI itself (the
 # ssh binary behind qemu+ssh:// would check /root/.ssh/known_hosts: hence the wrapper)
@@ -114,6 +122,9 @@ VMBACK_REMOTE_NETNS=$ns
 VMBACK_REMOTE_SSH_URI=$ssh_uri
 VMBACK_REMOTE_TCP_URI=$tcp_uri
 VMBACK_REMOTE_TLS_URI=$tls_uri
+VMBACK_REMOTE_SASL_URI=$sasl_uri
+VMBACK_REMOTE_SASL_USER=$sasl_user
+VMBACK_REMOTE_SASL_PASSWORD_FILE=$sasl/password
 VMBACK_REMOTE_LIBSSH_URI=$libssh_uri
 VMBACK_REMOTE_LIBSSH2_URI=$libssh2_uri
 VMBACK_REMOTE_SSH=$ssh_dir/ssh
@@ -298,13 +309,22 @@ EOF
 listen_tls = 1
 listen_tcp = 1
 listen_addr = "$addr"
-auth_tcp = "none"
+auth_tcp = "sasl"
 auth_tls = "none"
 EOF
+  # the SASL user (made once: its password is reused across restarts)
+  mkdir -p "$sasl"
+  [ -s "$sasl/password" ] || (umask 077; head -c 12 /dev/urandom | base64 >"$sasl/password")
+  saslpasswd2 -a libvirt -f "$host/etc-libvirt/passwd.db" -u "$addr" -c -p "$sasl_user" <"$sasl/password"
+  (umask 077; printf '[credentials-vmback]\nauthname=%s\npassword=%s\n\n[auth-libvirt-%s]\ncredentials=vmback\n' \
+    "$sasl_user" "$(cat "$sasl/password")" "$addr" >"$sasl/auth.conf")
   cat >"$run/anchor.sh" <<EOF
 #!/bin/bash
 # Runs inside the host's network, mount and UTS namespaces; see remote-host.sh.
 set -euo pipefail
+# no descriptor of the caller lives on in the host's daemons (a lock held by a
+# \`flock LOCK remote-host.sh start\` would be held until the host stops)
+for fd in \$(ls /proc/\$\$/fd); do [ "\$fd" -le 2 ] || eval "exec \$fd>&-" 2>/dev/null || true; done
 echo \$\$ >"$run/anchor.pid"
 hostname "$addr"
 mount -t tmpfs tmpfs /run
@@ -315,6 +335,8 @@ cp "$pki/ca-cert.pem" /etc/pki/CA/cacert.pem
 cp "$pki/server-cert.pem" /etc/pki/libvirt/servercert.pem
 cp "$pki/server-key.pem" /etc/pki/libvirt/private/serverkey.pem
 cp "$pki/qemu/"* /etc/pki/qemu/
+mkdir -p /etc/sasl2
+printf 'mech_list: digest-md5\\nsasldb_path: /etc/libvirt/passwd.db\\n' >/etc/sasl2/libvirt.conf
 mount --bind "$host/etc-libvirt" /etc/libvirt
 mount --bind "$host/var-lib-libvirt" /var/lib/libvirt
 mount --bind "$host/var-log-libvirt" /var/log/libvirt
@@ -365,7 +387,8 @@ start_host() {
     sshd_ctl up
     rate_ctl off
   fi
-  if answers; then
+  # a host started by an older version of this script (without SASL) is made again
+  if answers && grep -qx 'auth_tcp = "sasl"' "$host/etc-libvirt/libvirtd.conf"; then
     echo "remote-host: already running" >&2
   else
     local t0=$SECONDS

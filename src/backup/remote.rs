@@ -137,6 +137,9 @@ static CREDENTIALS: Mutex<(Option<String>, Option<String>)> = Mutex::new((None, 
 
 fn give_credentials(creds: &mut [ConnectCredential]) {
     let held = CREDENTIALS.lock().unwrap_or_else(|e| e.into_inner());
+    // what libvirtd's mechanism asks for (types only, never an answer)
+    let asked: Vec<ConnectCredentialType> = creds.iter().map(|c| c.typed).collect();
+    tracing::debug!("libvirt asks for credentials {asked:?}");
     for c in creds.iter_mut() {
         c.result = match c.typed {
             ConnectCredentialType::AuthName | ConnectCredentialType::UserName => held.0.clone(),
@@ -161,7 +164,12 @@ pub fn connect(uri: &str, o: &RemoteOptions) -> Result<Connect, BackupError> {
     );
     let r = Connect::open_auth(Some(uri), &mut auth, 0);
     *CREDENTIALS.lock().unwrap_or_else(|e| e.into_inner()) = (None, None);
-    r.map_err(|source| BackupError::Connect { uri: uri.to_owned(), source })
+    let conn = r.map_err(|source| BackupError::Connect { uri: uri.to_owned(), source })?;
+    // which libvirtd answered (a lookup that fails on a URI that connects is then
+    // told apart from one that reached another daemon); never the credentials
+    let answered = conn.uri().unwrap_or_else(|e| format!("unknown: {e}"));
+    tracing::debug!("connected to libvirt at {uri} (libvirtd's URI: {answered})");
+    Ok(conn)
 }
 
 /// How the hypervisor's files and commands are reached.

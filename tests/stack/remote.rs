@@ -17,6 +17,7 @@ mod chain;
 mod faults;
 mod host;
 mod restore;
+mod sasl;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -27,7 +28,7 @@ const DISKS: [&str; 2] = ["vda", "vdb"];
 
 // NBD ports on the remote address, one set per test (backups of tests sharing the host
 // run at the same time): 10809-10814 the chains, 10820-10827 the offline copies (one per
-// disk), 10830-10833 the faults, 10840-10843 the remote restores, 10898-10899 src/backup/nbd.rs's tests.
+// disk), 10830-10833 the faults, 10840-10843 the remote restores, 10850 the SASL login, 10898-10899 src/backup/nbd.rs's tests.
 
 fn skip() -> bool {
     if !nix::unistd::geteuid().is_root() {
