@@ -7,6 +7,8 @@
 //! is saved do the files take their final names (never over an existing file), so a run
 //! that failed on one disk leaves none that pass for a complete restore point. `-p` and
 //! `--threshold` return before anything is written.
+//! The side files' parts from the hypervisor (`qemu-img info`, the boot files' bytes) are
+//! read in a thread while the disks are saved, but written only after they were.
 
 use std::path::PathBuf;
 use std::time::Instant;
