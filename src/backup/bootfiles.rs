@@ -35,11 +35,10 @@ pub enum BootFileError {
     Xml(#[source] quick_xml::Error),
 }
 
-/// Copies each boot file `xml` names from `host` into `out` as `<name>.<ident>` (plain
-/// `<name>` for a copy), and writes `autostart.<ident>` when `autostart`. Returns the
-/// names written; failures are logged.
-pub fn save(host: &dyn Host, out: &Path, xml: &str, ident: &str, autostart: bool) -> Vec<String> {
-    let mut saved = Vec::new();
+/// The boot files `xml` names, each with its bytes read from `host` (or why not): the
+/// part of [`save`] that talks to the hypervisor, so it can run while the disks are
+/// saved. All at once: on a remote hypervisor each is an ssh session.
+pub fn read(host: &dyn Host, xml: &str) -> Vec<(Named, Result<Vec<u8>, HostError>)> {
     let named = match boot::named_in(xml) {
         Ok(n) => n,
         Err(e) => {
@@ -47,10 +46,39 @@ pub fn save(host: &dyn Host, out: &Path, xml: &str, ident: &str, autostart: bool
             Vec::new()
         }
     };
-    for n in &named {
-        match save_one(host, out, n, ident) {
-            Ok(name) => {
-                info!("saved {} {} from {} as {name}", n.element, n.path, host.name());
+    std::thread::scope(|s| {
+        let reads: Vec<_> =
+            named.iter().map(|n| (n, s.spawn(|| host.read(Path::new(&n.path), MAX_BOOT_FILE)))).collect();
+        reads
+            .into_iter()
+            .map(|(n, data)| {
+                // a panic in a reader is a bug: pass it on
+                let data = data.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+                (n.clone(), data)
+            })
+            .collect()
+    })
+}
+
+/// Writes each boot file [`read`] got from `host` into `out` as `<name>.<ident>` (plain
+/// `<name>` for a copy), and `autostart.<ident>` when `autostart`. Returns the names
+/// written; failures are logged.
+pub fn save(
+    host: &str,
+    out: &Path,
+    files: Vec<(Named, Result<Vec<u8>, HostError>)>,
+    ident: &str,
+    autostart: bool,
+) -> Vec<String> {
+    let mut saved = Vec::new();
+    for (n, data) in files {
+        let name = boot::set_name(&n.name, ident);
+        let done = data
+            .map_err(|source| BootFileError::Read { element: n.element.clone(), source })
+            .and_then(|data| write(out, &name, &data));
+        match done {
+            Ok(()) => {
+                info!("saved {} {} from {host} as {name}", n.element, n.path);
                 saved.push(name);
             }
             Err(e) => warn!("{}; not saved", crate::error_chain(&e)),
@@ -65,15 +93,6 @@ pub fn save(host: &dyn Host, out: &Path, xml: &str, ident: &str, autostart: bool
         }
     }
     saved
-}
-
-fn save_one(host: &dyn Host, out: &Path, n: &Named, ident: &str) -> Result<String, BootFileError> {
-    let data = host
-        .read(Path::new(&n.path), MAX_BOOT_FILE)
-        .map_err(|source| BootFileError::Read { element: n.element.clone(), source })?;
-    let name = boot::set_name(&n.name, ident);
-    write(out, &name, &data)?;
-    Ok(name)
 }
 
 /// Writes `out/name` through `out/name.partial`, synced before the rename.
@@ -106,11 +125,11 @@ mod tests {
             hv.path().join("missing_CODE.fd").display(),
             nvram.display()
         );
-        let saved = save(&LocalHost, out.path(), &xml, "virtnbdbackup.0", true);
+        let saved = save("localhost", out.path(), read(&LocalHost, &xml), "virtnbdbackup.0", true);
         assert_eq!(saved, ["vm1_VARS.fd.virtnbdbackup.0", "autostart.virtnbdbackup.0"]);
         assert_eq!(std::fs::read(out.path().join("vm1_VARS.fd.virtnbdbackup.0")).unwrap(), b"vars");
         assert_eq!(std::fs::read(out.path().join("autostart.virtnbdbackup.0")).unwrap(), b"True");
-        let copy = save(&LocalHost, out.path(), &xml, "copy", false);
+        let copy = save("localhost", out.path(), read(&LocalHost, &xml), "copy", false);
         assert_eq!(copy, ["vm1_VARS.fd"], "a copy's boot files keep their plain names");
         let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(!left.iter().any(|n| n.to_string_lossy().ends_with(".partial")), "{left:?}");

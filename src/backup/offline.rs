@@ -28,7 +28,7 @@ use super::folder::{CPT_PREFIX, Folder};
 use super::host::Host;
 use super::nbd::{Endpoint, Nbd, Tls};
 use super::remote::{Reach, RemoteOptions, UriHost};
-use super::save::{Plan, save_disks, save_side_files};
+use super::save::{Plan, save_disks, save_side_files, while_reading_parts};
 use super::ssh::SshHost;
 use super::{BackupError, BackupOptions, Level, Outcome, Progress};
 
@@ -332,13 +332,17 @@ pub fn offline(
         Some(b) => format!("qemu:dirty-bitmap:{b}"),
         None => "base:allocation".to_owned(),
     };
-    let outcome = save_disks(disks, &plan, folder, opts, progress, |d| {
-        let i = disks.iter().position(|x| x.target == d.target).expect("one of ours");
-        servers[i].connect(&context)
-    })?;
+    // The side files' parts from the hypervisor while the data moves.
+    let (outcome, parts) = while_reading_parts(host, xml, disks, opts, || {
+        save_disks(disks, &plan, folder, opts, progress, |d| {
+            let i = disks.iter().position(|x| x.target == d.target).expect("one of ours");
+            servers[i].connect(&context)
+        })
+    });
+    let outcome = outcome?;
     drop(servers);
-    if let Outcome::Saved { .. } = outcome {
-        save_side_files(host, folder, xml, disks, &ident, autostart)?;
+    if let (Outcome::Saved { .. }, Some(parts)) = (&outcome, parts) {
+        save_side_files(folder, xml, parts, &ident, autostart)?;
     }
     Ok(outcome)
 }

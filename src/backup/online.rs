@@ -44,7 +44,7 @@ use super::host::Host;
 use super::libvirt;
 use super::nbd::{Endpoint, Nbd, Tls};
 use super::remote::{self, UriHost};
-use super::save::{Plan, save_disks, save_side_files};
+use super::save::{Plan, save_disks, save_side_files, while_reading_parts};
 use super::{BackupError, BackupOptions, Level, Outcome, Progress};
 
 type Result<T, E = BackupError> = std::result::Result<T, E>;
@@ -242,19 +242,25 @@ pub fn online(
     };
     let plan =
         Plan { level, kind, meta_cpt, parent: parent.clone().unwrap_or_default(), ident: ident.clone() };
-    let outcome = save_disks(disks, &plan, folder, opts, progress, |d| {
-        let context = match kind {
-            Extents::Allocation => "base:allocation".to_owned(),
-            Extents::Dirty => format!("qemu:dirty-bitmap:backup-{}", d.target),
-        };
-        Nbd::connect(endpoint, &d.target, &context)
-            .map_err(|e| BackupError::Disk { disk: d.target.clone(), source: e.into() })
-    })?;
-    if let Outcome::Saved { .. } = outcome {
+    // The side files' parts from the hypervisor while the data moves: the job began, so
+    // the images hold the new checkpoint's bitmap.
+    let saving = &*folder;
+    let (outcome, parts) = while_reading_parts(host, xml, disks, opts, || {
+        save_disks(disks, &plan, saving, opts, progress, |d| {
+            let context = match kind {
+                Extents::Allocation => "base:allocation".to_owned(),
+                Extents::Dirty => format!("qemu:dirty-bitmap:backup-{}", d.target),
+            };
+            Nbd::connect(endpoint, &d.target, &context)
+                .map_err(|e| BackupError::Disk { disk: d.target.clone(), source: e.into() })
+        })
+    });
+    let outcome = outcome?;
+    if let (Outcome::Saved { .. }, Some(parts)) = (&outcome, parts) {
         if let Some(c) = &new_cpt {
             folder.add_checkpoint(c, &libvirt::checkpoint_xml(dom, c)?)?;
         }
-        save_side_files(host, folder, xml, disks, &ident, dom.autostart().unwrap_or(false))?;
+        save_side_files(folder, xml, parts, &ident, dom.autostart().unwrap_or(false))?;
     } else if let Some(c) = &new_cpt
         && checkpoint_xml.is_some()
     {

@@ -7,20 +7,24 @@
 //! is saved do the files take their final names (never over an existing file), so a run
 //! that failed on one disk leaves none that pass for a complete restore point. `-p` and
 //! `--threshold` return before anything is written.
+//! The side files' parts from the hypervisor (`qemu-img info`, the boot files' bytes) are
+//! read in a thread while the disks are saved, but written only after they were.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use tracing::warn;
 
+use super::bootfiles;
 use super::disk::{
     self, DiskError, Extent, Extents, nbdinfo_extents, query_extents, stream_into, write_raw, write_stream,
 };
 use super::domxml::DomDisk;
 use super::folder::Folder;
-use super::host::Host;
+use super::host::{Host, HostError};
 use super::nbd::Nbd;
 use super::{BackupError, BackupOptions, DiskSummary, Level, Outcome, Progress};
+use crate::catalog::boot::Named;
 use crate::chain::StreamMeta;
 
 type Result<T, E = BackupError> = std::result::Result<T, E>;
@@ -201,14 +205,73 @@ fn save_one(
     Ok((summary, pending))
 }
 
-/// `vmconfig.<ident>.xml`, `<disk>.<ident>.qcow.json`, the boot files and (for a domain
-/// that starts with its host) `autostart.<ident>`, as upstream writes them (with `-o -`,
-/// in the current folder and in the zip).
-pub fn save_side_files(
+/// What the side files need from the hypervisor: each qcow disk's `qemu-img info` output
+/// and the boot files' bytes. [`HostParts::read`] runs while the disks are saved (on a
+/// remote hypervisor each part is an ssh session, 0.4 to 0.5 s), [`save_side_files`]
+/// writes them after.
+pub struct HostParts {
+    host: String,
+    /// `(target, JSON)`: `None` when `qemu-img info` failed (warned already).
+    qcow: Vec<(String, Option<Vec<u8>>)>,
+    boot: Vec<(Named, Result<Vec<u8>, HostError>)>,
+}
+
+impl HostParts {
+    /// Reads every part at once. Called once the job began: the image is the one the
+    /// backup reads, its new checkpoint's bitmap made (upstream runs `qemu-img info` after
+    /// the data moved; nothing it prints depends on the data read).
+    pub fn read(host: &dyn Host, xml: &str, disks: &[DomDisk]) -> HostParts {
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = disks
+                .iter()
+                .filter(|d| d.format.starts_with("qcow"))
+                .filter_map(|d| Some((d, d.source.as_ref()?)))
+                .map(|(d, src)| (d, s.spawn(move || qemu_img_info(host, d, src))))
+                .collect();
+            let boot = bootfiles::read(host, xml);
+            let qcow = jobs
+                .into_iter()
+                .map(|(d, j)| (d.target.clone(), j.join().unwrap_or_else(|p| std::panic::resume_unwind(p))))
+                .collect();
+            HostParts { host: host.name(), qcow, boot }
+        })
+    }
+}
+
+/// Runs `save` (the disks' saving) while [`HostParts::read`] reads the side files' parts
+/// in another thread; with `-p` nothing is read (nothing is written).
+pub fn while_reading_parts<T: Send>(
     host: &dyn Host,
-    folder: &Folder,
     xml: &str,
     disks: &[DomDisk],
+    opts: &BackupOptions,
+    save: impl FnOnce() -> T + Send,
+) -> (T, Option<HostParts>) {
+    std::thread::scope(|s| {
+        let parts = (!opts.print_only).then(|| s.spawn(|| HostParts::read(host, xml, disks)));
+        let saved = save();
+        (saved, parts.map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e))))
+    })
+}
+
+/// `qemu-img info --output json --force-share SRC` on the host, as upstream runs it.
+fn qemu_img_info(host: &dyn Host, d: &DomDisk, src: &str) -> Option<Vec<u8>> {
+    match host.command("qemu-img").args(["info", "--output", "json", "--force-share", src]).output() {
+        Ok(o) if o.status.success() => Some(o.stdout),
+        _ => {
+            warn!("{}: qemu-img info on {} failed; no qcow.json saved", d.target, host.name());
+            None
+        }
+    }
+}
+
+/// `vmconfig.<ident>.xml`, `<disk>.<ident>.qcow.json`, the boot files and (for a domain
+/// that starts with its host) `autostart.<ident>`, as upstream writes them (with `-o -`,
+/// in the current folder and in the zip). Only after the disks were saved.
+pub fn save_side_files(
+    folder: &Folder,
+    xml: &str,
+    parts: HostParts,
     ident: &str,
     autostart: bool,
 ) -> Result<()> {
@@ -219,45 +282,17 @@ pub fn save_side_files(
         Ok(()) => written.push(cfg),
         Err(e) => warn!("{}: {e}", cfg.display()),
     }
-    // All disks at once: on a remote hypervisor each is an ssh session, about 0.5 s.
-    let qcow: Vec<PathBuf> = std::thread::scope(|s| {
-        let jobs: Vec<_> = disks
-            .iter()
-            .filter(|d| d.format.starts_with("qcow"))
-            .filter_map(|d| Some((d, d.source.as_ref()?)))
-            .map(|(d, src)| {
-                s.spawn(move || {
-                    match host
-                        .command("qemu-img")
-                        .args(["info", "--output", "json", "--force-share", src])
-                        .output()
-                    {
-                        Ok(o) if o.status.success() => {
-                            let path = out.join(format!("{}.{ident}.qcow.json", d.target));
-                            match std::fs::write(&path, &o.stdout) {
-                                Ok(()) => Some(path),
-                                Err(e) => {
-                                    warn!("{}: {e}", path.display());
-                                    None
-                                }
-                            }
-                        }
-                        _ => {
-                            warn!(
-                                "{}: qemu-img info on {} failed; no qcow.json saved",
-                                d.target,
-                                host.name()
-                            );
-                            None
-                        }
-                    }
-                })
-            })
-            .collect();
-        jobs.into_iter().filter_map(|j| j.join().ok().flatten()).collect()
-    });
-    written.extend(qcow);
-    written.extend(super::bootfiles::save(host, out, xml, ident, autostart).into_iter().map(|n| out.join(n)));
+    for (target, json) in parts.qcow {
+        let Some(json) = json else { continue };
+        let path = out.join(format!("{target}.{ident}.qcow.json"));
+        match std::fs::write(&path, json) {
+            Ok(()) => written.push(path),
+            Err(e) => warn!("{}: {e}", path.display()),
+        }
+    }
+    written.extend(
+        bootfiles::save(&parts.host, out, parts.boot, ident, autostart).into_iter().map(|n| out.join(n)),
+    );
     if let Some(zip) = &folder.zip {
         for path in written {
             let name = path.file_name().unwrap_or_default().to_string_lossy();
