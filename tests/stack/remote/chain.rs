@@ -27,18 +27,25 @@ fn same_truths(host: &Host, doms: [&str; 2], work: &Path, tag: &str) -> std::pat
     a
 }
 
-/// full, inc, diff and copy of the same writes by both tools, NBD on ports `ports` (one
-/// per tool) with or without TLS; every point restored by both tools equals the truth.
-fn chain(name: &str, ports: [u16; 2], tls: bool) {
+/// The remote host with twin domains given the same writes: `<name>-v` for vmback,
+/// `<name>-u` for virtnbdbackup; `None` when the test is skipped.
+fn twins(name: &str) -> Option<(Host, String, String)> {
     if skip() {
-        return;
+        return None;
     }
     let host = Host::start();
     let (v, u) = (format!("{name}-v"), format!("{name}-u"));
-    let doms = [v.as_str(), u.as_str()];
-    for d in doms {
+    for d in [&v, &u] {
         host.domain(d);
     }
+    Some((host, v, u))
+}
+
+/// full, inc, diff and copy of the same writes by both tools, NBD on ports `ports` (one
+/// per tool) with or without TLS; every point restored by both tools equals the truth.
+fn chain(name: &str, ports: [u16; 2], tls: bool) {
+    let Some((host, v, u)) = twins(name) else { return };
+    let doms = [v.as_str(), u.as_str()];
     let work = tempdir(name);
     let w = work.path();
     let (sv, su) = (w.join("vmback"), w.join("virtnbdbackup"));
@@ -125,15 +132,8 @@ fn vmback_and_virtnbdbackup_over_ssh_and_nbd_tls_restore_to_the_remote_truth() {
 /// A copy of shut-off domains by both tools: qemu-nbd started on the remote host over
 /// ssh, one port per disk from `ports[i]` on.
 fn offline_copy(name: &str, ports: [u16; 2], tls: bool) {
-    if skip() {
-        return;
-    }
-    let host = Host::start();
-    let (v, u) = (format!("{name}-v"), format!("{name}-u"));
+    let Some((host, v, u)) = twins(name) else { return };
     let doms = [v.as_str(), u.as_str()];
-    for d in doms {
-        host.domain(d);
-    }
     write(&host, &doms, "vda", &["write -P 0xc1 2M 1M", "write -P 0xc2 67108352 512"]);
     write(&host, &doms, "vdb", &["write -P 0xd1 0 64K"]);
     for d in doms {
